@@ -1,0 +1,39 @@
+"""Per-sample causal-LM losses in the Hugging Face label convention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample, ``ℓ_i = mean_t CE(logits[i,t], labels[i,t+1])``.
+
+    Labels are shifted inside, exactly as ``model(..., labels=...)`` does; positions labelled
+    ``-100`` carry no loss. A sample with no labelled position gets ``ℓ_i = 0`` (and so a zero
+    gradient), never NaN. Computed in float32 whatever the logits' dtype.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        labels: (B, T) token ids, ``-100`` where there is no loss.
+
+    Returns:
+        (B,) float32 per-sample losses, differentiable w.r.t. ``logits``.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1)
+
+
+def trained_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) number of positions that carry loss in each sample (after the shift)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)

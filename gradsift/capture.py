@@ -125,7 +125,9 @@ def resolve_modules(model: nn.Module, modules: Iterable[str] | None = None) -> l
             close = difflib.get_close_matches(n, list(named), n=3, cutoff=0.5)
             hints.append(f"{n!r} (close matches: {close})" if close else repr(n))
         raise ValueError(f"unknown module name(s): {'; '.join(hints)}")
-    unsupported = [f"{n} ({type(named[n]).__name__})" for n in chosen if layer_spec(named[n]) is None]
+    unsupported = [
+        f"{n} ({type(named[n]).__name__})" for n in chosen if layer_spec(named[n]) is None
+    ]
     if unsupported:
         raise ValueError(
             "unsupported module type(s): "

@@ -155,7 +155,8 @@ class FactorizedGrads:
         if self.param_names != other.param_names:
             missing = set(self.param_names) ^ set(other.param_names)
             raise ValueError(
-                f"both FactorizedGrads must cover the same parameters; differing: {sorted(missing)[:5]}"
+                "both FactorizedGrads must cover the same parameters; "
+                f"differing: {sorted(missing)[:5]}"
             )
         return list(zip(self.layers, other.layers, strict=True))
 
@@ -253,7 +254,7 @@ class FactorizedGrads:
         return out
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Σ_i w_i g_i`` per parameter, as ``(w ⊙ D)ᵀ A``: one GEMM per layer, no per-sample copy."""
+        """``Σ_i w_i g_i`` per parameter, as ``(w ⊙ D)ᵀ A``: one GEMM per layer, no copies."""
         w = weights.float().to(self.losses.device).view(-1, 1, 1)
         out: dict[str, torch.Tensor] = {}
         for layer in self.layers:

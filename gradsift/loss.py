@@ -9,7 +9,7 @@ IGNORE_INDEX = -100
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sample, ``ℓ_i = mean_t CE(logits[i,t], labels[i,t+1])``.
+    """Mean next-token cross-entropy per sample: ``ℓ_i = mean_t CE(logits[i,t], labels[i,t+1])``.
 
     Labels are shifted inside, exactly as ``model(..., labels=...)`` does; positions labelled
     ``-100`` carry no loss. A sample with no labelled position gets ``ℓ_i = 0`` (and so a zero

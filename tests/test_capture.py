@@ -1,0 +1,241 @@
+"""per_sample_grads against a loop of single-sample backward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from reference import (
+    brute_force_grads,
+    flatten,
+    padded_batch,
+    rel_err,
+    tiny_gpt2,
+    tiny_llama,
+)
+from torch import nn
+
+import gradsift
+from gradsift.loss import per_sample_loss
+
+TOL = 1e-4
+
+
+def check_against_brute_force(model, batch, grads, routes=("ghost", "materialize", "auto")):
+    names = grads.param_names
+    ref = brute_force_grads(model, batch, names)
+    assert rel_err(flatten(grads.materialize(), names), ref) <= TOL
+    ref_gram = ref @ ref.T
+    for route in routes:
+        g = gradsift.FactorizedGrads(grads.layers, grads.losses, route=route)
+        assert rel_err(g.gram(), ref_gram) <= TOL, route
+        assert rel_err(g.sq_norms(), ref_gram.diagonal()) <= TOL, route
+    dense_flat = torch.randn(ref.shape[1], generator=torch.Generator().manual_seed(1))
+    dense, offset = {}, 0
+    params = dict(model.named_parameters())
+    for n in names:
+        size = params[n].numel()
+        dense[n] = dense_flat[offset : offset + size].view_as(params[n])
+        offset += size
+    assert rel_err(grads.dot_dense(dense), ref @ dense_flat) <= TOL
+    return ref
+
+
+def test_llama_padding_and_masked_prompt():
+    model = tiny_llama()
+    batch = padded_batch(5, 12)
+    grads = gradsift.per_sample_grads(model, batch)
+    ref = check_against_brute_force(model, batch, grads)
+    # the sample whose labels are all -100: zero loss, zero gradient, no NaN
+    assert grads.losses[1] == 0
+    assert ref[1].abs().max() == 0
+    assert torch.all(grads.sq_norms()[1] == 0)
+    assert not torch.isnan(grads.gram()).any()
+    # losses agree with the model's own loss for a sample with labels
+    out = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                labels=batch["labels"][:1])
+    assert torch.allclose(grads.losses[0], out.loss, atol=1e-5)
+
+
+def test_tied_head_left_out_and_untied_head_included():
+    tied = gradsift.per_sample_grads(tiny_llama(tie=True), padded_batch(2, 6))
+    assert "lm_head.weight" not in tied.param_names
+    untied_model = tiny_llama(tie=False)
+    batch = padded_batch(3, 6)
+    untied = gradsift.per_sample_grads(untied_model, batch)
+    assert "lm_head.weight" in untied.param_names
+    check_against_brute_force(untied_model, batch, untied, routes=("auto",))
+
+
+def test_gpt2_conv1d_with_bias():
+    model = tiny_gpt2()
+    batch = padded_batch(4, 10)
+    grads = gradsift.per_sample_grads(model, batch)
+    assert "transformer.h.0.attn.c_attn.bias" in grads.param_names
+    mat = grads.materialize()
+    params = dict(model.named_parameters())
+    for n in grads.param_names:
+        assert mat[n].shape[1:] == params[n].shape
+    check_against_brute_force(model, batch, grads)
+
+
+def test_peft_lora_default_modules_are_exactly_lora_weights():
+    base = tiny_llama(tie=False)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     lora_dropout=0.0)
+    model = get_peft_model(base, cfg).eval()
+    batch = padded_batch(4, 9)
+    grads = gradsift.per_sample_grads(model, batch)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(grads.param_names) == sorted(trainable)
+    assert all("lora_" in n for n in grads.param_names)
+    check_against_brute_force(model, batch, grads)
+
+
+def test_long_sequence_routes_agree():
+    model = tiny_llama(layers=1)
+    batch = padded_batch(3, 320)
+    grads = gradsift.per_sample_grads(model, batch)
+    ghost = gradsift.FactorizedGrads(grads.layers, grads.losses, route="ghost").gram()
+    mat = gradsift.FactorizedGrads(grads.layers, grads.losses, route="materialize").gram()
+    assert rel_err(ghost, mat) <= TOL
+    ref = brute_force_grads(model, batch, grads.param_names)
+    assert rel_err(grads.gram(), ref @ ref.T) <= TOL
+    # at this length the cost model prefers materializing every layer
+    assert gradsift.factors.choose_route(3, 320, 3, 320, 32, 48) == "materialize"
+
+
+def test_cross_batch_gram_and_precondition():
+    model = tiny_gpt2()
+    batch_a, batch_b = padded_batch(4, 10, seed=0), padded_batch(3, 7, seed=5)
+    ga = gradsift.per_sample_grads(model, batch_a)
+    gb = gradsift.per_sample_grads(model, batch_b)
+    names = ga.param_names
+    ra = brute_force_grads(model, batch_a, names)
+    rb = brute_force_grads(model, batch_b, names)
+    for route in ("ghost", "materialize", "auto"):
+        g = gradsift.FactorizedGrads(ga.layers, ga.losses, route=route)
+        assert rel_err(g.gram(gb), ra @ rb.T) <= TOL, route
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(3)
+    precond = {n: torch.rand(params[n].shape, generator=gen) + 0.1 for n in names}
+    p_flat = torch.cat([precond[n].flatten() for n in names])
+    assert rel_err(ga.gram(gb, precondition=precond), (ra * p_flat) @ rb.T) <= TOL
+    assert rel_err(ga.gram(precondition=precond), (ra * p_flat) @ ra.T) <= TOL
+    assert rel_err(ga.sq_norms(precondition=precond), (ra * p_flat * ra).sum(1)) <= TOL
+
+
+def test_weighted_sum_equals_weighted_brute_force():
+    model = tiny_gpt2()
+    batch = padded_batch(4, 8)
+    grads = gradsift.per_sample_grads(model, batch)
+    w = torch.tensor([0.5, 0.0, 0.2, 0.3])
+    ref = w @ brute_force_grads(model, batch, grads.param_names)
+    got = grads.weighted_sum(w)
+    flat = torch.cat([got[n].flatten() for n in grads.param_names])
+    assert rel_err(flat, ref) <= TOL
+
+
+def test_grad_untouched_and_no_hooks_left():
+    model = tiny_llama()
+    sentinel = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = sentinel[n].clone() if "layers.0" in n else None
+    gradsift.per_sample_grads(model, padded_batch(2, 6))
+    for n, p in model.named_parameters():
+        if "layers.0" in n:
+            assert torch.equal(p.grad, sentinel[n])
+        else:
+            assert p.grad is None
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def test_no_hooks_left_after_exception_inside_model():
+    model = tiny_llama()
+
+    def boom(module, args, output):
+        raise RuntimeError("boom inside the model")
+
+    handle = model.model.layers[1].mlp.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        gradsift.per_sample_grads(model, padded_batch(2, 6))
+    handle.remove()
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    gradsift.per_sample_grads(model, padded_batch(2, 6))  # usable again
+
+
+def test_unknown_and_unsupported_module_names():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="q_proj"):
+        gradsift.per_sample_grads(
+            model, padded_batch(2, 6), modules=["model.layers.0.self_attn.q_prj"]
+        )
+    with pytest.raises(ValueError, match="unsupported"):
+        gradsift.per_sample_grads(model, padded_batch(2, 6), modules=["model.norm"])
+    with pytest.raises(ValueError, match="route"):
+        gradsift.per_sample_grads(model, padded_batch(2, 6), route="fast")
+
+
+def test_explicit_modules_subset():
+    model = tiny_llama()
+    batch = padded_batch(3, 6)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    grads = gradsift.per_sample_grads(model, batch, modules=names)
+    assert grads.param_names == [n + ".weight" for n in names]
+    check_against_brute_force(model, batch, grads, routes=("auto",))
+
+
+def test_bf16_model_accumulates_in_float32():
+    model = tiny_llama()
+    batch = padded_batch(3, 8)
+    ref = gradsift.per_sample_grads(model, batch).gram()
+    low = gradsift.per_sample_grads(model.to(torch.bfloat16), batch)
+    gram = low.gram()
+    assert gram.dtype == torch.float32 and low.losses.dtype == torch.float32
+    assert rel_err(gram, ref) < 0.1  # bf16 forward noise, not accumulation error
+
+
+class _SharedLinearLM(nn.Module):
+    """Embedding → the same Linear applied twice → head: a module called twice per forward."""
+
+    def __init__(self, vocab: int, width: int, bias: bool):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width, bias=bias)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        h = torch.tanh(self.mix(h))
+        h = self.mix(h) + h
+        return type("Out", (), {"logits": self.head(h)})()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch_size=st.integers(1, 4),
+    length=st.integers(2, 9),
+    width=st.integers(1, 7),
+    bias=st.booleans(),
+    route=st.sampled_from(["ghost", "materialize", "auto"]),
+)
+def test_layer_reference_harness(batch_size, length, width, bias, route):
+    """Many shapes, a module called twice per forward, every route: against brute force."""
+    torch.manual_seed(batch_size * 100 + length * 10 + width)
+    model = _SharedLinearLM(11, width, bias)
+    batch = padded_batch(batch_size, length, vocab=11, seed=length)
+    grads = gradsift.per_sample_grads(model, batch, route=route)
+    names = grads.param_names
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(batch_size):
+        logits = model(batch["input_ids"][i : i + 1]).logits
+        loss = per_sample_loss(logits, batch["labels"][i : i + 1])[0]
+        gs = torch.autograd.grad(loss, [params[n] for n in names])
+        rows.append(torch.cat([g.flatten() for g in gs]))
+    ref = torch.stack(rows)
+    assert torch.allclose(flatten(grads.materialize(), names), ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(grads.gram(), ref @ ref.T, atol=1e-5, rtol=1e-4)

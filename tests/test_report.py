@@ -1,0 +1,211 @@
+"""gradsift.report on small but real run directories written here, numbers checked by hand."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradsift.report import (
+    MissingRunFileError,
+    markdown_table,
+    report,
+    summarize_compare,
+    write_report,
+    write_run_report,
+)
+
+B, K, STEPS = 4, 2, 4
+SOURCES = ["code", "math"]
+# held-out target loss at the evaluation steps 0, 2, 4 (eval_every=2), per (method, seed)
+TARGET = {
+    ("random", 0): {0: 2.0, 2: 1.8, 4: 1.6},
+    ("random", 1): {0: 2.0, 2: 1.9, 4: 1.4},
+    ("ftw", 0): {0: 2.0, 2: 1.5, 4: 1.2},
+    ("ftw", 1): {0: 2.0, 2: 1.7, 4: 1.45},
+}
+TOKENS_PER_STEP = {("random", 0): 100, ("random", 1): 105, ("ftw", 0): 75, ("ftw", 1): 85}
+
+
+def write_run(run_dir: Path, method: str, seed: int, target: dict[int, float],
+              tokens_per_step: int, steps: int = STEPS, b: int = B, k: int = K) -> Path:
+    """A run directory in the engine's format. ``ftw*`` selects ``code`` candidates with
+    weights (0.75, 0.25); ``random`` selects the first k with uniform weights. Timing: capture
+    ``0.1·step``, target 0.02, selection 0.01, update 0.05 seconds."""
+    run_dir.mkdir(parents=True)
+    config = {"method": method, "seed": seed, "model": "tiny", "candidates_per_step": b,
+              "budget_per_step": k, "steps": steps, "eval_every": 2}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics, selections = [], []
+    for step in range(steps + 1):
+        record = {"step": step, "trained_samples": step * k,
+                  "trained_tokens": step * tokens_per_step, "train_loss": 2.1 - 0.05 * step,
+                  "candidate_loss": 2.2 - 0.04 * step, "lr": 1e-4, "wall_seconds": 0.5 * step}
+        if step in target:
+            record["target_loss"] = target[step]
+        metrics.append(record)
+        if step == 0:
+            continue
+        ids = [f"s{step}_{i}" for i in range(b)]
+        sources = [SOURCES[i % 2] for i in range(b)]
+        if method.startswith("ftw"):
+            selected, weights = [ids[0], ids[2]], [0.75, 0.25]
+        else:
+            selected, weights = ids[:k], [1.0 / k] * k
+        selections.append({
+            "step": step, "candidate_ids": ids, "candidate_sources": sources,
+            "selected_ids": selected, "weights": weights,
+            "scores": [0.1 * i if method.startswith("ftw") else None for i in range(b)],
+            "losses": [2.0 + 0.1 * i for i in range(b)], "rho": 0.5 if method == "ftw" else None,
+            "timing": {"capture": 0.1 * step, "target": 0.02, "selection": 0.01,
+                       "update": 0.05},
+            "diagnostics": {},
+        })
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run_dir / "selections.jsonl").write_text("".join(json.dumps(s) + "\n" for s in selections))
+    summary = {"final_target_loss": target[max(target)], "trained_samples": steps * k,
+               "trained_tokens": steps * tokens_per_step, "steps": steps,
+               "wall_seconds": 0.5 * steps, "method": method, "seed": seed}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def compare_dir(tmp_path: Path) -> Path:
+    for (method, seed), target in TARGET.items():
+        write_run(tmp_path / method / f"seed_{seed}", method, seed, target,
+                  TOKENS_PER_STEP[method, seed])
+    return tmp_path
+
+
+def test_summary_numbers_match_hand_computation(compare_dir: Path) -> None:
+    summary = summarize_compare(compare_dir)
+    assert json.loads((compare_dir / "summary.json").read_text()) == summary
+    random, ftw = summary["methods"]["random"], summary["methods"]["ftw"]
+
+    # final target loss: mean and sample std (ddof=1) over the two seeds
+    assert random["final_target_loss"]["mean"] == pytest.approx((1.6 + 1.4) / 2)
+    assert random["final_target_loss"]["std"] == pytest.approx(abs(1.6 - 1.4) / 2 ** 0.5)
+    assert ftw["final_target_loss"]["mean"] == pytest.approx((1.2 + 1.45) / 2)
+    assert ftw["final_target_loss"]["std"] == pytest.approx(abs(1.2 - 1.45) / 2 ** 0.5)
+
+    # AUC: trapezoids over steps 0-2 and 2-4, divided by the span 4
+    def auc(l0: float, l2: float, l4: float) -> float:
+        return (2 * (l0 + l2) / 2 + 2 * (l2 + l4) / 2) / 4
+
+    assert ftw["auc_target_loss"]["mean"] == pytest.approx(
+        (auc(2.0, 1.5, 1.2) + auc(2.0, 1.7, 1.45)) / 2)
+    assert random["auc_target_loss"]["mean"] == pytest.approx(
+        (auc(2.0, 1.8, 1.6) + auc(2.0, 1.9, 1.4)) / 2)
+
+    # random's final loss is 1.5: ftw seed 0 reaches it at step 2 (1.5 <= 1.5), seed 1 at step
+    # 4; random seed 0 never does (1.6), seed 1 at step 4.
+    assert summary["random_final_target_loss"] == pytest.approx(1.5)
+    assert ftw["steps_to_random_final"] == {
+        "mean": 3.0, "reached": 2, "n": 2, "per_seed": {"0": 2, "1": 4}}
+    assert random["steps_to_random_final"] == {
+        "mean": 4.0, "reached": 1, "n": 2, "per_seed": {"0": None, "1": 4}}
+
+    assert ftw["trained_tokens_mean"] == pytest.approx((4 * 75 + 4 * 85) / 2)
+    assert random["trained_tokens_mean"] == pytest.approx((4 * 100 + 4 * 105) / 2)
+    assert ftw["wall_seconds_mean"] == pytest.approx(2.0)
+    assert ftw["wall_seconds_per_step"] == pytest.approx(0.5)
+    # capture is 0.1·step over steps 1..4: mean 0.25
+    assert ftw["seconds_per_step"] == pytest.approx(
+        {"capture": 0.25, "target": 0.02, "selection": 0.01, "update": 0.05, "total": 0.33})
+    assert summary["skipped"] == []
+
+
+def test_steps_to_random_final_is_null_without_random(tmp_path: Path) -> None:
+    write_run(tmp_path / "ftw" / "seed_0", "ftw", 0, TARGET["ftw", 0], 75)
+    write_run(tmp_path / "ftw" / "seed_1", "ftw", 1, TARGET["ftw", 1], 85)
+    summary = summarize_compare(tmp_path)
+    assert summary["random_final_target_loss"] is None
+    reach = summary["methods"]["ftw"]["steps_to_random_final"]
+    assert reach["mean"] is None and reach["reached"] == 0
+
+
+def _embedded_pngs(html: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+
+
+def test_write_report_embeds_plots(compare_dir: Path) -> None:
+    path = write_report(compare_dir)
+    assert path == compare_dir / "report.html"
+    html = path.read_text()
+    pngs = _embedded_pngs(html)
+    assert len(pngs) == 5  # loss vs steps, loss vs tokens, sources, ftw weights, timing
+    for png in pngs:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(png) > 10_000  # matplotlib drew something, not an empty canvas
+    saved = sorted(p.name for p in (compare_dir / "plots").glob("*.png"))
+    assert saved == sorted(["ftw_weights.png", "source_shares.png", "step_time.png",
+                            "target_loss_vs_steps.png", "target_loss_vs_tokens.png"])
+    assert "<table>" in html and "ftw" in html and "random" in html
+    assert (compare_dir / "summary.json").is_file()
+
+
+def test_report_without_ftw_skips_weights_plot(tmp_path: Path) -> None:
+    write_run(tmp_path / "random" / "seed_0", "random", 0, TARGET["random", 0], 100)
+    html = write_report(tmp_path).read_text()
+    assert len(_embedded_pngs(html)) == 4
+    assert not (tmp_path / "plots" / "ftw_weights.png").exists()
+
+
+def test_markdown_table_lists_each_method(compare_dir: Path) -> None:
+    table = markdown_table(summarize_compare(compare_dir))
+    lines = table.splitlines()
+    assert lines[0].startswith("| method |")
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert set(rows) == {"ftw", "random"}
+    assert list(rows) == ["ftw", "random"]  # ordered by final target loss
+    assert "1.3250 ± 0.1768" in rows["ftw"] and "3.0 (2/2)" in rows["ftw"]
+    assert "4.0 (1/2)" in rows["random"]
+
+
+def test_missing_file_error_names_the_file(compare_dir: Path) -> None:
+    (compare_dir / "ftw" / "seed_1" / "selections.jsonl").unlink()
+    with pytest.raises(MissingRunFileError, match="selections.jsonl"):
+        summarize_compare(compare_dir)
+
+
+def test_skip_incomplete_counts_and_skips(compare_dir: Path, caplog) -> None:
+    (compare_dir / "ftw" / "seed_1" / "summary.json").unlink()
+    summary = summarize_compare(compare_dir, skip_incomplete=True)
+    assert len(summary["skipped"]) == 1 and "summary.json" in summary["skipped"][0]["reason"]
+    assert summary["methods"]["ftw"]["n_seeds"] == 1
+    assert summary["methods"]["ftw"]["final_target_loss"] == {"mean": 1.2, "std": None}
+    assert "skipped 1 of 4 runs" in caplog.text
+    assert "1 incomplete run(s) skipped" in markdown_table(summary)
+
+
+def test_malformed_line_error_names_file_and_line(compare_dir: Path) -> None:
+    with open(compare_dir / "random" / "seed_0" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "trained_')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:6"):
+        summarize_compare(compare_dir)
+
+
+def test_run_report_and_dispatch(compare_dir: Path) -> None:
+    run_dir = compare_dir / "ftw" / "seed_0"
+    path = write_run_report(run_dir)
+    assert path == run_dir / "report.html"
+    pngs = _embedded_pngs(path.read_text())
+    assert len(pngs) == 5 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert report(run_dir) == run_dir / "report.html"
+    assert report(compare_dir) == compare_dir / "report.html"
+    with pytest.raises(FileNotFoundError, match="neither"):
+        report(compare_dir / "plots")
+
+
+def test_inconsistent_selection_record_is_reported(compare_dir: Path) -> None:
+    path = compare_dir / "ftw" / "seed_0" / "selections.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[1]["selected_ids"] = ["nope", records[1]["selected_ids"][1]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=r"selections\.jsonl step 2: selected ids not among"):
+        write_report(compare_dir)

@@ -1,0 +1,237 @@
+"""The optimizer's geometry: Adam's preconditioner and momentum, read from a torch optimizer.
+
+With the denominator frozen at its current value, AdamW's next update is (DESIGN.md §3)
+
+    Δ ≈ −c · P (β₁ m + (1−β₁) g) − ηλθ,   P = 1 / (√v̂ + ε),   v̂ = v / (1 − β₂ᵗ)
+
+so ``P`` (elementwise, one tensor per parameter), ``m``, ``β₁`` and ``η`` are what the
+selection objective needs. Supported:
+
+* ``torch.optim.Adam`` / ``AdamW`` (plain, ``foreach`` or ``fused``; ``amsgrad`` uses
+  ``max_exp_avg_sq``), each parameter with its own group's ``eps`` and ``betas``;
+* ``torch.optim.SGD``: ``P = 1`` (SGD geometry), no Adam-style momentum;
+* transformers' ``Adafactor``: its own rank-1 factored second moment
+  ``P = rsqrt(r/mean(r)) rsqrt(c)`` (exactly the preconditioner Adafactor applies, before its
+  RMS update clipping); its momentum acts on the preconditioned update, so it is not exposed.
+
+A parameter without optimizer state yet (before its first step) gets ``P = 1``; it is
+logged and listed in ``OptimizerState.uninitialized``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizerState:
+    """What the selection objective reads from the optimizer, per parameter name.
+
+    Attributes:
+        preconditioner: ``P`` for each requested parameter (float32, the parameter's shape).
+        momentum: ``m`` (Adam's ``exp_avg``) per parameter, zeros where the optimizer has no
+            state yet; ``None`` for optimizers without Adam-style momentum (SGD, Adafactor).
+        beta1: ``β₁`` per parameter (0 where there is no momentum).
+        lr: the learning rate ``η`` of each parameter's group.
+        uninitialized: parameters for which ``P`` fell back to ones (no state yet).
+        optimizer: class name of the optimizer the state was read from.
+    """
+
+    preconditioner: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor] | None
+    beta1: dict[str, float]
+    lr: dict[str, float]
+    uninitialized: list[str] = field(default_factory=list)
+    optimizer: str = ""
+
+    def mean_lr(self, names: Iterable[str] | None = None) -> float:
+        """Mean learning rate over ``names`` (default: every parameter)."""
+        values = [self.lr[n] for n in (self.lr if names is None else names)]
+        return sum(values) / len(values) if values else 0.0
+
+
+def _is_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return False
+    return isinstance(optimizer, Adafactor)
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str:
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return "adam"
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if _is_adafactor(optimizer):
+        return "adafactor"
+    raise NotImplementedError(
+        f"gradsift cannot read the preconditioner of {type(optimizer).__name__}; supported: "
+        "torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, transformers Adafactor"
+    )
+
+
+def _names_by_id(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _as_float(x: float | torch.Tensor) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _adam_p(group: dict, state: dict) -> torch.Tensor | None:
+    """``1/(√(v/(1−β₂ᵗ)) + ε)`` or None when the parameter has no state yet."""
+    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+    if key not in state or "step" not in state:
+        return None
+    step = _as_float(state["step"])
+    if step <= 0:
+        return None
+    beta2 = _as_float(group["betas"][1])
+    eps = _as_float(group["eps"])
+    v_hat = state[key].float() / (1.0 - beta2**step)
+    return 1.0 / (v_hat.sqrt() + eps)
+
+
+def _adafactor_p(state: dict) -> torch.Tensor | None:
+    """Adafactor's ``rsqrt(v̂)``: rank-1 ``rsqrt(r/mean r) rsqrt(c)`` for matrices."""
+    tiny = torch.finfo(torch.float32).tiny
+    if "exp_avg_sq_row" in state:
+        row = state["exp_avg_sq_row"].float()
+        col = state["exp_avg_sq_col"].float()
+        r = (row / row.mean(dim=-1, keepdim=True).clamp(min=tiny)).clamp(min=tiny).rsqrt()
+        return r.unsqueeze(-1) * col.clamp(min=tiny).rsqrt().unsqueeze(-2)
+    if "exp_avg_sq" in state:
+        return state["exp_avg_sq"].float().clamp(min=tiny).rsqrt()
+    return None
+
+
+def _adafactor_lr(group: dict, state: dict, param: torch.Tensor) -> float:
+    """The step size Adafactor will use at its next step (relative step and parameter scale)."""
+    step = _as_float(state.get("step", 0)) + 1
+    lr = group["lr"]
+    if group["relative_step"]:
+        min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+        lr = min(min_step, 1.0 / math.sqrt(step))
+    if group["scale_parameter"]:
+        rms = float(param.detach().float().norm() / math.sqrt(max(1, param.numel())))
+        lr = lr * max(group["eps"][1], rms)
+    return float(lr)
+
+
+def read_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    param_names: list[str] | None = None,
+) -> OptimizerState:
+    """Read ``P``, ``m``, ``β₁`` and ``η`` for the named parameters.
+
+    ``P = 1/(√v̂ + ε)`` with ``v̂ = exp_avg_sq / (1 − β₂^step)`` and each group's own ``eps``
+    and ``betas``; ones for parameters without state yet (and for SGD).
+
+    Args:
+        optimizer: the torch optimizer that trains ``model``.
+        model: the model; names are those of ``model.named_parameters()`` (tied parameters
+            answer to each of their names).
+        param_names: parameters to read (default: every named parameter the optimizer holds).
+
+    Returns:
+        ``OptimizerState`` with float32 tensors on each parameter's device.
+
+    Raises:
+        NotImplementedError: an optimizer other than Adam, AdamW, SGD or Adafactor.
+        KeyError: a requested name that is not a parameter of ``model``.
+        ValueError: a requested parameter that the optimizer does not hold.
+    """
+    kind = _kind(optimizer)
+    names_by_id = _names_by_id(model)
+    found: dict[str, tuple[torch.Tensor, dict]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name in names_by_id.get(id(p), []):
+                found[name] = (p, group)
+
+    if param_names is None:
+        wanted = list(found)
+    else:
+        wanted = list(dict.fromkeys(param_names))
+        all_names = {n for names in names_by_id.values() for n in names}
+        unknown = [n for n in wanted if n not in all_names]
+        if unknown:
+            raise KeyError(f"not parameters of the model: {unknown[:5]}")
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise ValueError(
+                f"the optimizer ({type(optimizer).__name__}) does not hold parameter(s) "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
+
+    precond: dict[str, torch.Tensor] = {}
+    momentum: dict[str, torch.Tensor] | None = {} if kind == "adam" else None
+    beta1: dict[str, float] = {}
+    lr: dict[str, float] = {}
+    uninitialized: list[str] = []
+    for name in wanted:
+        p, group = found[name]
+        state = optimizer.state.get(p, {})
+        if kind == "adam":
+            pc = _adam_p(group, state)
+            beta1[name] = _as_float(group["betas"][0])
+            lr[name] = _as_float(group["lr"])
+            m = state.get("exp_avg")
+            momentum[name] = (  # type: ignore[index]
+                m.detach().float() if m is not None else torch.zeros_like(p, dtype=torch.float32)
+            )
+        elif kind == "adafactor":
+            pc = _adafactor_p(state)
+            beta1[name] = 0.0
+            lr[name] = _adafactor_lr(group, state, p)
+        else:  # sgd: SGD geometry, never "uninitialized"
+            pc = torch.ones_like(p, dtype=torch.float32)
+            beta1[name] = 0.0
+            lr[name] = _as_float(group["lr"])
+        if pc is None:
+            uninitialized.append(name)
+            pc = torch.ones_like(p, dtype=torch.float32)
+        precond[name] = pc.detach().to(p.device)
+
+    if uninitialized:
+        logger.info(
+            "%d parameter(s) have no %s state yet; using P = 1 (SGD geometry) for them: %s",
+            len(uninitialized),
+            type(optimizer).__name__,
+            uninitialized[:5],
+        )
+    return OptimizerState(
+        preconditioner=precond,
+        momentum=momentum,
+        beta1=beta1,
+        lr=lr,
+        uninitialized=uninitialized,
+        optimizer=type(optimizer).__name__,
+    )
+
+
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer, model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """``P = 1/(√v̂ + ε)`` for every parameter the optimizer holds, keyed by parameter name.
+
+    Ones for parameters without state yet (reported through the log) and for SGD; Adafactor's
+    rank-1 factored ``rsqrt(v̂)``. See ``read_optimizer_state`` for the details.
+
+    Raises:
+        NotImplementedError: any other optimizer class (named in the message).
+    """
+    return read_optimizer_state(optimizer, model).preconditioner

@@ -1,0 +1,339 @@
+"""Filter-then-Weight on the alignment vector ``b`` and the interaction matrix ``K``.
+
+Source: F. Wang et al., "Two-Stage Optimizer-Aware Online Data Selection for Large Language
+Models", 2026, arXiv 2604.00001 (abstract); the derivation is ours, DESIGN.md §3–4.
+
+For a subset ``S`` the best non-negative weights solve ``min_{w≥0} wᵀKw − 2bᵀw``, and at that
+optimum ``ρ(S)² = bᵀw*`` with ``ρ = bᵀw / √(wᵀKw)``: choosing ``S`` is non-negative sparse
+regression of ``ĝ`` on the candidates in the metric of ``K``. So:
+
+1. **Filter**: drop candidates with a non-finite ``b_i`` or a non-finite entry in their row or
+   column of ``K``, a non-positive ``K_ii``, ``b_i ≤ 0`` (never spend budget against the
+   target) or a cosine ``b_i / √(K_ii ĝᵀPĝ)`` below ``min_cosine``. Then build at most ``k``
+   by greedy forward selection: add the candidate with the largest gain ``r_j² / s_j`` in
+   ``ρ²``, where ``r = b − K w`` is the residual alignment (only ``r_j > 0`` can help) and
+   ``s_j`` the Schur complement of ``K_jj`` against the chosen set (its part not already
+   spanned: near-duplicates of a chosen candidate have ``s_j ≈ 0`` and ``r_j ≈ 0``); refit the
+   weights after each addition, dropping those that fall to zero. Stop early when no
+   candidate adds a relative gain above ``tol``. A 1-swap local search polishes small problems
+   (``n_eligible · k ≤ 1024`` by default).
+   The top-``k``-by-``b`` subset is always evaluated too and the better one kept, so the
+   result is never worse than ranking by alignment.
+2. **Weight**: NNLS on the subset (``scipy.optimize.nnls`` on a Cholesky factor of
+   ``K_S + ridge``), zero weights dropped, normalized to ``Σ w = 1``.
+
+Everything runs in float64 NumPy on the CPU: ``K`` is ``B×B`` and the solves are ``k×k``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+import torch
+
+SUBSETS = ("greedy", "topk")
+WEIGHTINGS = ("nnls", "uniform")
+# 1-swap polishing: at most SWAP_EVALS NNLS fits, by default only when n_eligible * k is small.
+SWAP_EVALS = 200
+SWAP_AUTO_MAX = 1024
+
+
+@dataclass
+class FTWResult:
+    """Filter-then-Weight output with the facts a log needs.
+
+    Attributes:
+        indices: (n,) int64 candidate indices, ascending.
+        weights: (n,) float32, > 0, sum to 1 (empty when nothing is selected).
+        rho: ``bᵀw / √(wᵀKw)`` of the result (0.0 when empty).
+        n_finite: candidates with finite ``b`` and ``K`` row/column and ``K_ii > 0``.
+        n_positive: of those, with ``b_i > 0``.
+        n_filtered: of those, passing the cosine threshold (eligible for budget).
+        note: why fewer than ``k`` were selected ('' otherwise).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    rho: float
+    n_finite: int
+    n_positive: int
+    n_filtered: int
+    note: str = ""
+
+
+def _solve_nnls(k_ss: np.ndarray, b_s: np.ndarray, ridge: float) -> np.ndarray:
+    """``argmin_{w≥0} wᵀ(K + λI)w − 2bᵀw`` via ``nnls(Lᵀ, L⁻¹b)`` with ``LLᵀ = K + λI``.
+
+    The problem is convex: when the unconstrained solution ``(K + λI)⁻¹ b`` is positive it is
+    the answer (the usual case while the greedy adds useful candidates), and NNLS is skipped.
+    """
+    n = b_s.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    scale = max(float(np.trace(k_ss)) / n, np.finfo(np.float64).tiny)
+    lam = ridge * scale
+    for _ in range(8):
+        try:
+            chol = np.linalg.cholesky(k_ss + lam * np.eye(n))
+            break
+        except np.linalg.LinAlgError:
+            lam = max(lam * 100.0, 1e-12 * scale)
+    else:  # pragma: no cover - K is a Gram matrix, a ridge always makes it definite
+        raise np.linalg.LinAlgError("interaction matrix is not positive semi-definite")
+    y = scipy.linalg.solve_triangular(chol, b_s, lower=True)
+    w = scipy.linalg.solve_triangular(chol.T, y, lower=False)
+    if np.all(w > 0.0):
+        return w
+    w, _ = scipy.optimize.nnls(chol.T, y, maxiter=50 * n)
+    return w
+
+
+def _rho(b: np.ndarray, kmat: np.ndarray, idx: np.ndarray, w: np.ndarray) -> float:
+    if idx.size == 0:
+        return 0.0
+    num = float(b[idx] @ w)
+    den = float(w @ kmat[np.ix_(idx, idx)] @ w)
+    if den <= 0.0:
+        return 0.0
+    return num / np.sqrt(den)
+
+
+def _fit(
+    b: np.ndarray, kmat: np.ndarray, idx: list[int], ridge: float
+) -> tuple[list[int], np.ndarray]:
+    """NNLS on ``idx``; returns the indices with positive weight and those weights."""
+    if not idx:
+        return [], np.zeros(0)
+    arr = np.asarray(idx)
+    w = _solve_nnls(kmat[np.ix_(arr, arr)], b[arr], ridge)
+    keep = w > 1e-12 * max(float(w.max(initial=0.0)), np.finfo(np.float64).tiny)
+    return [i for i, kept in zip(idx, keep, strict=True) if kept], w[keep]
+
+
+def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float) -> list[int]:
+    """Greedy forward selection on the gain ``r_j²/s_j`` with NNLS refits (indices into b).
+
+    The Schur complements ``s`` are kept up to date by incremental (pivoted) Cholesky: adding
+    ``j`` appends the row ``c = (K_j − c_jᵀ C)/√s_j`` to ``C = L⁻¹ K_S,:`` and ``s −= c²``:
+    ``O(B |S|)`` per step, no solve.
+    """
+    n = b.shape[0]
+    diag = np.diag(kmat).copy()
+    lam = ridge * float(diag.mean())
+    banned = np.zeros(n, dtype=bool)
+    chosen: list[int] = []
+    w = np.zeros(0)
+    f = 0.0  # current ρ² = bᵀw
+    f_scale = float(np.max(b**2 / diag))  # ρ² of the best single candidate
+    c_rows = np.zeros((k, n))
+    schur = diag + lam
+
+    def append_row(j: int, m: int) -> None:
+        c = (kmat[j] - c_rows[:m, j] @ c_rows[:m]) / np.sqrt(max(schur[j], 1e-300))
+        c_rows[m] = c
+        schur[:] -= c * c
+
+    for _ in range(k + 2 * n + 1):  # each pass adds or bans one; dropped ones are banned
+        m = len(chosen)
+        if m >= k:
+            break
+        w_full = np.zeros(n)
+        w_full[chosen] = w
+        r = b - kmat @ w_full  # residual alignment b − K w
+        gain = np.where((r > 0) & ~banned, r * r / np.maximum(schur, 1e-9 * diag), 0.0)
+        gain[chosen] = 0.0
+        j = int(np.argmax(gain))
+        if gain[j] <= tol * max(f, f_scale):
+            break
+        new, w_new = _fit(b, kmat, chosen + [j], ridge)
+        f_new = float(b[new] @ w_new) if new else 0.0
+        for i in set(chosen + [j]) - set(new):
+            banned[i] = True
+        if f_new <= f:  # the refit did not help: keep the old set, never retry j
+            banned[j] = True
+            continue
+        if new == chosen + [j]:
+            append_row(j, m)
+        else:  # some weights fell to zero: rebuild the factor of the new set
+            schur[:] = diag + lam
+            for pos, i in enumerate(new):
+                append_row(i, pos)
+        chosen, w, f = new, w_new, f_new
+    return chosen
+
+
+def _swap_search(
+    b: np.ndarray, kmat: np.ndarray, chosen: list[int], ridge: float, tol: float, max_evals: int
+) -> list[int]:
+    """First-improvement 1-swap local search on ``ρ²(S)`` within ``max_evals`` NNLS fits."""
+    if not chosen:
+        return chosen
+    n = b.shape[0]
+    chosen, w = _fit(b, kmat, chosen, ridge)
+    best = float(b[chosen] @ w) if chosen else 0.0
+    evals = 0
+    improved = True
+    while improved and evals < max_evals:
+        improved = False
+        outside = [j for j in range(n) if j not in chosen]
+        for i, j in itertools.product(list(chosen), outside):
+            trial = [x for x in chosen if x != i] + [j]
+            new, w_new = _fit(b, kmat, trial, ridge)
+            evals += 1
+            f_new = float(b[new] @ w_new) if new else 0.0
+            if f_new > best * (1.0 + tol):
+                chosen, best, improved = new, f_new, True
+                break
+            if evals >= max_evals:
+                break
+    return chosen
+
+
+def _validate(align: torch.Tensor, gram: torch.Tensor, k: int) -> None:
+    if align.dim() != 1:
+        raise ValueError(f"align must be 1-D (B,), got shape {tuple(align.shape)}")
+    n = align.shape[0]
+    if tuple(gram.shape) != (n, n):
+        raise ValueError(f"gram must be ({n}, {n}) to match align, got {tuple(gram.shape)}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+
+
+def ftw_solve(
+    align: torch.Tensor,
+    gram: torch.Tensor,
+    k: int,
+    *,
+    min_cosine: float = 0.0,
+    target_sq_norm: float | None = None,
+    subset: str = "greedy",
+    weighting: str = "nnls",
+    ridge: float = 1e-9,
+    tol: float = 1e-6,
+    swap_evals: int | None = None,
+) -> FTWResult:
+    """Filter-then-Weight with diagnostics; see ``filter_then_weight`` for the arguments."""
+    _validate(align, gram, k)
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if min_cosine > 0.0 and target_sq_norm is None:
+        raise ValueError("min_cosine > 0 needs target_sq_norm (ĝᵀPĝ) to form the cosine")
+
+    b_all = align.detach().to("cpu", torch.float64).numpy()
+    k_all = gram.detach().to("cpu", torch.float64).numpy()
+    finite = np.isfinite(b_all) & np.isfinite(k_all).all(axis=0) & np.isfinite(k_all).all(axis=1)
+    finite &= np.where(finite, np.diag(k_all), 0.0) > 0.0
+    positive = finite & (b_all > 0.0)
+    eligible = positive.copy()
+    if min_cosine > 0.0:
+        cos = np.zeros_like(b_all)
+        cos[positive] = b_all[positive] / np.sqrt(np.diag(k_all)[positive] * target_sq_norm)
+        eligible &= cos >= min_cosine
+    pos = np.flatnonzero(eligible)
+    b = b_all[pos]
+    kmat = k_all[np.ix_(pos, pos)]
+    kmat = 0.5 * (kmat + kmat.T)
+
+    if k == 0 or pos.size == 0:
+        chosen: list[int] = []
+    else:
+        top = list(np.argsort(-b, kind="stable")[:k])
+        options = []
+        if subset == "topk":
+            options.append(top)
+        else:
+            greedy = _greedy(b, kmat, k, ridge, tol)
+            if swap_evals is None:  # auto: polish small problems only (cost ~ n k fits)
+                swap_evals = SWAP_EVALS if pos.size * k <= SWAP_AUTO_MAX else 0
+            if swap_evals > 0:
+                greedy = _swap_search(b, kmat, greedy, ridge, tol, swap_evals)
+            options += [greedy, top]
+        best_f = -1.0
+        chosen = []
+        for cand in options:
+            new, w = _fit(b, kmat, cand, ridge)
+            f = _rho(b, kmat, np.asarray(new, dtype=np.int64), w) if new else 0.0
+            if f > best_f * (1.0 + 1e-12):
+                chosen, best_f = new, f
+
+    # the weight stage: NNLS on the subset (a refit in another order may zero a weight)
+    chosen, w = _fit(b, kmat, sorted(chosen), ridge)
+    idx = np.asarray(chosen, dtype=np.int64)
+    if weighting == "uniform" or not chosen:
+        w = np.full(len(chosen), 1.0 / max(1, len(chosen)))
+    else:
+        w = w / w.sum()
+    rho = _rho(b, kmat, idx, w) if chosen else 0.0
+
+    note = ""
+    if len(chosen) < k:
+        n_fin, n_pos, n_elig = int(finite.sum()), int(positive.sum()), int(eligible.sum())
+        if n_elig == 0:
+            if n_fin == 0:
+                note = "no candidate has finite alignment and interactions"
+            elif n_pos == 0:
+                note = f"all {n_fin} finite candidates have alignment <= 0: none selected"
+            else:
+                note = (
+                    f"none of {n_pos} positively aligned candidates reaches min_cosine={min_cosine}"
+                )
+        elif n_elig < k:
+            note = f"only {n_elig} candidates pass the filter (finite, aligned > 0, cosine)"
+            if len(chosen) < n_elig:
+                note += f"; {len(chosen)} of them add to rho"
+        else:
+            note = f"only {len(chosen)} of {n_elig} eligible candidates add to rho (tol={tol})"
+    return FTWResult(
+        indices=torch.as_tensor(pos[idx] if chosen else np.zeros(0, dtype=np.int64)),
+        weights=torch.as_tensor(w, dtype=torch.float32),
+        rho=float(rho),
+        n_finite=int(finite.sum()),
+        n_positive=int(positive.sum()),
+        n_filtered=int(eligible.sum()),
+        note=note,
+    )
+
+
+def filter_then_weight(
+    align: torch.Tensor, gram: torch.Tensor, k: int, **options: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose at most ``k`` candidates and weights maximizing ``ρ = bᵀw / √(wᵀKw)``.
+
+    Args:
+        align: (B,) alignment ``b_i = ⟨g_i, P ĝ⟩``.
+        gram: (B, B) interaction ``K`` (positive semi-definite).
+        k: budget (at most ``k`` are selected; fewer when fewer are useful).
+        **options: ``min_cosine`` (0.0; needs ``target_sq_norm`` = ``ĝᵀPĝ``), ``subset``
+            (``"greedy"`` redundancy-aware, or ``"topk"`` by ``b``), ``weighting``
+            (``"nnls"`` or ``"uniform"``), ``ridge`` (1e-9, relative), ``tol`` (1e-6,
+            relative gain in ``ρ²`` to keep adding), ``swap_evals`` (NNLS fits spent on 1-swap
+            polishing; default ``None``: 200 when ``n_eligible · k ≤ 1024``, else 0).
+
+    Returns:
+        ``(indices, weights)``: int64 distinct ascending indices (CPU, possibly empty) and
+        float32 weights, positive and summing to 1.
+    """
+    res = ftw_solve(align, gram, k, **options)  # type: ignore[arg-type]
+    return res.indices, res.weights
+
+
+def alignment_ratio(
+    align: torch.Tensor, gram: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> float:
+    """``ρ = b_Sᵀw / √(wᵀ K_SS w)`` of a selection (0.0 when empty or ``wᵀKw = 0``)."""
+    if indices.numel() == 0:
+        return 0.0
+    idx = indices.to(align.device).long()
+    b = align[idx].double()
+    w = weights.to(align.device).double()
+    kss = gram[idx][:, idx].double()
+    den = float(w @ kss @ w)
+    if not den > 0.0:
+        return 0.0
+    return float(b @ w) / den**0.5

@@ -1,0 +1,162 @@
+"""The Filter-then-Weight selector and its ablations (``ftw``, ``ftw-filter-only``,
+``ftw-weight-only``, ``ftw-sgd``).
+
+Source: F. Wang et al., "Two-Stage Optimizer-Aware Online Data Selection for Large Language
+Models", 2026, arXiv 2604.00001; the objective is DESIGN.md §3: ``b_i = ⟨g_i, P ĝ⟩``,
+``K_ij = ⟨g_i, P g_j⟩``, maximize ``ρ = bᵀw / √(wᵀKw)`` over ``|S| ≤ k``, ``w ≥ 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gradsift.objective import CURVATURES, alignment, interaction, target_direction, target_sq_norm
+from gradsift.select.base import (
+    Selection,
+    SelectionContext,
+    Selector,
+    SelectorConfig,
+    register_selector,
+)
+from gradsift.select.ftw import SUBSETS, WEIGHTINGS, ftw_solve
+
+GEOMETRIES = ("adam", "sgd")
+
+
+@dataclass
+class FTWConfig(SelectorConfig):
+    """Options of Filter-then-Weight.
+
+    Attributes:
+        curvature: ``"adam"`` (``K = ⟨g_i, P g_j⟩``) or ``"identity"`` (``⟨P g_i, P g_j⟩``).
+        momentum_correction: target ``ĝ = (g_V − β₁ m)/(1−β₁)`` instead of ``g_V``.
+        min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
+        geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
+        subset: ``"greedy"`` (redundancy-aware) or ``"topk"`` by alignment.
+        weighting: ``"nnls"`` or ``"uniform"``.
+        ridge: relative ridge of the NNLS Cholesky factor.
+        tol: relative gain in ``ρ²`` below which no further candidate is added.
+        swap_evals: NNLS fits spent on 1-swap polishing (None: automatic, small problems).
+    """
+
+    curvature: str = "adam"
+    momentum_correction: bool = False
+    min_cosine: float = 0.0
+    geometry: str = "adam"
+    subset: str = "greedy"
+    weighting: str = "nnls"
+    ridge: float = 1e-9
+    tol: float = 1e-6
+    swap_evals: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if self.subset not in SUBSETS:
+            raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not isinstance(self.momentum_correction, bool):
+            raise ValueError(
+                f"momentum_correction must be a bool, got {self.momentum_correction!r}"
+            )
+        if not -1.0 <= self.min_cosine < 1.0:
+            raise ValueError(f"min_cosine must be in [-1, 1), got {self.min_cosine}")
+        if not 0.0 <= self.ridge < 1.0:
+            raise ValueError(f"ridge must be in [0, 1), got {self.ridge}")
+        if not 0.0 <= self.tol < 1.0:
+            raise ValueError(f"tol must be in [0, 1), got {self.tol}")
+        if self.swap_evals is not None and self.swap_evals < 0:
+            raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
+
+
+class FTWSelector(Selector):
+    """Filter-then-Weight (Wang et al., 2026, arXiv 2604.00001), DESIGN.md §4.
+
+    Computes ``b`` and ``K`` in the configured geometry and hands them to
+    ``gradsift.select.ftw.ftw_solve``. May select fewer than ``k`` when fewer candidates
+    are useful (aligned with the target and not redundant); the note says why.
+    Scores are the alignments ``b``.
+    """
+
+    name = "ftw"
+    needs_target = True
+    needs_grads = True
+    config_class = FTWConfig
+
+    def _select(self, ctx: SelectionContext) -> Selection:
+        cfg: FTWConfig = self.config  # type: ignore[assignment]
+        cands, state = ctx.candidates, ctx.optimizer_state
+        names = cands.param_names
+        precondition = None
+        if cfg.geometry == "adam":
+            missing = [n for n in names if n not in state.preconditioner]
+            if missing:
+                raise ValueError(f"optimizer state has no preconditioner for {missing[:5]}")
+            precondition = {n: state.preconditioner[n] for n in names}
+        assert ctx.target_grad is not None
+        g_hat = target_direction(
+            {n: ctx.target_grad[n] for n in names}, state, cfg.momentum_correction
+        )
+        b = alignment(cands, g_hat, precondition)
+        kmat = interaction(cands, precondition, cfg.curvature)
+        tsq = (
+            target_sq_norm(g_hat, precondition, names, cfg.curvature)
+            if cfg.min_cosine > 0.0
+            else None
+        )
+        res = ftw_solve(
+            b,
+            kmat,
+            ctx.k,
+            min_cosine=cfg.min_cosine,
+            target_sq_norm=tsq,
+            subset=cfg.subset,
+            weighting=cfg.weighting,
+            ridge=cfg.ridge,
+            tol=cfg.tol,
+            swap_evals=cfg.swap_evals,
+        )
+        diagnostics = {
+            "rho": res.rho,
+            "n_filtered": res.n_filtered,
+            "n_finite": res.n_finite,
+            "n_positive": res.n_positive,
+            "geometry": cfg.geometry,
+            "curvature": cfg.curvature if precondition is not None else "identity",
+            "n_uninitialized": len(set(names) & set(state.uninitialized)),
+        }
+        if res.note:
+            diagnostics["note"] = res.note
+        return Selection(
+            indices=res.indices,
+            weights=res.weights,
+            scores=b.detach().float(),
+            diagnostics=diagnostics,
+        )
+
+
+class FTWFilterOnlySelector(FTWSelector):
+    """Ablation of FTW (Wang et al., 2026): FTW's redundancy-aware subset, uniform weights."""
+
+    name = "ftw-filter-only"
+
+
+class FTWWeightOnlySelector(FTWSelector):
+    """Ablation of FTW (Wang et al., 2026): top-``k`` by alignment (positive only), NNLS weights."""
+
+    name = "ftw-weight-only"
+
+
+class FTWSGDSelector(FTWSelector):
+    """Ablation of FTW (Wang et al., 2026): the same method in SGD geometry, ``P = 1``."""
+
+    name = "ftw-sgd"
+
+
+register_selector("ftw", FTWSelector)
+register_selector("ftw-filter-only", FTWFilterOnlySelector, weighting="uniform")
+register_selector("ftw-weight-only", FTWWeightOnlySelector, subset="topk")
+register_selector("ftw-sgd", FTWSGDSelector, geometry="sgd")

@@ -1,0 +1,204 @@
+"""filter_then_weight: quality against exhaustive search, redundancy, filtering, weights."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from gradsift.select import alignment_ratio, filter_then_weight, ftw_solve
+
+
+def _instance(seed: int, kind: str, b: int = 12, d: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """b = G t, K = G Gᵀ from explicit random vectors G (B × d)."""
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal(d)
+    if kind == "gaussian":
+        g = rng.standard_normal((b, d)) + 0.3 * t
+    elif kind == "clusters":  # groups of near-duplicates
+        centers = rng.standard_normal((4, d)) + 0.5 * t
+        g = centers[rng.integers(0, 4, b)] + 0.05 * rng.standard_normal((b, d))
+    else:  # norms spread over e^±3
+        g = (rng.standard_normal((b, d)) + 0.3 * t) * np.exp(rng.uniform(-3, 3, (b, 1)))
+    return g @ t, g @ g.T
+
+
+def _rho(b: np.ndarray, k: np.ndarray, idx, w) -> float:
+    idx = np.asarray(idx, dtype=int)
+    w = np.asarray(w, dtype=float)
+    return float(b[idx] @ w / math.sqrt(w @ k[np.ix_(idx, idx)] @ w))
+
+
+def _nnls_rho(b: np.ndarray, k: np.ndarray, subset: tuple[int, ...]) -> float:
+    """Best ρ on a subset: NNLS through an eigen-factor of K_S (independent of the library)."""
+    ks = k[np.ix_(subset, subset)]
+    lam, vec = np.linalg.eigh(ks)
+    keep = lam > 1e-12 * lam.max()
+    a = np.sqrt(lam[keep])[:, None] * vec[:, keep].T  # AᵀA = K_S
+    y = (vec[:, keep].T @ b[list(subset)]) / np.sqrt(lam[keep])  # Aᵀy = b_S
+    w, _ = scipy.optimize.nnls(a, y)
+    if w.sum() <= 0:
+        return 0.0
+    return _rho(b, k, subset, w)
+
+
+def _exhaustive(b: np.ndarray, k: np.ndarray, budget: int) -> float:
+    return max(
+        _nnls_rho(b, k, s)
+        for r in range(1, budget + 1)
+        for s in itertools.combinations(range(len(b)), r)
+    )
+
+
+def _check_selection(idx: torch.Tensor, w: torch.Tensor, budget: int) -> None:
+    assert idx.dtype == torch.long and w.dtype == torch.float32
+    assert idx.numel() == w.numel() <= budget
+    assert len(set(idx.tolist())) == idx.numel()
+    if idx.numel():
+        assert bool((w > 0).all())
+        assert float(w.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_quality_against_exhaustive_search() -> None:
+    ratios = []
+    for seed in range(45):
+        kind = ("gaussian", "clusters", "mixed")[seed % 3]
+        b, k = _instance(seed, kind)
+        idx, w = filter_then_weight(torch.tensor(b), torch.tensor(k), 3)
+        _check_selection(idx, w, 3)
+        rho = _rho(b, k, idx.numpy(), w.numpy())
+        top = np.argsort(-b)[:3]
+        rho_top = _rho(b, k, top, np.full(3, 1 / 3))
+        assert rho >= rho_top - 1e-9 * abs(rho_top), (seed, kind, rho, rho_top)
+        ratios.append(rho / _exhaustive(b, k, 3))
+    assert float(np.mean(ratios)) >= 0.98, ratios
+    assert max(ratios) <= 1 + 1e-6
+
+
+def test_exact_duplicates_take_budget_once() -> None:
+    e = np.eye(6)
+    target = e[0] + e[1] + e[2]
+    # three copies of the best candidate (ρ² = 1 each, 1 together), one distinct good one
+    # (ρ² = 0.8) and one distinct weak one (ρ² = 0.09/4.09)
+    g = np.stack(
+        [2 * e[0], 2 * e[0], 2 * e[0] + 1e-3 * e[5], e[1] + 0.5 * e[4], 0.3 * e[2] + 2 * e[3]]
+    )
+    b, k = torch.tensor(g @ target), torch.tensor(g @ g.T)
+    idx, w = filter_then_weight(b, k, 2)
+    _check_selection(idx, w, 2)
+    chosen = set(idx.tolist())
+    assert len(chosen & {0, 1, 2}) == 1 and 3 in chosen  # top-k by b would take two copies
+    # with budget 4: still one copy, plus the weak distinct one; a second copy adds nothing,
+    # so fewer than k are selected
+    res = ftw_solve(b, k, 4)
+    idx4, w4 = res.indices, res.weights
+    assert len(set(idx4.tolist()) & {0, 1, 2}) == 1 and {3, 4} <= set(idx4.tolist())
+    assert idx4.numel() == 3 and "add to rho" in res.note
+    assert alignment_ratio(b, k, idx4, w4) > alignment_ratio(b, k, idx, w)
+
+
+def test_all_negative_alignment_selects_nothing_and_says_so() -> None:
+    b, k = _instance(0, "gaussian")
+    res = ftw_solve(-torch.tensor(np.abs(b)), torch.tensor(k), 3)
+    assert res.indices.numel() == 0 and res.weights.numel() == 0
+    assert res.rho == 0.0 and res.n_filtered == 0
+    assert "alignment <= 0" in res.note
+
+
+def test_never_spends_budget_on_non_positive_alignment() -> None:
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((10, 20))
+    t = rng.standard_normal(20)
+    b = g @ t
+    b[np.argsort(-b)[2:]] = -np.abs(b[np.argsort(-b)[2:]])  # only two positive
+    b[np.argsort(-b)[2]] = 0.0
+    res = ftw_solve(torch.tensor(b), torch.tensor(g @ g.T), 5)
+    assert set(res.indices.tolist()) <= set(np.flatnonzero(b > 0).tolist())
+    assert res.n_positive == 2 and "only 2" in res.note
+
+
+def test_non_finite_candidates_are_excluded() -> None:
+    b, k = _instance(1, "gaussian")
+    best = int(np.argmax(b))
+    b_t, k_t = torch.tensor(b), torch.tensor(k)
+    b_t[best] = float("nan")
+    second = int(np.argsort(-b)[1])
+    k_t[second, 4 if second != 4 else 5] = float("inf")
+    res = ftw_solve(b_t, k_t, 3)
+    _check_selection(res.indices, res.weights, 3)
+    assert best not in res.indices.tolist() and second not in res.indices.tolist()
+    assert res.indices.numel() > 0 and math.isfinite(res.rho)
+    # an inf in a column excludes the row's partner too
+    partner = 4 if second != 4 else 5
+    assert partner not in res.indices.tolist() and res.n_finite == 12 - 3
+
+
+def test_nnls_weights_maximize_rho_on_the_subset() -> None:
+    b, k = _instance(7, "mixed")
+    idx, w = filter_then_weight(torch.tensor(b), torch.tensor(k), 4)
+    rho = _rho(b, k, idx.numpy(), w.numpy())
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        other = rng.dirichlet(np.ones(idx.numel()))
+        assert _rho(b, k, idx.numpy(), other) <= rho + 1e-9
+    assert rho == pytest.approx(_nnls_rho(b, k, tuple(idx.tolist())), rel=1e-6)
+
+
+def test_uniform_weighting_and_topk_subset() -> None:
+    b, k = _instance(3, "clusters")
+    bt, kt = torch.tensor(b), torch.tensor(k)
+    idx, w = filter_then_weight(bt, kt, 3, weighting="uniform")
+    assert torch.allclose(w, torch.full_like(w, 1 / idx.numel()))
+    idx_top, _ = filter_then_weight(bt, kt, 3, subset="topk")
+    positive_top = [i for i in np.argsort(-b)[:3] if b[i] > 0]
+    assert set(idx_top.tolist()) <= set(positive_top)
+
+
+def test_min_cosine_filter() -> None:
+    e = np.eye(4)
+    target = e[0]
+    g = np.stack([e[0], 10 * (0.1 * e[0] + e[1]), e[0] + e[2]])  # cosines 1, ~0.1, ~0.71
+    b, k = torch.tensor(g @ target), torch.tensor(g @ g.T)
+    res = ftw_solve(b, k, 3, min_cosine=0.5, target_sq_norm=1.0)
+    assert 1 not in res.indices.tolist() and res.n_filtered == 2
+    with pytest.raises(ValueError, match="target_sq_norm"):
+        ftw_solve(b, k, 3, min_cosine=0.5)
+
+
+def test_budget_zero_and_argument_checks() -> None:
+    b, k = _instance(2, "gaussian")
+    idx, w = filter_then_weight(torch.tensor(b), torch.tensor(k), 0)
+    assert idx.numel() == 0 and w.numel() == 0
+    with pytest.raises(ValueError, match="gram"):
+        filter_then_weight(torch.tensor(b), torch.tensor(k[:5, :5]), 2)
+    with pytest.raises(ValueError, match="subset"):
+        filter_then_weight(torch.tensor(b), torch.tensor(k), 2, subset="nope")
+    with pytest.raises(TypeError):
+        filter_then_weight(torch.tensor(b), torch.tensor(k), 2, bogus=1)
+
+
+def test_alignment_ratio_by_hand() -> None:
+    b = torch.tensor([1.0, 2.0, -1.0])
+    k = torch.tensor([[2.0, 0.5, 0.0], [0.5, 3.0, 0.1], [0.0, 0.1, 1.0]])
+    idx, w = torch.tensor([0, 1]), torch.tensor([0.25, 0.75])
+    expected = (0.25 + 1.5) / math.sqrt(0.25**2 * 2 + 2 * 0.25 * 0.75 * 0.5 + 0.75**2 * 3)
+    assert alignment_ratio(b, k, idx, w) == pytest.approx(expected)
+    assert alignment_ratio(b, k, torch.tensor([], dtype=torch.long), torch.tensor([])) == 0.0
+
+
+def test_large_instance_is_valid_and_beats_topk() -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(256, generator=gen)
+    g = torch.randn(256, 256, generator=gen) + 0.2 * t
+    g[128:] = g[:128] + 0.01 * torch.randn(128, 256, generator=gen)  # every row has a twin
+    b, k = g @ t, g @ g.T
+    idx, w = filter_then_weight(b, k, 64)
+    _check_selection(idx, w, 64)
+    top = torch.topk(b, 64).indices
+    assert alignment_ratio(b, k, idx, w) > alignment_ratio(b, k, top, torch.full((64,), 1 / 64))
+    twins = set((idx % 128).tolist())
+    assert len(twins) >= 0.9 * idx.numel()  # near-duplicates rarely both take budget

@@ -1,0 +1,249 @@
+"""Every registered selector on a real SelectionContext: tiny Llama, real AdamW state."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gradsift.capture import per_sample_grads
+from gradsift.factors import FactorizedGrads
+from gradsift.loss import per_sample_loss
+from gradsift.objective import alignment, interaction
+from gradsift.optim_state import read_optimizer_state
+from gradsift.select import (
+    Selection,
+    SelectionContext,
+    Selector,
+    alignment_ratio,
+    available_selectors,
+    filter_then_weight,
+    get_selector,
+    register_selector,
+)
+from gradsift.select.baselines import RandomSelector
+
+B = 8
+FTW_NAMES = {"ftw", "ftw-filter-only", "ftw-weight-only", "ftw-sgd"}
+
+
+def _batch(b: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (b, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # one padded sample
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return per_sample_loss(logits, batch["labels"])
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(cfg).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _loss(model, _batch(4, 99)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    cands = per_sample_grads(model, _batch(B, 1))
+    names = cands.param_names
+    params = dict(model.named_parameters())
+    g_v = torch.autograd.grad(_loss(model, _batch(4, 2)).mean(), [params[n] for n in names])
+    target = dict(zip(names, g_v, strict=True))
+    state = read_optimizer_state(opt, model, names)
+    return cands, target, state
+
+
+def _ctx(world, k: int, seed: int = 0) -> SelectionContext:
+    cands, target, state = world
+    return SelectionContext(cands, target, state, k, torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_every_method() -> None:
+    expected = {"random", "loss", "gradnorm", "greats", "cosine", "full"} | FTW_NAMES
+    assert set(available_selectors()) == expected
+
+
+@pytest.mark.parametrize(
+    "name", sorted({"random", "loss", "gradnorm", "greats", "cosine", "full"} | FTW_NAMES)
+)
+@pytest.mark.parametrize("k", [3, 20])
+def test_every_selector_respects_the_budget(world, name: str, k: int) -> None:
+    selector = get_selector(name)
+    assert selector.name == name
+    sel = selector.select(_ctx(world, k))
+    assert isinstance(sel, Selection)
+    n = sel.indices.numel()
+    assert sel.indices.dtype == torch.long and sel.weights.dtype == torch.float32
+    assert len(set(sel.indices.tolist())) == n == sel.weights.numel()
+    assert all(0 <= i < B for i in sel.indices.tolist())
+    if name == "full":
+        assert n == B  # reference only: ignores the budget
+    elif name in FTW_NAMES:
+        assert n <= min(k, B)
+    else:
+        assert n == min(k, B)
+    if n:
+        assert bool((sel.weights > 0).all()) and float(sel.weights.sum()) == pytest.approx(1.0)
+    assert sel.scores.shape == (B,) and sel.scores.dtype == torch.float32
+    diag = sel.diagnostics
+    for key in ("rho", "n_filtered", "n_selected", "seconds"):
+        assert key in diag
+    assert diag["n_selected"] == n
+    if n < k:
+        assert isinstance(diag.get("note"), str) and diag["note"]
+    json.dumps(diag)
+    assert selector.state_dict() == {}
+    selector.load_state_dict(selector.state_dict())
+
+
+def test_random_is_deterministic_given_the_generator(world) -> None:
+    picks = [get_selector("random").select(_ctx(world, 4, seed=s)).indices for s in (5, 5, 6)]
+    assert torch.equal(picks[0], picks[1])
+    draws = {
+        tuple(get_selector("random").select(_ctx(world, 4, seed=s)).indices.tolist())
+        for s in range(8)
+    }
+    assert len(draws) > 1
+    assert not RandomSelector.needs_grads and not RandomSelector.needs_target
+
+
+def test_loss_and_gradnorm_rank_by_their_scores(world) -> None:
+    cands, _, _ = world
+    sel = get_selector("loss").select(_ctx(world, 3))
+    assert set(sel.indices.tolist()) == set(torch.topk(cands.losses, 3).indices.tolist())
+    mat = cands.materialize()
+    norms = sum(g.flatten(1).pow(2).sum(1) for g in mat.values()).sqrt()
+    sel = get_selector("gradnorm").select(_ctx(world, 3))
+    assert set(sel.indices.tolist()) == set(torch.topk(norms, 3).indices.tolist())
+    torch.testing.assert_close(sel.scores, norms, rtol=1e-4, atol=1e-6)
+
+
+def test_cosine_is_less_cosine_from_materialized_grads(world) -> None:
+    cands, target, state = world
+    p = state.preconditioner
+    mat = cands.materialize()
+    pg = {n: mat[n] * p[n] for n in mat}  # P g_i
+    dots = sum((pg[n] * target[n]).flatten(1).sum(1) for n in mat)
+    norms = sum(pg[n].flatten(1).pow(2).sum(1) for n in mat).sqrt()
+    t_norm = math.sqrt(sum(float(target[n].pow(2).sum()) for n in mat))
+    cos = dots / (norms * t_norm)
+    sel = get_selector("cosine").select(_ctx(world, 3))
+    torch.testing.assert_close(sel.scores, cos, rtol=1e-4, atol=1e-6)
+    assert set(sel.indices.tolist()) == set(torch.topk(cos, 3).indices.tolist())
+    assert float(sel.scores.abs().max()) <= 1 + 1e-5
+
+
+def test_greats_matches_a_plain_greedy(world) -> None:
+    cands, target, state = world
+    mat = cands.materialize()
+    flat = torch.cat([mat[n].flatten(1) for n in cands.param_names], 1).double().numpy()
+    tflat = torch.cat([target[n].flatten() for n in cands.param_names]).double().numpy()
+    b, k = flat @ tflat, flat @ flat.T
+    for eta in (None, 50.0):  # the optimizer's lr (≈ top-k by b), and a large one
+        lr = state.mean_lr() if eta is None else eta
+        chosen: list[int] = []
+        for _ in range(4):
+            score = lr * b - lr**2 * k[:, chosen].sum(1)
+            score[chosen] = -np.inf
+            chosen.append(int(np.argmax(score)))
+        options = {} if eta is None else {"lr": eta}
+        sel = get_selector("greats", **options).select(_ctx(world, 4))
+        assert set(sel.indices.tolist()) == set(chosen)
+        assert torch.allclose(sel.weights, torch.full((4,), 0.25))
+        assert sel.diagnostics["rho_geometry"] == "sgd"
+
+
+def test_ftw_selector_is_filter_then_weight_on_b_and_k(world) -> None:
+    cands, target, state = world
+    p = state.preconditioner
+    for name, pre, kwargs in [
+        ("ftw", p, {}),
+        ("ftw-sgd", None, {}),
+        ("ftw-weight-only", p, {"subset": "topk"}),
+        ("ftw-filter-only", p, {"weighting": "uniform"}),
+    ]:
+        b = alignment(cands, target, pre)
+        kmat = interaction(cands, pre)
+        idx, w = filter_then_weight(b, kmat, 3, **kwargs)
+        sel = get_selector(name).select(_ctx(world, 3))
+        assert torch.equal(sel.indices, idx), name
+        torch.testing.assert_close(sel.weights, w)
+        assert sel.diagnostics["rho"] == pytest.approx(alignment_ratio(b, kmat, idx, w), rel=1e-5)
+        torch.testing.assert_close(sel.scores, b.float())
+
+
+def test_ftw_options_reach_the_objective(world) -> None:
+    base = get_selector("ftw").select(_ctx(world, 3))
+    ident = get_selector("ftw", curvature="identity", momentum_correction=True).select(
+        _ctx(world, 3)
+    )
+    assert ident.diagnostics["curvature"] == "identity"
+    assert not torch.equal(base.scores, ident.scores)  # momentum-corrected alignment differs
+
+
+def test_ftw_with_no_aligned_candidate_selects_nothing_and_says_so(world) -> None:
+    cands, target, state = world
+    zero = {n: torch.zeros_like(g) for n, g in target.items()}  # b = 0 for every candidate
+    ctx = SelectionContext(cands, zero, state, 3, torch.Generator())
+    for name in sorted(FTW_NAMES):
+        sel = get_selector(name).select(ctx)
+        assert sel.indices.numel() == 0 and sel.weights.numel() == 0, name
+        assert sel.diagnostics["rho"] == 0.0 and sel.diagnostics["n_filtered"] == 0
+        assert "alignment <= 0" in sel.diagnostics["note"]
+
+
+def test_non_finite_loss_ranks_last(world) -> None:
+    cands, target, state = world
+    losses = cands.losses.clone()
+    top = int(torch.argmax(losses))
+    losses[top] = float("nan")
+    ctx = SelectionContext(
+        FactorizedGrads(cands.layers, losses), target, state, B - 1, torch.Generator()
+    )
+    sel = get_selector("loss").select(ctx)
+    assert top not in sel.indices.tolist() and sel.indices.numel() == B - 1
+    assert sel.diagnostics["n_nonfinite"] == 1
+
+
+def test_options_and_registry_errors() -> None:
+    with pytest.raises(ValueError, match="available: .*ftw"):
+        get_selector("nope")
+    with pytest.raises(ValueError, match="'bogus'"):
+        get_selector("ftw", bogus=1)
+    with pytest.raises(ValueError, match="curvature"):
+        get_selector("ftw", curvature="newton")
+    with pytest.raises(ValueError, match="min_cosine"):
+        get_selector("ftw", min_cosine=2.0)
+    with pytest.raises(ValueError, match="geometry"):
+        get_selector("ftw-sgd", geometry="adam")
+    with pytest.raises(ValueError, match="lr"):
+        get_selector("greats", lr=-1.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_selector("ftw", Selector)
+    with pytest.raises(ValueError, match="stateless"):
+        get_selector("loss").load_state_dict({"x": 1})
+
+
+def test_target_required(world) -> None:
+    cands, _, state = world
+    ctx = SelectionContext(cands, None, state, 3, torch.Generator())
+    with pytest.raises(ValueError, match="target"):
+        get_selector("cosine").select(ctx)
+    assert get_selector("loss").select(ctx).indices.numel() == 3

@@ -1,0 +1,176 @@
+"""optim_state: P, m, β₁, η read from real torch optimizers, against hand computations."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from gradsift.optim_state import OptimizerState, adam_preconditioner, read_optimizer_state
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> dict[str, torch.Tensor]:
+    """One optimizer step on a seeded batch; returns the gradients it used."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 4, generator=gen)
+    y = torch.randn(7, 3, generator=gen)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    return grads
+
+
+GROUP_OPTS = [  # first Linear, second Linear: different betas and eps
+    {"betas": (0.8, 0.95), "eps": 1e-3, "lr": 0.01},
+    {"betas": (0.9, 0.999), "eps": 1e-8, "lr": 0.002},
+]
+
+
+def _two_groups(model: nn.Module) -> list[dict]:
+    return [
+        {"params": list(model[0].parameters()), **GROUP_OPTS[0]},
+        {"params": list(model[2].parameters()), **GROUP_OPTS[1]},
+    ]
+
+
+def _group_of(name: str) -> dict:
+    return GROUP_OPTS[0] if name.startswith("0.") else GROUP_OPTS[1]
+
+
+def _hand_adam(history: list[dict[str, torch.Tensor]], amsgrad: bool = False):
+    """P, m from the recorded gradients: v_t = β₂ v + (1−β₂) g², v̂ = v/(1−β₂ᵗ)."""
+    p_out, m_out = {}, {}
+    for name in history[0]:
+        opts = _group_of(name)
+        b1, b2 = opts["betas"]
+        m = torch.zeros_like(history[0][name])
+        v = torch.zeros_like(m)
+        vmax = torch.zeros_like(m)
+        for g in (h[name] for h in history):
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            vmax = torch.maximum(vmax, v)
+        t = len(history)
+        v_hat = (vmax if amsgrad else v) / (1 - b2**t)
+        p_out[name] = 1.0 / (v_hat.sqrt() + opts["eps"])
+        m_out[name] = m
+    return p_out, m_out
+
+
+def test_before_any_step_ones_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+    model = _model()
+    opt = torch.optim.AdamW(_two_groups(model))
+    with caplog.at_level(logging.INFO, logger="gradsift.optim_state"):
+        state = read_optimizer_state(opt, model)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(state.uninitialized) == sorted(names)
+    for n, p in model.named_parameters():
+        assert torch.equal(state.preconditioner[n], torch.ones_like(p))
+        assert torch.equal(state.momentum[n], torch.zeros_like(p))
+    assert "no AdamW state yet" in caplog.text
+
+
+@pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_adamw_matches_hand_computation(impl: str, steps: int) -> None:
+    model = _model()
+    kwargs = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    try:
+        opt = torch.optim.AdamW(_two_groups(model), weight_decay=0.1, **kwargs[impl])
+        history = [_step(model, opt, seed) for seed in range(steps)]
+    except RuntimeError as err:  # pragma: no cover - fused unsupported on this build
+        pytest.skip(f"{impl} AdamW unavailable: {err}")
+    p_hand, m_hand = _hand_adam(history)
+
+    state = read_optimizer_state(opt, model)
+    assert state.uninitialized == []
+    assert state.optimizer == "AdamW"
+    precond = adam_preconditioner(opt, model)
+    for name in p_hand:
+        torch.testing.assert_close(state.preconditioner[name], p_hand[name], rtol=1e-5, atol=0)
+        torch.testing.assert_close(precond[name], p_hand[name], rtol=1e-5, atol=0)
+        torch.testing.assert_close(state.momentum[name], m_hand[name], rtol=1e-5, atol=1e-9)
+        assert state.beta1[name] == _group_of(name)["betas"][0]
+        assert state.lr[name] == pytest.approx(_group_of(name)["lr"])
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_and_amsgrad(amsgrad: bool) -> None:
+    model = _model()
+    opt = torch.optim.Adam(_two_groups(model), amsgrad=amsgrad)
+    history = [_step(model, opt, seed) for seed in (3, 4, 5)]
+    p_hand, _ = _hand_adam(history, amsgrad=amsgrad)
+    precond = adam_preconditioner(opt, model)
+    for name in p_hand:
+        torch.testing.assert_close(precond[name], p_hand[name], rtol=1e-5, atol=0)
+
+
+def test_param_without_state_falls_back_to_ones() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model[2].weight.requires_grad_(False)  # no gradient -> AdamW creates no state for it
+    _step(model, opt, 0)
+    state = read_optimizer_state(opt, model, ["0.weight", "2.weight"])
+    assert state.uninitialized == ["2.weight"]
+    assert torch.equal(state.preconditioner["2.weight"], torch.ones(3, 5))
+    assert not torch.equal(state.preconditioner["0.weight"], torch.ones(5, 4))
+    assert set(state.preconditioner) == {"0.weight", "2.weight"}
+
+
+def test_sgd_gives_ones_and_no_momentum() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _step(model, opt, 0)
+    state = read_optimizer_state(opt, model)
+    assert state.momentum is None and state.uninitialized == []
+    for n, p in model.named_parameters():
+        assert torch.equal(state.preconditioner[n], torch.ones_like(p))
+        assert state.lr[n] == 0.1 and state.beta1[n] == 0.0
+
+
+def test_adafactor_rank1_preconditioner() -> None:
+    from transformers.optimization import Adafactor
+
+    model = _model()
+    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
+    grads = _step(model, opt, 0)
+    precond = adam_preconditioner(opt, model)
+    eps1 = 1e-30  # Adafactor's default eps[0], added to g²; at step 1, β₂ₜ = 0
+    for name, g in grads.items():
+        sq = g * g + eps1
+        if g.dim() == 2:
+            row, col = sq.mean(dim=-1), sq.mean(dim=-2)
+            expected = (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+        else:
+            expected = sq.rsqrt()
+        torch.testing.assert_close(precond[name], expected, rtol=1e-5, atol=0)
+    state = read_optimizer_state(opt, model)
+    assert state.momentum is None and state.lr["0.weight"] == pytest.approx(1e-3)
+
+
+def test_unsupported_optimizer_names_its_class() -> None:
+    model = _model()
+    opt = torch.optim.RMSprop(model.parameters())
+    with pytest.raises(NotImplementedError, match="RMSprop"):
+        adam_preconditioner(opt, model)
+
+
+def test_requested_names_are_checked() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model[0].parameters())
+    with pytest.raises(KeyError, match="nope"):
+        read_optimizer_state(opt, model, ["nope"])
+    with pytest.raises(ValueError, match="2.weight"):
+        read_optimizer_state(opt, model, ["2.weight"])
+    state = read_optimizer_state(opt, model)
+    assert isinstance(state, OptimizerState)
+    assert set(state.preconditioner) == {"0.weight", "0.bias"}
+    assert state.mean_lr() == pytest.approx(1e-3)

@@ -1,0 +1,133 @@
+"""The ``gradsift`` command: run, compare, report, demo, data build."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gradsift.config import ConfigError, RunConfig, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.r=16 (repeatable)")
+
+
+def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
+            quiet: bool = False) -> dict:
+    """One run per method and seed under ``out/<method>/seed_<seed>``, then the report."""
+    from gradsift.recipe import run_config
+    from gradsift.report import markdown_table, summarize_compare, write_report
+
+    jobs = [(m, s) for m in methods for s in seeds]
+    bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
+    for method, seed in bar:
+        run_dir = out / method / f"seed_{seed}"
+        if (run_dir / "summary.json").exists():
+            continue  # finished earlier: compare is restartable
+        bar.set_postfix(method=method, seed=seed)
+        cfg = dataclasses.replace(config, method=method, seed=seed)
+        run_config(cfg, run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
+    summary = summarize_compare(out)
+    report = write_report(out)
+    if not quiet:
+        print(markdown_table(summary))
+        print(f"\nreport: {report}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gradsift",
+        description="Online, optimizer-aware data selection for LLM fine-tuning.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="fine-tune on a stream with one selection method")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, help="run directory")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue a stopped run")
+
+    p = sub.add_parser("compare", help="several methods and seeds under one budget, + report")
+    _add_config_args(p)
+    p.add_argument("--methods", default="ftw,random,greats")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("report", help="rebuild the report of a run or compare directory")
+    p.add_argument("dir", type=Path)
+
+    p = sub.add_parser("demo", help="the make-demo job: build data, compare ftw/random/greats")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    b = data_sub.add_parser("build", help="build stream.jsonl and target.jsonl from packaged text")
+    b.add_argument("--target", required=True, help="source used as the target set")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args, parser)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"gradsift: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "run":
+        from gradsift.recipe import resume_run, run_config
+
+        if args.resume is not None:
+            summary = resume_run(args.resume, quiet=args.quiet)
+        else:
+            if args.out is None:
+                parser.error("run needs --out DIR (or --resume DIR)")
+            summary = run_config(load_config(args.config, args.overrides), args.out,
+                                 quiet=args.quiet)
+        if not args.quiet:
+            print(f"final target loss {summary['final_target_loss']:.4f} after "
+                  f"{summary['steps']} steps, {summary['trained_samples']} samples")
+        return 0
+    if args.command == "compare":
+        config = load_config(args.config, args.overrides)
+        compare(config, _split(args.methods), [int(s) for s in _split(args.seeds)], args.out,
+                quiet=args.quiet)
+        return 0
+    if args.command == "report":
+        from gradsift.report import report
+
+        print(report(args.dir))
+        return 0
+    if args.command == "demo":
+        from gradsift.demo import run_demo
+
+        run_demo(args.out, overrides=args.overrides, quiet=args.quiet)
+        return 0
+    if args.command == "data":
+        from gradsift.sources import build_stream
+
+        paths = build_stream(args.target, args.out, seed=args.seed)
+        print(f"wrote {paths}")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The online training step: capture, target gradient, select, weighted update (DESIGN.md §5).
+
+Framework-free, plain PyTorch. Every step B candidates arrive from the stream; one forward
+and one backward over them (in micro-batches when B does not fit at once) give the per-sample
+factors; a selector picks at most k with weights; the update ``Σ_i w_i g_i`` is assembled
+from the same factors (``(w ⊙ D)ᵀ A`` per linear layer) — no second forward. Parameters that
+are not linear-like (embeddings, norms) get theirs from a backward of ``Σ_i w_i ℓ_i`` through
+the graph kept from the candidate pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gradsift.capture import Capture, capture, forward_logits, resolve_modules
+from gradsift.checkpoint import load_checkpoint, save_checkpoint
+from gradsift.data import Example, collate
+from gradsift.factors import FactorizedGrads
+from gradsift.loss import per_sample_loss, trained_token_counts
+from gradsift.optim_state import read_optimizer_state
+from gradsift.select import Selection, SelectionContext, Selector
+
+logger = logging.getLogger(__name__)
+
+
+class CandidateStream(Protocol):
+    """What the engine needs from a stream: the next n examples, and a resumable position."""
+
+    def next_batch(self, n: int) -> list[Example]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the online step.
+
+    Attributes:
+        candidates_per_step: B, candidates that arrive each step.
+        budget_per_step: k, at most this many are trained on.
+        micro_batch_size: capture in chunks of this many candidates (None: all B at once).
+        target_batch_size: target examples per target gradient.
+        target_refresh: draw a fresh target batch every this many steps.
+        eval_size: held-out target examples for the target-loss metric (never drawn for g_V).
+        eval_every: evaluate the held-out target loss every this many steps (0: never).
+        checkpoint_every: checkpoint every this many steps (0: only when asked).
+        max_grad_norm: clip the update's gradient norm (None: no clipping).
+        modules: module names to capture (None: every trainable linear-like module).
+        total_steps: the run's last step, always evaluated (None: unknown).
+        seed: seeds the target draws and the selector's generator.
+    """
+
+    candidates_per_step: int = 16
+    budget_per_step: int = 4
+    micro_batch_size: int | None = None
+    target_batch_size: int = 8
+    target_refresh: int = 1
+    eval_size: int = 16
+    eval_every: int = 10
+    checkpoint_every: int = 0
+    max_grad_norm: float | None = None
+    modules: list[str] | None = None
+    total_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("candidates_per_step", "budget_per_step", "target_batch_size",
+                     "target_refresh"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_size", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class TrainerState:
+    """Counters that a checkpoint restores."""
+
+    step: int = 0
+    trained_samples: int = 0
+    trained_tokens: int = 0
+    wall_seconds: float = 0.0
+    skipped_updates: int = 0
+    last_target_loss: float = float("nan")
+    last_eval_step: int = -1
+    log_offsets: dict[str, int] = field(default_factory=dict)
+
+
+class OnlineTrainer:
+    """Online fine-tuning with per-step data selection.
+
+    Args:
+        model: a causal LM (transformers or peft) in the training dtype and device.
+        optimizer: a torch optimizer over the model's trainable parameters (AdamW expected).
+        selector: a ``gradsift.select`` selector (``get_selector("ftw")``).
+        stream: the candidate stream.
+        target: target-set examples; the first ``eval_size`` are held out for evaluation.
+        config: ``EngineConfig``.
+        run_dir: where ``selections.jsonl``, ``metrics.jsonl`` and ``checkpoints/`` go.
+        scheduler: an optional LR scheduler stepped after every update.
+        pad_token_id: padding id for collation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        selector: Selector,
+        stream: CandidateStream,
+        target: Sequence[Example],
+        config: EngineConfig,
+        run_dir: str | Path,
+        scheduler: Any | None = None,
+        pad_token_id: int = 0,
+    ):
+        if len(target) == 0:
+            raise ValueError("the target set is empty: nothing to select towards")
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.selector, self.stream, self.config = selector, stream, config
+        self.pad_token_id = pad_token_id
+        self.device = next(model.parameters()).device
+        self.eval_set = list(target[: config.eval_size])
+        self.target_pool = list(target[config.eval_size :]) or list(target)
+        if len(target) <= config.eval_size:
+            logger.warning(
+                "target set has %d examples, not more than eval_size=%d: target batches are "
+                "drawn from the held-out examples too", len(target), config.eval_size)
+        self.module_names = resolve_modules(model, config.modules)
+        captured = {f"{m}.{a}" for m in self.module_names for a in ("weight", "bias")}
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # trainable parameters outside the factors: updated through the retained graph.
+        self.other_params = [p for n, p in trainable if n not in captured]
+        self.params = dict(trainable)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = TrainerState()
+        self.target_generator = torch.Generator().manual_seed(config.seed)
+        self.selector_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.target_grad: dict[str, torch.Tensor] | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self._start = time.perf_counter()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict[str, Any] | None:
+        """One online step; returns its selection record, or None when the stream is done."""
+        cfg = self.config
+        examples = self.stream.next_batch(cfg.candidates_per_step)
+        if not examples:
+            return None
+        self.model.train()
+        timing: dict[str, float] = {}
+
+        # 1. one forward+backward over all B candidates, in micro-batches, keeping factors.
+        t0 = time.perf_counter()
+        captures = self._capture(examples, retain_graph=bool(self.other_params))
+        candidates = FactorizedGrads.concat([c.grads for c in captures])
+        timing["capture"] = time.perf_counter() - t0
+
+        # 2. the target gradient g_V, refreshed every `target_refresh` steps.
+        t0 = time.perf_counter()
+        if self.selector.needs_target and (
+            self.target_grad is None or self.state.step % cfg.target_refresh == 0
+        ):
+            self.target_grad = self._target_gradient()
+        timing["target"] = time.perf_counter() - t0
+
+        # 3. select: a pure function of gathered tensors and the optimizer's state.
+        t0 = time.perf_counter()
+        ctx = SelectionContext(
+            candidates=candidates,
+            target_grad=self.target_grad if self.selector.needs_target else None,
+            optimizer_state=read_optimizer_state(self.optimizer, self.model,
+                                                 candidates.param_names),
+            k=cfg.budget_per_step,
+            generator=self.selector_generator,
+        )
+        selection = self.selector.select(ctx)
+        timing["selection"] = time.perf_counter() - t0
+
+        # 4. the weighted update, assembled from the same pass.
+        t0 = time.perf_counter()
+        weights = torch.zeros(len(examples))
+        weights[selection.indices] = selection.weights.float().cpu()
+        if len(selection.indices) > 0:
+            set_weighted_gradients(captures, candidates, weights, self.params, self.other_params)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.trained_samples += len(selection.indices)
+            self.state.trained_tokens += int(sum(
+                _n_label_tokens(examples[i]) for i in selection.indices.tolist()))
+        else:
+            self.state.skipped_updates += 1
+            logger.info("step %d: no candidate selected (%s); no update",
+                        self.state.step, selection.diagnostics.get("note", ""))
+        del captures
+        timing["update"] = time.perf_counter() - t0
+
+        self.state.step += 1
+        record = self._selection_record(examples, candidates, selection, timing)
+        self._append("selections.jsonl", record)
+        self._after_step(candidates, weights)
+        return record
+
+    # ---------------------------------------------------------------- pieces
+    def _batches(self, examples: Sequence[Example], size: int | None = None) -> list[dict]:
+        size = size or self.config.micro_batch_size or len(examples)
+        return [
+            self._to_device(collate(examples[start : start + size], self.pad_token_id))
+            for start in range(0, len(examples), size)
+        ]
+
+    def _capture(self, examples: Sequence[Example], retain_graph: bool) -> list[Capture]:
+        return capture_batches(self.model, self._batches(examples), self.module_names,
+                               retain_graph)
+
+    def _target_gradient(self) -> dict[str, torch.Tensor]:
+        n = min(self.config.target_batch_size, len(self.target_pool))
+        picks = torch.randperm(len(self.target_pool), generator=self.target_generator)[:n]
+        batch = [self.target_pool[i] for i in picks.tolist()]
+        return target_gradient(self.model, self._batches(batch), self.module_names)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean per-sample loss on the held-out target examples (eval mode)."""
+        examples = self.eval_set or self.target_pool
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for batch in self._batches(examples, self.config.micro_batch_size or 16):
+            logits = forward_logits(self.model, batch)
+            total += float(per_sample_loss(logits, batch["labels"]).sum())
+        self.model.train(was_training)
+        return total / len(examples)
+
+    def _evaluate_and_record(self) -> float:
+        loss = self.evaluate()
+        self.state.last_target_loss, self.state.last_eval_step = loss, self.state.step
+        return loss
+
+    def log_initial_eval(self) -> float:
+        """Record the held-out target loss before the first step (step 0)."""
+        loss = self._evaluate_and_record()
+        self._append("metrics.jsonl", {"step": 0, "trained_samples": 0, "trained_tokens": 0,
+                                       "wall_seconds": 0.0, "target_loss": loss})
+        return loss
+
+    def log_final_eval(self) -> float:
+        """Evaluate after the last step when the schedule did not (e.g. the stream ended)."""
+        loss = self._evaluate_and_record()
+        self._append("metrics.jsonl", {**self.last_metrics, "target_loss": loss})
+        return loss
+
+    @property
+    def last_target_loss(self) -> float:
+        return self.state.last_target_loss
+
+    @property
+    def last_eval_step(self) -> int:
+        return self.state.last_eval_step
+
+    def _after_step(self, candidates: FactorizedGrads, weights: torch.Tensor) -> None:
+        cfg, st = self.config, self.state
+        st.wall_seconds += time.perf_counter() - self._start
+        self._start = time.perf_counter()
+        metrics: dict[str, Any] = {
+            "step": st.step,
+            "trained_samples": st.trained_samples,
+            "trained_tokens": st.trained_tokens,
+            "train_loss": float((weights * candidates.losses.cpu()).sum()),
+            "candidate_loss": float(candidates.losses.mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "wall_seconds": round(st.wall_seconds, 3),
+        }
+        if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step == cfg.total_steps:
+            metrics["target_loss"] = self._evaluate_and_record()
+        self.last_metrics = metrics
+        self._append("metrics.jsonl", metrics)
+        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _selection_record(self, examples, candidates, selection: Selection, timing) -> dict:
+        ids = [e.id for e in examples]
+        sel = selection.indices.tolist()
+        return {
+            "step": self.state.step,
+            "candidate_ids": ids,
+            "candidate_sources": [e.source for e in examples],
+            "selected_ids": [ids[i] for i in sel],
+            "weights": [round(float(w), 8) for w in selection.weights],
+            "scores": [_json_float(s) for s in selection.scores.tolist()],
+            "losses": [round(float(v), 6) for v in candidates.losses.tolist()],
+            "rho": _json_float(selection.diagnostics.get("rho")),
+            "timing": {k: round(v, 6) for k, v in timing.items()},
+            "diagnostics": {k: v for k, v in selection.diagnostics.items() if k != "rho"},
+        }
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.run_dir / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write a complete, atomically renamed checkpoint for exact resume."""
+        self.state.log_offsets = {
+            name: (self.run_dir / name).stat().st_size if (self.run_dir / name).exists() else 0
+            for name in ("selections.jsonl", "metrics.jsonl")
+        }
+        return save_checkpoint(self.run_dir / "checkpoints", self)
+
+    def resume(self, checkpoint: str | Path | None = None) -> int:
+        """Restore the latest (or given) checkpoint, truncating logs written after it."""
+        load_checkpoint(self.run_dir / "checkpoints", self, checkpoint)
+        for name, size in self.state.log_offsets.items():
+            path = self.run_dir / name
+            if path.exists():
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+        self._start = time.perf_counter()
+        return self.state.step
+
+    def trainer_state(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+
+def capture_batches(
+    model: nn.Module, batches: Sequence[dict[str, Any]], modules: list[str], retain_graph: bool
+) -> list[Capture]:
+    """One capture (forward + backward with factors) per micro-batch."""
+    return [capture(model, b, modules=modules, retain_graph=retain_graph) for b in batches]
+
+
+def target_gradient(
+    model: nn.Module, batches: Sequence[dict[str, Any]], modules: list[str]
+) -> dict[str, torch.Tensor]:
+    """``g_V = (1/n) Σ_j ∇ℓ_j`` over the target examples, for the captured parameters."""
+    grads = FactorizedGrads.concat([c.grads for c in capture_batches(model, batches, modules,
+                                                                     False)])
+    return grads.weighted_sum(torch.full((len(grads),), 1.0 / len(grads)))
+
+
+def set_weighted_gradients(
+    captures: Sequence[Capture],
+    candidates: FactorizedGrads,
+    weights: torch.Tensor,
+    params: dict[str, nn.Parameter],
+    other_params: Sequence[nn.Parameter],
+    accumulate: bool = False,
+) -> None:
+    """Put ``Σ_i w_i ∇ℓ_i`` into ``.grad``: ``(w ⊙ D)ᵀ A`` for captured layers, and a
+    backward of ``Σ_i w_i ℓ_i`` through the retained graph for ``other_params``.
+
+    With ``accumulate`` the result is added to existing ``.grad`` (gradient accumulation).
+    """
+    for name, g in candidates.weighted_sum(weights).items():
+        p = params[name]
+        g = g.to(p.dtype)
+        p.grad = g if (p.grad is None or not accumulate) else p.grad + g
+    if other_params:
+        if not accumulate:
+            for p in other_params:
+                p.grad = None
+        offset = 0
+        for c in captures:
+            w = weights[offset : offset + len(c.losses)].to(c.losses.device)
+            offset += len(c.losses)
+            torch.autograd.backward((w * c.losses).sum(), inputs=list(other_params))
+
+
+def _n_label_tokens(example: Example) -> int:
+    return int(trained_token_counts(torch.tensor([example.labels])).item())
+
+
+def _json_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if x != x or x in (float("inf"), float("-inf")) else round(x, 8)

@@ -1,0 +1,197 @@
+"""``GradSiftTrainer``: a ``transformers.Trainer`` that trains on a selected, weighted subset.
+
+Only ``training_step`` is overridden (as TRL does): the train dataloader's batch is the
+candidate batch (B = per-device batch size), gradsift captures per-sample factors on the
+unwrapped model, selects at most ``budget_per_step`` candidates with weights, and writes
+``Σ_i w_i ∇ℓ_i / gradient_accumulation_steps`` into ``.grad``. The Trainer's own loop then
+clips, steps the optimizer and the scheduler, logs, calls callbacks and checkpoints as usual.
+
+Limitations: ``.grad`` is written directly, so DDP/FSDP gradient synchronisation is not
+performed here (single-process training only for now); DeepSpeed is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from gradsift.capture import resolve_modules
+from gradsift.data import Example, collate
+from gradsift.engine import capture_batches, set_weighted_gradients, target_gradient
+from gradsift.factors import FactorizedGrads
+from gradsift.optim_state import read_optimizer_state
+from gradsift.select import SelectionContext, Selector, get_selector
+
+ID_COLUMNS = ("id", "source")
+
+
+def _as_example(row: Any, index: int) -> Example:
+    if isinstance(row, Example):
+        return row
+    return Example(
+        id=str(row.get("id", f"target:{index}")),
+        source=str(row.get("source", "target")),
+        input_ids=list(row["input_ids"]),
+        labels=list(row.get("labels", row["input_ids"])),
+    )
+
+
+class GradSiftCollator:
+    """Right-pads ``input_ids``/``labels`` and keeps the ``id``/``source`` columns as lists."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        return collate([_as_example(f, i) for i, f in enumerate(features)], self.pad_token_id)
+
+
+class GradSiftTrainer(Trainer):
+    """A ``Trainer`` whose every step trains on a gradsift-selected weighted subset.
+
+    Args:
+        *args, **kwargs: passed to ``transformers.Trainer``.
+        target_dataset: target examples (rows with ``input_ids`` and ``labels``, or
+            ``gradsift.data.Example``).
+        selector: a selector name (``"ftw"``, ``"random"``, ...) or a ``Selector``.
+        selector_options: options for ``get_selector``.
+        budget_per_step: k, at most this many of each batch are trained on.
+        target_batch_size: target examples per target gradient.
+        target_refresh: draw a fresh target batch every this many selections.
+        modules: module names to capture (default: every trainable linear-like module).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        target_dataset: Sequence[Any],
+        selector: str | Selector = "ftw",
+        selector_options: dict[str, Any] | None = None,
+        budget_per_step: int = 4,
+        target_batch_size: int = 8,
+        target_refresh: int = 1,
+        modules: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        if len(target_dataset) == 0:
+            raise ValueError("target_dataset is empty: nothing to select towards")
+        self.selector = (
+            get_selector(selector, **(selector_options or {})) if isinstance(selector, str)
+            else selector
+        )
+        self.target_examples = [_as_example(r, i) for i, r in enumerate(target_dataset)]
+        self.budget_per_step = budget_per_step
+        self.target_batch_size = target_batch_size
+        self.target_refresh = target_refresh
+        self.gradsift_modules = modules
+        self._target_grad: dict[str, torch.Tensor] | None = None
+        self._selections = 0
+        self._generator = torch.Generator().manual_seed(self.args.seed)
+        self._stats: list[dict[str, float]] = []
+        self.selection_log = Path(self.args.output_dir) / "selections.jsonl"
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # keep the sample-id columns alive so that the selection log can name samples
+        self._signature_columns += [c for c in ID_COLUMNS if c not in self._signature_columns]
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Capture → target gradient → select → write the weighted gradient into ``.grad``."""
+        model.train()
+        unwrapped = self.accelerator.unwrap_model(model)
+        inputs = self._prepare_inputs(inputs)
+        ids = inputs.get("ids") or inputs.get("id")
+        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if k in inputs}
+        n = batch["input_ids"].shape[0]
+        ids = [str(i) for i in ids] if ids is not None else [
+            f"step{self.state.global_step}:{i}" for i in range(n)]
+        names = resolve_modules(unwrapped, self.gradsift_modules)
+        params = {n_: p for n_, p in unwrapped.named_parameters() if p.requires_grad}
+        captured = {f"{m}.{a}" for m in names for a in ("weight", "bias")}
+        others = [p for n_, p in params.items() if n_ not in captured]
+        timing: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        captures = capture_batches(unwrapped, [batch], names, retain_graph=bool(others))
+        candidates = captures[0].grads
+        timing["capture"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if self.selector.needs_target and (
+            self._target_grad is None or self._selections % self.target_refresh == 0
+        ):
+            self._target_grad = self._compute_target_grad(unwrapped, names)
+        timing["target"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        selection = self.selector.select(SelectionContext(
+            candidates=candidates,
+            target_grad=self._target_grad if self.selector.needs_target else None,
+            optimizer_state=read_optimizer_state(self.optimizer, unwrapped,
+                                                 candidates.param_names),
+            k=self.budget_per_step,
+            generator=self._generator,
+        ))
+        timing["selection"] = time.perf_counter() - t0
+        self._selections += 1
+
+        t0 = time.perf_counter()
+        weights = torch.zeros(n)
+        weights[selection.indices] = selection.weights.float().cpu()
+        scale = 1.0 / self.args.gradient_accumulation_steps
+        if len(selection.indices) > 0:
+            set_weighted_gradients(captures, candidates, weights * scale, params, others,
+                                   accumulate=True)
+        timing["update"] = time.perf_counter() - t0
+        self._log_selection(ids, candidates, selection, timing)
+        loss = (weights * candidates.losses.cpu()).sum()
+        return loss.detach().to(self.args.device) * scale
+
+    def _compute_target_grad(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        k = min(self.target_batch_size, len(self.target_examples))
+        picks = torch.randperm(len(self.target_examples), generator=self._generator)[:k]
+        pad = getattr(self.processing_class, "pad_token_id", None) or 0
+        batch = collate([self.target_examples[i] for i in picks.tolist()], pad)
+        batch = {k_: v.to(self.args.device) for k_, v in batch.items() if torch.is_tensor(v)}
+        return target_gradient(model, [batch], names)
+
+    def _log_selection(self, ids, candidates: FactorizedGrads, selection, timing) -> None:
+        sel = selection.indices.tolist()
+        record = {
+            "step": self.state.global_step,
+            "candidate_ids": ids,
+            "selected_ids": [ids[i] for i in sel],
+            "weights": [float(w) for w in selection.weights],
+            "scores": [None if s != s else float(s) for s in selection.scores.tolist()],
+            "losses": [float(v) for v in candidates.losses.tolist()],
+            "rho": selection.diagnostics.get("rho"),
+            "timing": timing,
+        }
+        if self.args.should_save:
+            self.selection_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.selection_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        rho = selection.diagnostics.get("rho")
+        self._stats.append({"n_selected": float(len(sel)),
+                            "rho": float(rho) if rho is not None else float("nan")})
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds the mean selected count and ρ since the last log to the Trainer's logs."""
+        if self._stats and "loss" in logs:
+            logs["gradsift/n_selected"] = sum(s["n_selected"] for s in self._stats) / len(
+                self._stats)
+            rhos = [s["rho"] for s in self._stats if s["rho"] == s["rho"]]
+            if rhos:
+                logs["gradsift/rho"] = sum(rhos) / len(rhos)
+            self._stats = []
+        super().log(logs, *args, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,16 +23,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
             quiet: bool = False) -> dict:
     """One run per method and seed under ``out/<method>/seed_<seed>``, then the report."""
-    from gradsift.recipe import run_config
+    from gradsift.recipe import resume_run, run_config
     from gradsift.report import markdown_table, summarize_compare, write_report
 
     jobs = [(m, s) for m in methods for s in seeds]
     bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
     for method, seed in bar:
         run_dir = out / method / f"seed_{seed}"
-        if (run_dir / "summary.json").exists():
-            continue  # finished earlier: compare is restartable
         bar.set_postfix(method=method, seed=seed)
+        if (run_dir / "summary.json").exists():
+            continue  # finished earlier: compare can be restarted
+        if (run_dir / "checkpoints" / "latest").exists():
+            resume_run(run_dir, quiet=quiet)  # stopped part-way: continue it
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # started but never checkpointed: start again
         cfg = dataclasses.replace(config, method=method, seed=seed)
         run_config(cfg, run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
     summary = summarize_compare(out)

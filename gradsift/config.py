@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+PATH_KEYS = ("stream", "target")
+
 
 class ConfigError(ValueError):
     """A configuration problem, naming the offending key."""
@@ -176,6 +178,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         data = loaded or {}
+        for key in PATH_KEYS:  # relative data paths in a file are relative to that file
+            value = data.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                data[key] = str(path.parent / value)
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data

@@ -221,7 +221,7 @@ class ExampleStream:
             if example is not None:
                 return example
             self._skips["no_trainable_tokens"] += 1
-            logger.warning(
+            logger.info(
                 "%s: skipped record %r: no trainable token within max_length=%d",
                 record.location,
                 record.id,

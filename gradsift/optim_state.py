@@ -24,6 +24,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,6 +65,13 @@ def _is_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         return False
     return isinstance(optimizer, Adafactor)
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str:
@@ -154,6 +162,7 @@ def read_optimizer_state(
         KeyError: a requested name that is not a parameter of ``model``.
         ValueError: a requested parameter that the optimizer does not hold.
     """
+    optimizer = _unwrap(optimizer)
     kind = _kind(optimizer)
     names_by_id = _names_by_id(model)
     found: dict[str, tuple[torch.Tensor, dict]] = {}

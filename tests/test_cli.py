@@ -1,0 +1,132 @@
+"""The gradsift command end to end, with ``model: tiny`` on a small built stream."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+import yaml
+
+from gradsift.cli import main
+from gradsift.sources import build_stream
+
+SELECTION_FIELDS = {"step", "candidate_ids", "selected_ids", "weights", "scores", "losses",
+                    "rho", "timing"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    build_stream("arithmetic", out, seed=0, n_stream=200, n_target=24,
+                 sources=["code", "verse", "arithmetic"])
+    return out
+
+
+def write_config(path, data_dir, **extra):
+    cfg = {"model": "tiny", "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+           "stream": str(data_dir / "stream.jsonl"), "target": str(data_dir / "target.jsonl"),
+           "candidates_per_step": 4, "budget_per_step": 2, "steps": 3, "lr": 0.01,
+           "max_length": 48, "target_batch_size": 4, "eval_size": 4, "eval_every": 2,
+           "checkpoint_every": 2, **extra}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_compare_smoke_writes_runs_summary_and_report(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path / "cfg.yaml", data_dir)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--config", str(config), "--methods", "ftw,random,greats",
+                 "--seeds", "0,1", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    for method in ("ftw", "random", "greats"):
+        assert method in stdout  # the markdown table
+        for seed in (0, 1):
+            run = out / method / f"seed_{seed}"
+            for name in ("config.yaml", "metrics.jsonl", "selections.jsonl", "summary.json"):
+                assert (run / name).is_file(), run / name
+            assert (run / "checkpoints" / "latest").is_file()
+            summary = json.loads((run / "summary.json").read_text())
+            assert {"final_target_loss", "trained_samples", "trained_tokens", "steps",
+                    "wall_seconds", "method", "seed"} <= set(summary)
+            assert summary["method"] == method and summary["seed"] == seed
+            assert summary["steps"] == 3
+            records = read_jsonl(run / "selections.jsonl")
+            assert len(records) == 3
+            for r in records:
+                assert SELECTION_FIELDS <= set(r)
+                assert len(r["scores"]) == len(r["losses"]) == len(r["candidate_ids"]) == 4
+                assert len(r["weights"]) == len(r["selected_ids"]) <= 2
+                assert set(r["timing"]) == {"capture", "target", "selection", "update"}
+            metrics = read_jsonl(run / "metrics.jsonl")
+            assert metrics[0]["step"] == 0 and "target_loss" in metrics[0]
+            assert metrics[-1]["step"] == 3 and "target_loss" in metrics[-1]
+            assert summary["final_target_loss"] == pytest.approx(metrics[-1]["target_loss"])
+            assert summary["trained_samples"] == sum(len(r["selected_ids"]) for r in records)
+            resolved = yaml.safe_load((run / "config.yaml").read_text())
+            assert resolved["method"] == method and resolved["seed"] == seed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ftw", "random", "greats"}
+    html = (out / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= 4
+    assert base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # report rebuilds from logs alone
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file()
+
+
+def test_run_and_resume_from_the_command_line(tmp_path, data_dir):
+    config = write_config(tmp_path / "cfg.yaml", data_dir, steps=4)
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", "--config", str(config), "--out", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    # pretend the run stopped after its step-2 checkpoint, then resume it to the end
+    (out / "checkpoints" / "latest").write_text("step_000002")
+    (out / "summary.json").unlink()
+    assert main(["--quiet", "run", "--resume", str(out)]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 4
+    assert again["final_target_loss"] == pytest.approx(first["final_target_loss"], abs=1e-6)
+    assert [r["step"] for r in read_jsonl(out / "selections.jsonl")] == [1, 2, 3, 4]
+    # a second fresh run into the same folder is refused
+    assert main(["--quiet", "run", "--config", str(config), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("budget_per_stepp=3", "budget_per_stepp"),
+        ("steps=three", "'steps' must be an integer"),
+        ("lora.rank=4", "lora.rank"),
+        ("method=nope", "nope"),
+        ("lr=-1", "'lr' must be > 0"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, data_dir, capsys, override, message):
+    config = write_config(tmp_path / "cfg.yaml", data_dir)
+    code = main(["--quiet", "run", "--config", str(config), "--set", override,
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_key_in_file_is_named(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path / "cfg.yaml", data_dir, candidate_per_step=3)
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "candidate_per_step" in err and "candidates_per_step" in err
+
+
+def test_data_build_command(tmp_path):
+    out = tmp_path / "built"
+    assert main(["data", "build", "--target", "verse", "--out", str(out)]) == 0
+    assert (out / "stream.jsonl").is_file() and (out / "target.jsonl").is_file()

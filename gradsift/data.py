@@ -14,9 +14,12 @@ the file stem); other keys are kept in ``Example.meta``. Labels follow the Huggi
 causal-LM convention: ``-100`` marks positions without loss and the shift happens inside the
 loss (:func:`gradsift.loss.per_sample_loss`).
 
-**Truncation policy**: keep the first ``max_length`` tokens, drop the rest. A record left with
-no trainable position (no label at positions ``1..T-1``, the ones that carry loss after the
-shift) is skipped and counted under ``"no_trainable_tokens"`` with a warning naming file:line.
+**Truncation policy**: a prompt/response record that is too long first loses the *start* of
+its prompt (the end, next to the response, is kept), but the prompt keeps at least
+``max_length // 2`` tokens; then every record keeps its first ``max_length`` tokens. So a long
+prompt never crowds the response out entirely. A record left with no trainable position (no
+label at positions ``1..T-1``, the ones that carry loss after the shift) is skipped and
+counted under ``"no_trainable_tokens"`` with a warning naming file:line.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple
 
 
 def encode(record: Record, tokenizer: Any, max_length: int) -> Example | None:
-    """Tokenize ``record`` with its loss mask, keep the first ``max_length`` tokens.
+    """Tokenize ``record`` with its loss mask, truncated by the policy in the module docstring.
 
     Returns:
         The example, or ``None`` when no trainable position is left after truncation.
@@ -129,7 +132,9 @@ def encode(record: Record, tokenizer: Any, max_length: int) -> Example | None:
         response_ids = _tokenize(tokenizer, record.response)
         if tokenizer.eos_token_id is not None:
             response_ids.append(tokenizer.eos_token_id)
-        pieces = [(prompt_ids, False), (response_ids, True)]
+        prompt_budget = max(max_length - len(response_ids), max_length // 2)
+        pieces = [(prompt_ids[-prompt_budget:] if prompt_budget else [], False),
+                  (response_ids, True)]
     input_ids: list[int] = []
     labels: list[int] = []
     for ids, trainable in pieces:
@@ -221,7 +226,7 @@ class ExampleStream:
             if example is not None:
                 return example
             self._skips["no_trainable_tokens"] += 1
-            logger.info(
+            logger.warning(
                 "%s: skipped record %r: no trainable token within max_length=%d",
                 record.location,
                 record.id,

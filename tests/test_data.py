@@ -93,16 +93,32 @@ def test_chat_trains_on_assistant_turns_only(tmp_path, tok, with_system):
     assert "<|im_start|>assistant\n" in unlabelled and "Say hi." in unlabelled
 
 
-def test_truncation_keeps_the_start_and_skips_untrainable(tmp_path, tok, caplog):
-    prompt, response = "Tell me a story about a dragon.", " Once upon a time there was a dragon."
+def test_truncation_cuts_the_prompt_start_then_the_end(tmp_path, tok, caplog):
+    prompt = "Tell me a long story about a dragon who lived in a cave by the sea."
+    response = " Once upon a time there was a dragon."
     n_prompt = len(tok(prompt)["input_ids"])
+    n_response = len(tok(response, add_special_tokens=False)["input_ids"]) + 1  # + eos
     row = {"prompt": prompt, "response": response}
-    path = write_jsonl(tmp_path / "t.jsonl", [row, row])
+    path = write_jsonl(tmp_path / "t.jsonl", [row])
     full = next(iter(ExampleStream(path, tok, 256)))
-    cut = next(iter(ExampleStream(path, tok, n_prompt + 1)))
-    assert cut.input_ids == full.input_ids[: n_prompt + 1]
-    assert cut.labels == full.labels[: n_prompt + 1]
-    stream = ExampleStream(path, tok, n_prompt)  # the response does not fit at all
+    assert full.input_ids[n_prompt:] == [t for t in full.labels if t >= 0]
+    # room for the whole response: the prompt loses its start only
+    length = n_prompt + n_response - 5
+    cut = next(iter(ExampleStream(path, tok, length)))
+    assert cut.input_ids == full.input_ids[5:]
+    assert cut.labels == full.labels[5:]
+    # tight: the prompt keeps max_length // 2 tokens (its end), the response its start
+    length = 12
+    cut = next(iter(ExampleStream(path, tok, length)))
+    assert cut.input_ids == full.input_ids[n_prompt - 6 : n_prompt + 6]
+    assert cut.labels == [-100] * 6 + full.input_ids[n_prompt : n_prompt + 6]
+
+
+def test_untrainable_records_are_skipped_counted_and_logged(tmp_path, tok, caplog):
+    chat = {"messages": [{"role": "user", "content": "a long question " * 10},
+                         {"role": "assistant", "content": "short"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [chat, chat])
+    stream = ExampleStream(path, tok, 8)  # chats keep their start: the answer is cut off
     with caplog.at_level(logging.WARNING):
         assert list(stream) == []
     assert stream.skipped == {"no_trainable_tokens": 2}

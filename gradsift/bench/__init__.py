@@ -1,0 +1,1 @@
+"""Benchmarks of gradsift (run as scripts, e.g. ``python -m gradsift.bench.grads``)."""

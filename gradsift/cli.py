@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import sys
@@ -24,7 +25,7 @@ def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
             quiet: bool = False) -> dict:
     """One run per method and seed under ``out/<method>/seed_<seed>``, then the report."""
     from gradsift.recipe import resume_run, run_config
-    from gradsift.report import markdown_table, summarize_compare, write_report
+    from gradsift.report import markdown_table, write_report
 
     jobs = [(m, s) for m in methods for s in seeds]
     bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
@@ -40,8 +41,8 @@ def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
             shutil.rmtree(run_dir)  # started but never checkpointed: start again
         cfg = dataclasses.replace(config, method=method, seed=seed)
         run_config(cfg, run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
-    summary = summarize_compare(out)
-    report = write_report(out)
+    report = write_report(out)  # also writes out/summary.json
+    summary = json.loads((out / "summary.json").read_text())
     if not quiet:
         print(markdown_table(summary))
         print(f"\nreport: {report}")
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--target", required=True, help="source used as the target set")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--sources", help="comma-separated sources (default: all available)")
+    b.add_argument("--n-stream", type=int, default=10_000, help="records in the stream")
+    b.add_argument("--n-target", type=int, default=200, help="records in the target set")
+    b.add_argument("--noise-rate", type=float, default=0.25,
+                   help="share of wrong answers among the stream's arithmetic records")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -112,9 +118,12 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 quiet=args.quiet)
         return 0
     if args.command == "report":
-        from gradsift.report import report
+        from gradsift.report import is_compare_dir, markdown_table, report
 
-        print(report(args.dir))
+        path = report(args.dir)
+        if is_compare_dir(args.dir) and not args.quiet:
+            print(markdown_table(json.loads((args.dir / "summary.json").read_text())))
+        print(f"report: {path}")
         return 0
     if args.command == "demo":
         from gradsift.demo import run_demo
@@ -124,8 +133,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "data":
         from gradsift.sources import build_stream
 
-        paths = build_stream(args.target, args.out, seed=args.seed)
-        print(f"wrote {paths}")
+        manifest = build_stream(args.target, args.out, seed=args.seed, n_stream=args.n_stream,
+                                n_target=args.n_target, noise_rate=args.noise_rate,
+                                sources=_split(args.sources) if args.sources else None)
+        print(f"wrote {args.out / 'stream.jsonl'} and {args.out / 'target.jsonl'} "
+              f"(target source: {manifest['target']}, seed {manifest['seed']})")
         return 0
     parser.error(f"unknown command {args.command}")
     return 2

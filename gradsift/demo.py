@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -40,7 +41,41 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None,
               f"{config.steps} steps per method, methods {', '.join(DEMO_METHODS)}\n"
               f"data: {data} (target: correct arithmetic; stream: code, verse, arithmetic "
               "with 25% wrong answers)", file=sys.stderr)
-    return compare(config, DEMO_METHODS, [config.seed], out, quiet=quiet)
+    summary = compare(config, DEMO_METHODS, [config.seed], out, quiet=quiet)
+    noise = label_noise_shares(out, data / "stream.jsonl")
+    (out / "label_noise.json").write_text(json.dumps(noise, indent=1))
+    if not quiet:
+        print("\nwrong-answer share among arithmetic records (stream: "
+              f"{noise['stream']:.0%} of arithmetic candidates)")
+        for method, share in noise["selected"].items():
+            print(f"  {method:>8}: {share:.0%} of the arithmetic records it trained on")
+    return summary
+
+
+def label_noise_shares(compare_dir: Path, stream_file: Path) -> dict:
+    """Share of wrong answers among arithmetic candidates seen, and among those each method
+    selected (pooled over seeds): does the method steer clear of label noise?"""
+    wrong = {}
+    with open(stream_file, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("source") == "arithmetic":
+                wrong[record["id"]] = bool(record.get("wrong_answer"))
+    seen: list[bool] = []
+    selected: dict[str, list[bool]] = {}
+    for log in sorted(Path(compare_dir).glob("*/seed_*/selections.jsonl")):
+        method = log.parent.parent.name
+        with open(log, encoding="utf-8") as f:
+            for line in f:
+                step = json.loads(line)
+                seen += [wrong[i] for i in step["candidate_ids"] if i in wrong]
+                selected.setdefault(method, []).extend(
+                    wrong[i] for i in step["selected_ids"] if i in wrong)
+    return {"stream": _share(seen), "selected": {m: _share(v) for m, v in selected.items()}}
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
 
 
 if __name__ == "__main__":

@@ -128,5 +128,10 @@ def test_unknown_key_in_file_is_named(tmp_path, data_dir, capsys):
 
 def test_data_build_command(tmp_path):
     out = tmp_path / "built"
-    assert main(["data", "build", "--target", "verse", "--out", str(out)]) == 0
-    assert (out / "stream.jsonl").is_file() and (out / "target.jsonl").is_file()
+    assert main(["data", "build", "--target", "verse", "--out", str(out), "--n-stream", "60",
+                 "--n-target", "5", "--sources", "verse,arithmetic"]) == 0
+    stream = read_jsonl(out / "stream.jsonl")
+    assert len(stream) == 60 and {r["source"] for r in stream} == {"verse", "arithmetic"}
+    assert len(read_jsonl(out / "target.jsonl")) == 5
+    assert main(["data", "build", "--target", "verse", "--out", str(out),
+                 "--sources", "verse,nope"]) == 2

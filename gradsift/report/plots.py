@@ -146,7 +146,7 @@ def plot_source_shares(runs: dict[str, list[Run]], colors: dict[str, str]) -> Fi
     window = 1
     for (ax, ax_bar), method in zip(axes, methods, strict=True):
         steps, selected, candidates = _source_counts(runs[method], sources)
-        window = max(1, round(len(steps) / 25))
+        window = max(1, min(50, round(len(steps) / 6)))  # ~6 windows per run, smooth
         cand_cum = np.cumsum(_rolling_share(candidates, window), axis=1)
         ax.stackplot(steps, _rolling_share(selected, window).T, colors=src_colors,
                      labels=sources, linewidth=0)

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
 from gradsift.cli import main
@@ -135,3 +136,22 @@ def test_data_build_command(tmp_path):
     assert len(read_jsonl(out / "target.jsonl")) == 5
     assert main(["data", "build", "--target", "verse", "--out", str(out),
                  "--sources", "verse,nope"]) == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_fine_tuning_updates_every_parameter_kind(tmp_path, data_dir, dtype):
+    from safetensors.torch import load_file
+
+    from gradsift.models import load_model_and_tokenizer
+
+    config = write_config(tmp_path / "cfg.yaml", data_dir, lora=False, dtype=dtype, steps=2,
+                          checkpoint_every=2, method="random")
+    out = tmp_path / "full"
+    assert main(["--quiet", "run", "--config", str(config), "--out", str(out)]) == 0
+    trained = load_file(str(out / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    initial = dict(load_model_and_tokenizer("tiny")[0].named_parameters())
+    assert set(trained) == set(initial)  # every parameter is trainable
+    for name in ("model.embed_tokens.weight", "model.norm.weight",
+                 "model.layers.0.self_attn.q_proj.weight"):
+        assert trained[name].dtype == getattr(torch, dtype)
+        assert not (trained[name].float() == initial[name].float()).all(), name

@@ -28,6 +28,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +227,13 @@ def load_model_and_tokenizer(
     tok = ensure_pad_and_template(
         AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    hf_logging.disable_progress_bar()  # gradsift shows its own progress; keep the terminal clean
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    finally:
+        hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok

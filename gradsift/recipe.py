@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ def build_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
                           lora_dropout=config.lora.dropout,
                           target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
         try:
-            model = get_peft_model(model, lora)
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                model = get_peft_model(model, lora)
         except ValueError as e:
             raise ValueError(f"config key 'lora.target_modules': {e}") from e
     else:

@@ -1,0 +1,421 @@
+"""Benchmark of one online training step: gradsift's selection step against plain training.
+
+DESIGN.md §5: "the cost to beat is one plain training step on the same B candidates:
+selection should add little on top of it". What is measured, per step, on the same candidate
+batches (every configuration reads the same stream file from its start, so step i of every
+configuration sees the same B records):
+
+* ``plain B`` -- the baseline, what a team does without selection: read and tokenize the next
+  B records, collate, forward, mean per-sample loss, ``.backward()``, gradient clipping (the
+  run's ``max_grad_norm``, as the gradsift step does), ``AdamW.step()``, scheduler step,
+  ``zero_grad``.
+* ``plain k`` -- the same on a random k-subset of those B (the cost of training on the budget
+  alone, without knowing which k to take).
+* ``gradsift <method>`` -- the whole ``OnlineTrainer.step()`` (read + capture over all B with
+  factors, target gradient, selection, weighted update from the factors + AdamW step, selection
+  log), with its split from the selection record's ``timing``: ``capture`` (collate + one
+  forward + one backward to the layer outputs), ``target`` (forward + backward over
+  ``target_batch_size`` target examples, every ``target_refresh`` steps), ``selection``
+  (optimizer state read, ``b``, ``K``, the solver), ``update`` (``Σ w_i g_i`` from the factors,
+  clipping, AdamW step; plus a second backward through the retained graph for trainable
+  parameters outside the captured linear layers, e.g. embeddings and norms in full fine-tuning)
+  and ``other`` (the rest: reading and tokenizing the stream, writing the logs).
+
+Every trainer (plain ones included) is built by ``gradsift.recipe.setup`` from a ``RunConfig``
+(``eval_every=0``, ``checkpoint_every=0``: no evaluation or checkpoint inside the timings),
+on a stream made by ``gradsift.sources.build_stream`` in a temporary folder. Records shorter
+than ``--seq-len`` give shorter batches; the report gives the actual padded width and the
+non-pad tokens per batch.
+
+Timing: ``--warmup`` steps per configuration first (so that AdamW's state exists and the
+Adam-geometry path runs), then ``--repeats`` timed steps, all configurations interleaved
+round-robin in one process (the starting configuration rotates every round) so that load from
+other processes falls on all of them alike. Wall-clock median (min), and median process CPU
+time. Reported at ``target_refresh=1``; the step at ``target_refresh=R`` (``--refresh``) is
+derived per step as ``total - target * (1 - 1/R)``; with ``--measure-refresh`` an ``ftw``
+trainer at ``target_refresh=R`` also runs, and its mean over the timed steps is given (a
+median would hide the refresh steps).
+
+Usage::
+
+    python -m gradsift.bench.step [--model tiny|smollm2-135m] [--device cpu|cuda]
+        [--batch-size 16] [--budget 4] [--seq-len 128] [--lora|--full]
+        [--methods ftw,random,greats] [--repeats 5] [--warmup 2] [--refresh 4]
+        [--measure-refresh] [--threads N] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPLIT = ("capture", "target", "selection", "update", "other")
+PLAIN_SPLIT = ("data", "compute")
+
+
+@dataclass
+class Measured:
+    """Timings of one configuration over the timed steps."""
+
+    name: str
+    kind: str  # "plain" or "gradsift"
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    n_selected: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    label_tokens: list[int] = field(default_factory=list)
+    refresh: int = 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times)
+
+    def part(self, name: str) -> float:
+        return statistics.median(self.parts[name]) if self.parts.get(name) else float("nan")
+
+    def add_parts(self, parts: dict[str, float]) -> None:
+        for k, v in parts.items():
+            self.parts.setdefault(k, []).append(v)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on Linux
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class PlainRunner:
+    """A plain training step on all B candidates, or on a random k-subset of them."""
+
+    def __init__(self, name: str, run: Any, batch_size: int, k: int | None, seed: int):
+        from gradsift.engine import OnlineTrainer
+
+        trainer: OnlineTrainer = run.trainer
+        self.name, self.batch_size, self.k = name, batch_size, k
+        self.model, self.optimizer = trainer.model, trainer.optimizer
+        self.scheduler, self.stream = trainer.scheduler, trainer.stream
+        self.pad_token_id, self.device = trainer.pad_token_id, trainer.device
+        self.micro = trainer.config.micro_batch_size
+        self.max_grad_norm = trainer.config.max_grad_norm
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_batch: dict[str, Any] = {}
+
+    def step(self) -> dict[str, Any]:
+        from gradsift.capture import forward_logits
+        from gradsift.data import collate
+        from gradsift.loss import per_sample_loss
+
+        dev = str(self.device)
+        _sync(dev)
+        t0 = time.perf_counter()
+        examples = self.stream.next_batch(self.batch_size)
+        if not examples:
+            raise RuntimeError("the benchmark stream ran out: raise n_stream")
+        if self.k is not None:
+            pick = torch.randperm(len(examples), generator=self.generator)[: self.k]
+            examples = [examples[i] for i in sorted(pick.tolist())]
+        size = self.micro or len(examples)
+        batches = []
+        for start in range(0, len(examples), size):
+            b = collate(examples[start : start + size], self.pad_token_id)
+            batches.append({k: v.to(self.device) if torch.is_tensor(v) else v
+                            for k, v in b.items()})
+        t1 = time.perf_counter()
+        self.model.train()
+        for b in batches:
+            losses = per_sample_loss(forward_logits(self.model, b), b["labels"])
+            (losses.sum() / len(examples)).backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(dev)
+        t2 = time.perf_counter()
+        self.last_batch = {
+            "width": sum(int(b["input_ids"].shape[1]) for b in batches) // len(batches),
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "label_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+        }
+        return {"data": t1 - t0, "compute": t2 - t1, "n_selected": len(examples)}
+
+
+class GradsiftRunner:
+    """``OnlineTrainer.step()`` of one method."""
+
+    def __init__(self, name: str, run: Any):
+        self.name, self.trainer = name, run.trainer
+
+    def step(self) -> dict[str, Any]:
+        dev = str(self.trainer.device)
+        _sync(dev)
+        t0 = time.perf_counter()
+        record = self.trainer.step()
+        _sync(dev)
+        total = time.perf_counter() - t0
+        if record is None:
+            raise RuntimeError("the benchmark stream ran out: raise n_stream")
+        parts = {k: float(record["timing"].get(k, 0.0)) for k in SPLIT[:-1]}
+        parts["other"] = total - sum(parts.values())
+        parts["n_selected"] = len(record["selected_ids"])
+        parts["_total"] = total
+        return parts
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def build_data(folder: Path, n_stream: int, n_target: int) -> tuple[Path, Path]:
+    from gradsift.sources import build_stream
+
+    build_stream("arithmetic", folder, seed=0, n_stream=n_stream, n_target=n_target,
+                 sources=["code", "verse", "arithmetic"])
+    return folder / "stream.jsonl", folder / "target.jsonl"
+
+
+def make_config(args: argparse.Namespace, stream: Path, target: Path, method: str,
+                refresh: int = 1) -> Any:
+    from gradsift.config import load_config
+
+    overrides = [
+        f"model={args.model}", f"device={args.device}", f"method={method}",
+        f"stream={stream}", f"target={target}",
+        f"candidates_per_step={args.batch_size}", f"budget_per_step={args.budget}",
+        f"max_length={args.seq_len}", f"target_batch_size={args.target_batch_size}",
+        f"target_refresh={refresh}", "eval_every=0", "checkpoint_every=0",
+        "steps=1000000", f"seed={args.seed}",
+    ]
+    if not args.lora:
+        overrides.append("lora=false")
+    return load_config(None, overrides)
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[list[Measured], dict[str, Any]]:
+    """Build every configuration, warm up, time interleaved; returns results and facts."""
+    from gradsift.recipe import setup
+
+    tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-step-"))
+    n_stream = args.batch_size * (args.warmup + args.repeats) + 64
+    stream, target = build_data(tmp / "data", n_stream, args.n_target)
+
+    runners: list[PlainRunner | GradsiftRunner] = []
+    results: list[Measured] = []
+    facts: dict[str, Any] = {}
+    t_setup = time.perf_counter()
+    for name, k in (("plain B", None), ("plain k", args.budget)):
+        run = setup(make_config(args, stream, target, "random"), tmp / name.replace(" ", "-"))
+        runners.append(PlainRunner(name, run, args.batch_size, k, args.seed))
+        results.append(Measured(name, "plain"))
+        if k is None:
+            model = run.trainer.model
+            facts["params"] = sum(p.numel() for p in model.parameters())
+            facts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            facts["captured_layers"] = len(run.trainer.module_names)
+            facts["other_params"] = sum(p.numel() for p in run.trainer.other_params)
+            pool = run.trainer.target_pool
+            facts["target_len"] = statistics.fmean(len(e.input_ids) for e in pool)
+    gradsift_configs = [(m, 1) for m in args.methods]
+    if args.measure_refresh:
+        gradsift_configs.append(("ftw", args.refresh))
+    for method, refresh in gradsift_configs:
+        name = f"gradsift {method}" + (f" (refresh {refresh})" if refresh != 1 else "")
+        run = setup(make_config(args, stream, target, method, refresh),
+                    tmp / name.replace(" ", "-").replace("(", "").replace(")", ""))
+        runners.append(GradsiftRunner(name, run))
+        results.append(Measured(name, "gradsift", refresh=refresh))
+    facts["setup_s"] = time.perf_counter() - t_setup
+
+    n = len(runners)
+    for i in range(args.warmup + args.repeats):
+        timed = i >= args.warmup
+        for j in range(n):
+            c = (i + j) % n  # rotate the starting configuration every round
+            runner, res = runners[c], results[c]
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            out = runner.step()
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            if not timed:
+                continue
+            res.times.append(out.pop("_total", wall))
+            res.cpu_times.append(cpu)
+            res.n_selected.append(int(out.pop("n_selected")))
+            res.add_parts(out)
+            if isinstance(runner, PlainRunner):
+                res.widths.append(runner.last_batch["width"])
+                res.tokens.append(runner.last_batch["tokens"])
+                res.label_tokens.append(runner.last_batch["label_tokens"])
+        if args.verbose:
+            print(f"round {i + 1}/{args.warmup + args.repeats} done "
+                  f"({'timed' if timed else 'warm-up'})", file=sys.stderr, flush=True)
+    return results, facts
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3f}" if x >= 0.0995 else f"{x * 1000:.1f} ms"
+
+
+def _paired(times: list[float], base: list[float]) -> float:
+    """Median over steps of ``times[i] / base[i]`` (step i of both saw the same batch)."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
+
+
+def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Namespace) -> str:
+    by = {r.name: r for r in results}
+    base, plain_k = by["plain B"], by["plain k"]
+    mode = "LoRA r 8 on q/k/v/o" if args.lora else "full fine-tuning"
+    lines = [
+        f"Model `{args.model}` ({facts['params'] / 1e6:.1f}M params, {mode}: "
+        f"{facts['trainable'] / 1e6:.2f}M trainable, {facts['captured_layers']} captured linear "
+        f"layers, {facts['other_params'] / 1e6:.2f}M trainable params outside them). "
+        f"B={args.batch_size}, k={args.budget}, max_length={args.seq_len}, "
+        f"target_batch_size={args.target_batch_size} (mean target example "
+        f"{facts['target_len']:.0f} tokens), AdamW, max_grad_norm 1.0, float32. "
+        f"Device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"Batches (plain B, same records for every configuration): padded width "
+        f"{statistics.fmean(base.widths):.0f} tokens (min {min(base.widths)}, max "
+        f"{max(base.widths)}), {statistics.fmean(base.tokens):.0f} non-pad tokens and "
+        f"{statistics.fmean(base.label_tokens):.0f} loss tokens per batch of B on average; "
+        f"plain k: width {statistics.fmean(plain_k.widths):.0f}, "
+        f"{statistics.fmean(plain_k.tokens):.0f} non-pad tokens.",
+        f"Time: wall-clock median (min) of {args.repeats} steps per configuration after "
+        f"{args.warmup} warm-up steps, all {len(results)} configurations interleaved "
+        f"round-robin in one process; CPU: median process CPU seconds. Load average at "
+        f"start / end: {args.load_start} / {_loadavg()}.",
+        "",
+        "| configuration | step (s) | x plain B | x plain k | CPU (s) | capture | target "
+        "| selection | update | other | selected |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.refresh != 1:
+            continue
+        cpu = statistics.median(r.cpu_times)
+        sel = f"{statistics.fmean(r.n_selected):.1f}"
+        row = (f"| {r.name} | {r.median:.3f} ({min(r.times):.3f}) | "
+               f"{r.median / base.median:.2f} | {r.median / plain_k.median:.2f} | {cpu:.3f} | ")
+        if r.kind == "plain":
+            row += (f"data {_fmt(r.part('data'))}, fwd+bwd+step {_fmt(r.part('compute'))} "
+                    f"| | | | | {sel} |")
+        else:
+            row += " | ".join(_fmt(r.part(k)) for k in SPLIT) + f" | {sel} |"
+        lines.append(row)
+    rr = args.refresh
+    lines += [
+        "",
+        f"Ratios: median step / median plain-B step, and (paired) the median over steps of "
+        f"step i / plain-B step i (the same batch: batch widths vary from step to step). "
+        f"`refresh {rr}` is derived from the same steps: per step, total - target x "
+        f"(1 - 1/{rr}).",
+        "",
+        f"| method | x plain B (refresh 1) | paired | x plain B (refresh {rr}, derived) | "
+        f"paired | x plain k (refresh 1) | overhead over plain B (s, refresh 1) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.kind != "gradsift" or r.refresh != 1:
+            continue
+        steps = [t - g * (1 - 1 / rr) for t, g in zip(r.times, r.parts["target"], strict=True)]
+        lines.append(
+            f"| {r.name.removeprefix('gradsift ')} | {r.median / base.median:.2f} | "
+            f"{_paired(r.times, base.times):.2f} | {statistics.median(steps) / base.median:.2f} | "
+            f"{_paired(steps, base.times):.2f} | {r.median / plain_k.median:.2f} | "
+            f"{r.median - base.median:+.3f} |")
+    for r in results:
+        if r.refresh == 1:
+            continue
+        steps = range(args.warmup, args.warmup + len(r.times))  # trainer.state.step
+        refreshed = sum(1 for s in steps if s % r.refresh == 0)
+        lines += [
+            "",
+            f"Measured: `{r.name}`: mean step {r.mean:.3f} s over {len(r.times)} timed steps "
+            f"({refreshed} of them drew a target batch) = {r.mean / base.mean:.2f} x the mean "
+            f"plain-B step ({base.mean:.3f} s); mean split: "
+            + ", ".join(f"{k} {_fmt(statistics.fmean(r.parts[k]))}" for k in SPLIT) + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m or a model spec")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--batch-size", type=int, default=16, help="B candidates per step")
+    parser.add_argument("--budget", type=int, default=4, help="k, the data budget per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="max_length (truncation)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--lora", dest="lora", action="store_true", default=True,
+                       help="LoRA r 8 on q/k/v/o (default)")
+    group.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
+    parser.add_argument("--methods", default="ftw,random,greats",
+                        help="comma-separated selectors to time")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    parser.add_argument("--target-batch-size", type=int, default=8)
+    parser.add_argument("--n-target", type=int, default=200, help="target records built")
+    parser.add_argument("--refresh", type=int, default=4,
+                        help="target_refresh R for the derived (and measured) refresh-R step")
+    parser.add_argument("--measure-refresh", action="store_true",
+                        help="also time an ftw trainer at target_refresh=R")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default: torch's default, the core count)")
+    parser.add_argument("--markdown", help="also write the markdown report to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the Adam-geometry path needs optimizer state")
+    if args.repeats < 1 or args.refresh < 1:
+        parser.error("--repeats and --refresh must be >= 1")
+    if args.budget > args.batch_size:
+        parser.error("--budget must not exceed --batch-size")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("gradsift").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    args.load_start = _loadavg()
+    results, facts = run_benchmark(args)
+    report = markdown(results, facts, args)
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -218,11 +218,10 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     return load_config(None, overrides)
 
 
-def run_benchmark(args: argparse.Namespace) -> tuple[list[Measured], dict[str, Any]]:
-    """Build every configuration, warm up, time interleaved; returns results and facts."""
+def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], dict[str, Any]]:
+    """Build every configuration in ``tmp``, warm up, time interleaved; results and facts."""
     from gradsift.recipe import setup
 
-    tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-step-"))
     n_stream = args.batch_size * (args.warmup + args.repeats) + 64
     stream, target = build_data(tmp / "data", n_stream, args.n_target)
 
@@ -408,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
 
     args.load_start = _loadavg()
-    results, facts = run_benchmark(args)
+    with tempfile.TemporaryDirectory(prefix="gradsift-bench-step-") as tmp:
+        results, facts = run_benchmark(args, Path(tmp))
     report = markdown(results, facts, args)
     print(report)
     if args.markdown:

@@ -14,6 +14,7 @@ grad samplers.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from gradsift.factors import FactorizedGrads, LayerFactors
-from gradsift.loss import per_sample_loss
+from gradsift.loss import loss_positions, per_sample_loss
 
 
 @dataclass(frozen=True)
@@ -197,13 +198,32 @@ class Capture:
     losses: torch.Tensor
 
 
-def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a causal LM for ``batch`` (no internal loss, no KV cache)."""
-    kwargs = {"input_ids": batch["input_ids"]}
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def forward_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) per-sample losses of a causal LM on ``batch`` (no KV cache).
+
+    When the model takes ``logits_to_keep`` (transformers' causal LMs do), the vocabulary
+    projection runs only at positions that carry loss in some sample (``loss_positions``);
+    the losses are the same, the prompt and padding positions just cost nothing there.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
-    out = model(**kwargs, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
+    positions = loss_positions(batch["labels"])
+    if 0 < positions.numel() < batch["labels"].shape[1] - 1 and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = positions.to(batch["input_ids"].device)
+    else:
+        positions = None
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return per_sample_loss(logits, batch["labels"], positions)
 
 
 def capture(
@@ -224,9 +244,7 @@ def capture(
     module_map = dict(model.named_modules())
     recorder = _Recorder(model, names)
     with recorder.attached():
-        logits = forward_logits(model, batch)
-    losses = per_sample_loss(logits, batch["labels"])
-    del logits
+        losses = forward_losses(model, batch)
     batch_size = losses.shape[0]
 
     keys = [(n, i) for n in names for i in range(len(recorder.outputs[n]))]

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gradsift.capture import Capture, capture, forward_logits, resolve_modules
+from gradsift.capture import Capture, capture, forward_losses, resolve_modules
 from gradsift.checkpoint import load_checkpoint, save_checkpoint
 from gradsift.data import Example, collate
 from gradsift.factors import FactorizedGrads
-from gradsift.loss import per_sample_loss, trained_token_counts
+from gradsift.loss import trained_token_counts
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import Selection, SelectionContext, Selector
 
@@ -245,8 +245,7 @@ class OnlineTrainer:
         self.model.eval()
         total = 0.0
         for batch in self._batches(examples, self.config.micro_batch_size or 16):
-            logits = forward_logits(self.model, batch)
-            total += float(per_sample_loss(logits, batch["labels"]).sum())
+            total += float(forward_losses(self.model, batch).sum())
         self.model.train(was_training)
         return total / len(examples)
 

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_loss(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy per sample: ``ℓ_i = mean_t CE(logits[i,t], labels[i,t+1])``.
 
     Labels are shifted inside, exactly as ``model(..., labels=...)`` does; positions labelled
@@ -16,14 +18,20 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     gradient), never NaN. Computed in float32 whatever the logits' dtype.
 
     Args:
-        logits: (B, T, V) model outputs.
+        logits: (B, T, V) model outputs, or (B, P, V) at ``positions`` only.
         labels: (B, T) token ids, ``-100`` where there is no loss.
+        positions: (P,) the positions ``t`` whose logits were kept (see ``loss_positions``);
+            their targets are ``labels[:, t + 1]``.
 
     Returns:
         (B,) float32 per-sample losses, differentiable w.r.t. ``logits``.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(logits.device)
+    if positions is None:
+        shift_logits = logits[:, :-1, :].float()
+        shift_labels = labels[:, 1:].to(logits.device)
+    else:
+        shift_logits = logits.float()
+        shift_labels = labels[:, positions.to(labels.device) + 1].to(logits.device)
     token_loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
@@ -37,3 +45,12 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def trained_token_counts(labels: torch.Tensor) -> torch.Tensor:
     """(B,) number of positions that carry loss in each sample (after the shift)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(P,) positions ``t`` whose logits predict a labelled token in at least one sample.
+
+    Only these logits enter the loss: computing the vocabulary projection and the softmax
+    there alone skips prompts and padding (``logits_to_keep`` in transformers).
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)

@@ -117,11 +117,10 @@ def make_batch(batch_size: int, seq_len: int, device: str) -> dict[str, torch.Te
 
 
 def _fwd_bwd(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
-    from gradsift.capture import forward_logits
-    from gradsift.loss import per_sample_loss
+    from gradsift.capture import forward_losses
 
     model.zero_grad(set_to_none=True)
-    per_sample_loss(forward_logits(model, batch), batch["labels"]).mean().backward()
+    forward_losses(model, batch).mean().backward()
 
 
 def _gradsift(route: str) -> Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]:

@@ -128,9 +128,8 @@ class PlainRunner:
         self.last_batch: dict[str, Any] = {}
 
     def step(self) -> dict[str, Any]:
-        from gradsift.capture import forward_logits
+        from gradsift.capture import forward_losses
         from gradsift.data import collate
-        from gradsift.loss import per_sample_loss
 
         dev = str(self.device)
         _sync(dev)
@@ -150,7 +149,7 @@ class PlainRunner:
         t1 = time.perf_counter()
         self.model.train()
         for b in batches:
-            losses = per_sample_loss(forward_logits(self.model, b), b["labels"])
+            losses = forward_losses(self.model, b)
             (losses.sum() / len(examples)).backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)

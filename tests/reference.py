@@ -81,3 +81,9 @@ def flatten(per_param: dict[str, torch.Tensor], names: list[str]) -> torch.Tenso
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def reference_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) per-sample losses from the model's full logits (no gradsift capture involved)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return per_sample_loss(logits, batch["labels"])

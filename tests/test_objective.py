@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from reference import reference_losses, tiny_llama
 
 from gradsift.capture import per_sample_grads
-from gradsift.loss import per_sample_loss
 from gradsift.objective import alignment, interaction, target_direction, target_sq_norm
 from gradsift.optim_state import read_optimizer_state
 
@@ -20,27 +19,13 @@ def _batch(b: int, t: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _loss(model, batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return per_sample_loss(logits, batch["labels"])
-
-
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).float()
+    model = tiny_llama(tie=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.85, 0.99), eps=1e-6)
     for seed in (10, 11):  # two real steps: state with non-trivial m and v
         opt.zero_grad()
-        _loss(model, _batch(4, 8, seed)).mean().backward()
+        reference_losses(model, _batch(4, 8, seed)).mean().backward()
         opt.step()
     opt.zero_grad()
 
@@ -50,14 +35,15 @@ def setup():
     params = dict(model.named_parameters())
 
     target_batch = _batch(3, 8, 2)
-    g_v = torch.autograd.grad(_loss(model, target_batch).mean(), [params[n] for n in names])
+    target_loss = reference_losses(model, target_batch).mean()
+    g_v = torch.autograd.grad(target_loss, [params[n] for n in names])
     target = dict(zip(names, g_v, strict=True))
 
     # brute force: one backward per sample, sample alone in its batch
     per_sample = []
     for i in range(5):
         single = {k: v[i : i + 1] for k, v in cand_batch.items()}
-        g = torch.autograd.grad(_loss(model, single)[0], [params[n] for n in names])
+        g = torch.autograd.grad(reference_losses(model, single)[0], [params[n] for n in names])
         per_sample.append(dict(zip(names, g, strict=True)))
     state = read_optimizer_state(opt, model, names)
     return cands, target, per_sample, state, names

@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from reference import reference_losses, tiny_llama
 
 from gradsift.capture import per_sample_grads
 from gradsift.factors import FactorizedGrads
-from gradsift.loss import per_sample_loss
 from gradsift.objective import alignment, interaction
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import (
@@ -40,31 +39,18 @@ def _batch(b: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _loss(model, batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return per_sample_loss(logits, batch["labels"])
-
-
 @pytest.fixture(scope="module")
 def world():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).float()
+    model = tiny_llama(tie=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    _loss(model, _batch(4, 99)).mean().backward()
+    reference_losses(model, _batch(4, 99)).mean().backward()
     opt.step()
     opt.zero_grad()
     cands = per_sample_grads(model, _batch(B, 1))
     names = cands.param_names
     params = dict(model.named_parameters())
-    g_v = torch.autograd.grad(_loss(model, _batch(4, 2)).mean(), [params[n] for n in names])
+    target_loss = reference_losses(model, _batch(4, 2)).mean()
+    g_v = torch.autograd.grad(target_loss, [params[n] for n in names])
     target = dict(zip(names, g_v, strict=True))
     state = read_optimizer_state(opt, model, names)
     return cands, target, state

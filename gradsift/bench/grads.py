@@ -55,6 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradsift.bench import emit
+
 CONFIGS = ("fwd+bwd", "auto", "ghost", "materialize", "torch.func")
 ROUTE_CONFIGS = ("auto", "ghost", "materialize")
 # Small Llama: 4 layers, hidden 256, MLP 688, 4 heads, vocab 4096, untied lm_head (~5.3M params).
@@ -532,10 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Gram check FAILED, no table reported:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     report = markdown(results, seq_lens, args)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report)
+    emit(report, args.markdown)
     return 0
 
 

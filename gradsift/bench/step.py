@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from gradsift.bench import emit
+
 SPLIT = ("capture", "target", "selection", "update", "other")
 PLAIN_SPLIT = ("data", "compute")
 
@@ -409,10 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gradsift-bench-step-") as tmp:
         results, facts = run_benchmark(args, Path(tmp))
     report = markdown(results, facts, args)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report)
+    emit(report, args.markdown)
     return 0
 
 

@@ -23,7 +23,7 @@ from gradsift.config import RunConfig, load_config, save_config
 from gradsift.data import ExampleStream, load_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.models import load_model_and_tokenizer
-from gradsift.select import get_selector
+from gradsift.select import available_selectors, get_selector
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +42,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def method_options(config: RunConfig) -> dict[str, Any]:
+    """The options for ``config.method``.
+
+    ``method_options`` is either flat (``{min_cosine: 0.1}``, for the configured method) or
+    keyed by method name (``{ftw: {min_cosine: 0.1}, greats: {...}}``), which lets one
+    ``compare`` config give each method its own options.
+    """
+    options = config.method_options
+    if options and all(name in available_selectors() for name in options):
+        chosen = options.get(config.method) or {}
+        if not isinstance(chosen, dict):
+            raise ValueError(f"config key 'method_options.{config.method}' must be a mapping")
+        return dict(chosen)
+    return dict(options)
 
 
 def build_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
@@ -78,7 +94,7 @@ def setup(config: RunConfig, out_dir: str | Path) -> Run:
     """Build model, optimizer, scheduler, stream, target set, selector and trainer."""
     out_dir = Path(out_dir)
     seed_everything(config.seed)
-    selector = get_selector(config.method, **config.method_options)  # fail fast on bad names
+    selector = get_selector(config.method, **method_options(config))  # fail fast on bad names
     model, tokenizer = build_model(config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)

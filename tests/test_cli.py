@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from gradsift.cli import main
+from gradsift.config import load_config
 from gradsift.sources import build_stream
 
 SELECTION_FIELDS = {"step", "candidate_ids", "selected_ids", "weights", "scores", "losses",
@@ -155,3 +156,14 @@ def test_full_fine_tuning_updates_every_parameter_kind(tmp_path, data_dir, dtype
                  "model.layers.0.self_attn.q_proj.weight"):
         assert trained[name].dtype == getattr(torch, dtype)
         assert not (trained[name].float() == initial[name].float()).all(), name
+
+
+def test_method_options_flat_or_per_method():
+    from gradsift.recipe import method_options
+
+    flat = load_config(None, ["method=ftw", "method_options.min_cosine=0.2"])
+    assert method_options(flat) == {"min_cosine": 0.2}
+    per = load_config(None, ["method=random", "method_options.ftw.min_cosine=0.2"])
+    assert method_options(per) == {}
+    per_ftw = load_config(None, ["method=ftw", "method_options.ftw.min_cosine=0.2"])
+    assert method_options(per_ftw) == {"min_cosine": 0.2}

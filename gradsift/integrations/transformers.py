@@ -6,6 +6,10 @@ unwrapped model, selects at most ``budget_per_step`` candidates with weights, an
 ``Σ_i w_i ∇ℓ_i / gradient_accumulation_steps`` into ``.grad``. The Trainer's own loop then
 clips, steps the optimizer and the scheduler, logs, calls callbacks and checkpoints as usual.
 
+The loss is ``Σ_i w_i ℓ_i`` with ``ℓ_i`` each sample's mean token loss and ``Σ w_i = 1``: the
+scale of a mean-loss step whatever the subset's token count, so the Trainer's
+``num_items_in_batch`` (a token count for the whole batch) is not used.
+
 Limitations: ``.grad`` is written directly, so DDP/FSDP gradient synchronisation is not
 performed here (single-process training only for now); DeepSpeed is not supported.
 """

@@ -24,7 +24,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
             quiet: bool = False) -> dict:
     """One run per method and seed under ``out/<method>/seed_<seed>``, then the report."""
-    from gradsift.recipe import resume_run, run_config
+    from gradsift.recipe import Interrupted, resume_run, run_config
     from gradsift.report import markdown_table, write_report
 
     jobs = [(m, s) for m in methods for s in seeds]
@@ -34,13 +34,18 @@ def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
         bar.set_postfix(method=method, seed=seed)
         if (run_dir / "summary.json").exists():
             continue  # finished earlier: compare can be restarted
-        if (run_dir / "checkpoints" / "latest").exists():
-            resume_run(run_dir, quiet=quiet)  # stopped part-way: continue it
-            continue
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # started but never checkpointed: start again
-        cfg = dataclasses.replace(config, method=method, seed=seed)
-        run_config(cfg, run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
+        try:
+            if (run_dir / "checkpoints" / "latest").exists():
+                resume_run(run_dir, quiet=quiet)  # stopped part-way: continue it
+                continue
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # started but never checkpointed: start again
+            cfg = dataclasses.replace(config, method=method, seed=seed)
+            run_config(cfg, run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
+        except Interrupted as e:
+            e.args = (f"interrupted in {run_dir} after step {e.step}; checkpoint written. "
+                      "Run the same compare command again to continue.",)
+            raise
     report = write_report(out)  # also writes out/summary.json
     summary = json.loads((out / "summary.json").read_text())
     if not quiet:
@@ -90,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from gradsift.recipe import Interrupted
+
     try:
         return _dispatch(args, parser)
+    except Interrupted as e:
+        print(f"gradsift: {e}", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"gradsift: error: {e}", file=sys.stderr)
         return 2
@@ -111,6 +121,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not args.quiet:
             print(f"final target loss {summary['final_target_loss']:.4f} after "
                   f"{summary['steps']} steps, {summary['trained_samples']} samples")
+            if summary["skipped_records"]:
+                print(f"skipped records: {summary['skipped_records']} (see the log for each)")
         return 0
     if args.command == "compare":
         config = load_config(args.config, args.overrides)

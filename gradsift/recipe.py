@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,21 +125,62 @@ def setup(config: RunConfig, out_dir: str | Path) -> Run:
     return Run(config=config, trainer=trainer, out_dir=out_dir)
 
 
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C between two steps, after writing a checkpoint."""
+
+    def __init__(self, out_dir: Path, step: int):
+        super().__init__(f"interrupted after step {step}; checkpoint written. "
+                         f"Continue with: gradsift run --resume {out_dir}")
+        self.out_dir, self.step = out_dir, step
+
+
+@contextmanager
+def stop_between_steps() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks to stop after the current step; a second one aborts at once."""
+    requested: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        logger.warning("interrupt: finishing this step, then checkpointing "
+                       "(press Ctrl-C again to abort without a checkpoint)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(run: Run, quiet: bool = False, position: int = 0, desc: str | None = None) -> None:
-    """Step until ``steps`` (or the end of the stream), with a progress bar."""
+    """Step until ``steps`` (or the end of the stream), with a progress bar.
+
+    Raises:
+        Interrupted: Ctrl-C was pressed; the run stopped after a whole step and checkpointed.
+    """
     trainer, cfg = run.trainer, run.config
     bar = tqdm(total=cfg.steps, initial=trainer.state.step, disable=quiet, position=position,
                desc=desc or cfg.method, unit="step", leave=position == 0, dynamic_ncols=True)
-    while trainer.state.step < cfg.steps:
-        record = trainer.step()
-        if record is None:
-            logger.warning("the stream ended after %d steps (configured: %d)",
-                           trainer.state.step, cfg.steps)
-            break
-        bar.update(1)
-        bar.set_postfix(loss=f"{trainer.last_metrics.get('train_loss', float('nan')):.3f}",
-                        target=f"{trainer.last_target_loss:.3f}",
-                        selected=len(record["selected_ids"]))
+    with stop_between_steps() as stop_requested:
+        while trainer.state.step < cfg.steps:
+            record = trainer.step()
+            if record is None:
+                logger.warning("the stream ended after %d steps (configured: %d)",
+                               trainer.state.step, cfg.steps)
+                break
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{trainer.last_metrics.get('train_loss', float('nan')):.3f}",
+                target=f"{trainer.last_target_loss:.3f}",
+                selected=len(record["selected_ids"]))
+            if stop_requested():
+                bar.close()
+                trainer.save_checkpoint()
+                raise Interrupted(run.out_dir, trainer.state.step)
     bar.close()
     if trainer.last_eval_step != trainer.state.step:
         trainer.log_final_eval()

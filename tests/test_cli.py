@@ -167,3 +167,30 @@ def test_method_options_flat_or_per_method():
     assert method_options(per) == {}
     per_ftw = load_config(None, ["method=ftw", "method_options.ftw.min_cosine=0.2"])
     assert method_options(per_ftw) == {"min_cosine": 0.2}
+
+
+def test_ctrl_c_stops_after_a_whole_step_with_a_checkpoint(tmp_path, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tmp_path / "cfg.yaml", data_dir, steps=12, checkpoint_every=100)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradsift.cli", "--quiet", "run", "--config", str(config),
+         "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    log = out / "selections.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(read_jsonl(log)) >= 2):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "gradsift run --resume" in stderr
+    done = len(read_jsonl(log))
+    assert 2 <= done < 12
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{done:06d}"
+    assert main(["--quiet", "run", "--resume", str(out)]) == 0
+    assert [r["step"] for r in read_jsonl(log)] == list(range(1, 13))

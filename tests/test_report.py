@@ -209,3 +209,12 @@ def test_inconsistent_selection_record_is_reported(compare_dir: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match=r"selections\.jsonl step 2: selected ids not among"):
         write_report(compare_dir)
+
+
+def test_run_report_of_a_run_still_in_progress(compare_dir: Path) -> None:
+    run_dir = compare_dir / "ftw" / "seed_0"
+    (run_dir / "summary.json").unlink()  # the run has not finished yet
+    path = write_run_report(run_dir)
+    assert len(_embedded_pngs(path.read_text())) == 5
+    with pytest.raises(ValueError, match="summary.json"):
+        summarize_compare(compare_dir)  # a comparison still needs finished runs

@@ -184,7 +184,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         The path of ``report.html``.
     """
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    run = load_run(run_dir, in_progress=True)  # a report of a run that is still going is fine
     runs = {run.method: [run]}
     colors = plots.method_colors([run.method])
     figures = [

@@ -127,13 +127,18 @@ def _check_selection(path: Path, rec: dict[str, Any]) -> None:
         raise RunDirError(f"{where}: selected ids not among the candidates: {sorted(unknown)}")
 
 
-def load_run(run_dir: str | Path, method: str | None = None, seed: int | None = None) -> Run:
+def load_run(
+    run_dir: str | Path, method: str | None = None, seed: int | None = None,
+    in_progress: bool = False,
+) -> Run:
     """Read one run directory.
 
     Args:
         run_dir: the directory.
         method: the method name to record (default: ``summary.json``'s ``method``).
         seed: the seed to record (default: ``summary.json``'s ``seed``).
+        in_progress: accept a run that is still going (no ``summary.json`` yet): its numbers
+            then come from the logs written so far.
 
     Returns:
         The run.
@@ -144,6 +149,8 @@ def load_run(run_dir: str | Path, method: str | None = None, seed: int | None = 
     """
     run_dir = Path(run_dir)
     for name in RUN_FILES:
+        if in_progress and name == "summary.json":
+            continue
         if not (run_dir / name).is_file():
             raise MissingRunFileError(f"run directory {run_dir} has no {name}")
     try:
@@ -151,7 +158,9 @@ def load_run(run_dir: str | Path, method: str | None = None, seed: int | None = 
     except yaml.YAMLError as err:
         raise RunDirError(f"{run_dir / 'config.yaml'}: not valid YAML ({err})") from err
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary_file = run_dir / "summary.json"
+        summary = (json.loads(summary_file.read_text(encoding="utf-8"))
+                   if summary_file.is_file() else {})
     except json.JSONDecodeError as err:
         raise RunDirError(f"{run_dir / 'summary.json'}: not valid JSON ({err.msg})") from err
     selections = _read_jsonl(run_dir / "selections.jsonl")

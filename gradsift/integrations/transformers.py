@@ -10,6 +10,11 @@ The loss is ``Σ_i w_i ℓ_i`` with ``ℓ_i`` each sample's mean token loss and 
 scale of a mean-loss step whatever the subset's token count, so the Trainer's
 ``num_items_in_batch`` (a token count for the whole batch) is not used.
 
+The Trainer's checkpoints also get gradsift's state (selector generator, cached target
+gradient, counters) as ``gradsift_state.safetensors`` + ``gradsift_state.json``, and
+``train(resume_from_checkpoint=...)`` restores it and drops the selection-log records written
+after that checkpoint, so a resumed run selects exactly as an uninterrupted one.
+
 Limitations: ``.grad`` is written directly, so DDP/FSDP gradient synchronisation is not
 performed here (single-process training only for now); DeepSpeed is not supported.
 """
@@ -23,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from gradsift.capture import resolve_modules
 from gradsift.data import Example, collate
@@ -55,6 +62,23 @@ class GradSiftCollator:
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
         return collate([_as_example(f, i) for i, f in enumerate(features)], self.pad_token_id)
+
+
+STATE_JSON = "gradsift_state.json"
+STATE_TENSORS = "gradsift_state.safetensors"
+
+
+class _SaveGradSiftState(TrainerCallback):
+    """Writes the trainer's gradsift state into each checkpoint folder the Trainer saves."""
+
+    def __init__(self, trainer: GradSiftTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.should_save:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                self.trainer.save_gradsift_state(folder)
 
 
 class GradSiftTrainer(Trainer):
@@ -101,6 +125,47 @@ class GradSiftTrainer(Trainer):
         self._generator = torch.Generator().manual_seed(self.args.seed)
         self._stats: list[dict[str, float]] = []
         self.selection_log = Path(self.args.output_dir) / "selections.jsonl"
+        self.add_callback(_SaveGradSiftState(self))
+
+    def save_gradsift_state(self, folder: str | Path) -> None:
+        """Selector generator, cached target gradient and counters, next to a checkpoint."""
+        folder = Path(folder)
+        tensors = {"generator": self._generator.get_state()}
+        for name, g in (self._target_grad or {}).items():
+            tensors[f"target_grad/{name}"] = g.detach().contiguous().cpu()
+        save_file(tensors, str(folder / STATE_TENSORS))
+        (folder / STATE_JSON).write_text(json.dumps({
+            "selections": self._selections, "global_step": self.state.global_step,
+            "selector": self.selector.state_dict()}))
+
+    def load_gradsift_state(self, folder: str | Path) -> None:
+        """Restore what ``save_gradsift_state`` wrote; drop log records after that step."""
+        folder = Path(folder)
+        if not (folder / STATE_JSON).is_file():
+            raise FileNotFoundError(f"{folder / STATE_JSON} not found: was this checkpoint "
+                                    "written by GradSiftTrainer?")
+        info = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+        self._generator.set_state(tensors.pop("generator"))
+        prefix = "target_grad/"
+        self._target_grad = {k[len(prefix):]: v.to(self.args.device)
+                             for k, v in tensors.items() if k.startswith(prefix)} or None
+        self._selections = info["selections"]
+        self.selector.load_state_dict(info["selector"])
+        if self.selection_log.is_file():
+            kept = [line for line in self.selection_log.read_text().splitlines()
+                    if json.loads(line)["step"] < info["global_step"]]
+            self.selection_log.write_text("".join(line + "\n" for line in kept))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
+              **kwargs: Any) -> Any:
+        """``Trainer.train``, restoring gradsift's state too when resuming."""
+        if resume_from_checkpoint:
+            folder = (get_last_checkpoint(self.args.output_dir)
+                      if resume_from_checkpoint is True else resume_from_checkpoint)
+            if folder is not None:
+                self.load_gradsift_state(folder)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

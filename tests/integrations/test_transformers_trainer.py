@@ -66,3 +66,42 @@ def test_trainer_selects_and_logs(tmp_path):
                if p.requires_grad and not torch.equal(p.detach(), before[n])]
     assert changed, "the optimizer must have updated the LoRA weights"
     assert (tmp_path / "checkpoint-2").is_dir()  # the Trainer's own checkpointing still runs
+
+
+def _lora_trainer(out, max_steps: int) -> GradSiftTrainer:
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=6, max_steps=max_steps,
+        learning_rate=1e-2, report_to=[], use_cpu=True, save_steps=2, save_strategy="steps",
+        seed=0, dataloader_num_workers=0, logging_steps=1,
+        lr_scheduler_type="constant",  # the cut run's schedule must match the full run's
+    )
+    return GradSiftTrainer(
+        model=model, args=args, train_dataset=rows(36, 0, "train"),
+        data_collator=GradSiftCollator(pad_token_id=0), target_dataset=rows(8, 1, "target"),
+        selector="ftw", budget_per_step=2, target_batch_size=4, target_refresh=2,
+    )
+
+
+def test_trainer_resume_selects_like_an_uninterrupted_run(tmp_path):
+    full = _lora_trainer(tmp_path / "full", max_steps=4)
+    full.train()
+    # a second run that stopped after its step-2 checkpoint (its log has a lost step 3)
+    cut = _lora_trainer(tmp_path / "cut", max_steps=2)
+    cut.train()
+    with open(tmp_path / "cut" / "selections.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "lost": True}) + "\n")
+    resumed = _lora_trainer(tmp_path / "cut", max_steps=4)
+    resumed.train(resume_from_checkpoint=True)
+
+    def records(path):
+        rows_ = [json.loads(x) for x in path.read_text().splitlines()]
+        return [(r["step"], r["selected_ids"], [round(w, 5) for w in r["weights"]])
+                for r in rows_]
+
+    assert records(tmp_path / "cut" / "selections.jsonl") == records(
+        tmp_path / "full" / "selections.jsonl")
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(),
+                              strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n

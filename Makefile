@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gradsift tests
+	$(VENV)/bin/ruff check gradsift tests examples
 
 bench: $(STAMP)
 	$(PY) -m gradsift.bench.grads

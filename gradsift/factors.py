@@ -129,8 +129,10 @@ def blocked_inner(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _row_chunks(n: int, floats_per_row: int) -> list[slice]:
+def _row_chunks(n: int, floats_per_row: int, max_rows: int | None = None) -> list[slice]:
     step = max(1, BLOCK_FLOATS // max(1, floats_per_row))
+    if max_rows is not None:
+        step = min(step, max(1, max_rows))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -211,11 +213,20 @@ class FactorizedGrads:
         a2 = layer2.a().reshape(b2 * t2, -1)
         d2 = layer2.d().reshape(b2 * t2, -1)
         out = torch.empty(b, b2, device=a2.device)
-        for rows in _row_chunks(b, t * b2 * t2):
+        same = layer is layer2
+        # A batch against itself is symmetric: each row block is computed only against the
+        # columns from its own start on and mirrored (four blocks: ~5/8 of the work).
+        chunks = _row_chunks(b, t * b2 * t2, max_rows=-(-b // 4) if same else None)
+        for rows in chunks:
             n = rows.stop - rows.start
-            aa = (layer.a(rows).reshape(n * t, -1) @ a2.T).view(n, t, b2, t2)
-            dd = (layer.d(rows).reshape(n * t, -1) @ d2.T).view(n, t, b2, t2)
-            out[rows] = (aa * dd).sum(dim=(1, 3))
+            first = rows.start if same else 0
+            cols = slice(first * t2, b2 * t2)
+            aa = (layer.a(rows).reshape(n * t, -1) @ a2[cols].T).view(n, t, b2 - first, t2)
+            dd = (layer.d(rows).reshape(n * t, -1) @ d2[cols].T).view(n, t, b2 - first, t2)
+            block = (aa * dd).sum(dim=(1, 3))
+            out[rows, first:] = block
+            if same:
+                out[first:, rows] = block.T
         return out
 
     @staticmethod

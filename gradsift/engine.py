@@ -139,12 +139,7 @@ class OnlineTrainer:
             logger.warning(
                 "target set has %d examples, not more than eval_size=%d: target batches are "
                 "drawn from the held-out examples too", len(target), config.eval_size)
-        self.module_names = resolve_modules(model, config.modules)
-        captured = {f"{m}.{a}" for m in self.module_names for a in ("weight", "bias")}
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        # trainable parameters outside the factors: updated through the retained graph.
-        self.other_params = [p for n, p in trainable if n not in captured]
-        self.params = dict(trainable)
+        self.module_names, self.params, self.other_params = split_parameters(model, config.modules)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = TrainerState()
@@ -340,6 +335,17 @@ class OnlineTrainer:
 
     def trainer_state(self) -> dict[str, Any]:
         return asdict(self.state)
+
+
+def split_parameters(
+    model: nn.Module, modules: list[str] | None
+) -> tuple[list[str], dict[str, nn.Parameter], list[nn.Parameter]]:
+    """Captured module names, every trainable parameter by name, and the trainable parameters
+    outside the factors (updated through the retained graph)."""
+    names = resolve_modules(model, modules)
+    captured = {f"{m}.{a}" for m in names for a in ("weight", "bias")}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return names, params, [p for n, p in params.items() if n not in captured]
 
 
 def capture_batches(

@@ -33,9 +33,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from gradsift.capture import resolve_modules
 from gradsift.data import Example, collate
-from gradsift.engine import capture_batches, set_weighted_gradients, target_gradient
+from gradsift.engine import (
+    capture_batches,
+    set_weighted_gradients,
+    split_parameters,
+    target_gradient,
+)
 from gradsift.factors import FactorizedGrads
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import SelectionContext, Selector, get_selector
@@ -124,6 +128,7 @@ class GradSiftTrainer(Trainer):
         self._selections = 0
         self._generator = torch.Generator().manual_seed(self.args.seed)
         self._stats: list[dict[str, float]] = []
+        self._split: tuple | None = None
         self.selection_log = Path(self.args.output_dir) / "selections.jsonl"
         self.add_callback(_SaveGradSiftState(self))
 
@@ -184,10 +189,9 @@ class GradSiftTrainer(Trainer):
         n = batch["input_ids"].shape[0]
         ids = [str(i) for i in ids] if ids is not None else [
             f"step{self.state.global_step}:{i}" for i in range(n)]
-        names = resolve_modules(unwrapped, self.gradsift_modules)
-        params = {n_: p for n_, p in unwrapped.named_parameters() if p.requires_grad}
-        captured = {f"{m}.{a}" for m in names for a in ("weight", "bias")}
-        others = [p for n_, p in params.items() if n_ not in captured]
+        if self._split is None:  # the model's parameters do not change between steps
+            self._split = split_parameters(unwrapped, self.gradsift_modules)
+        names, params, others = self._split
         timing: dict[str, float] = {}
 
         t0 = time.perf_counter()

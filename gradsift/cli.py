@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gradsift.config import ConfigError, RunConfig, load_config
+from gradsift.config import ConfigError, RunConfig, config_differences, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -23,35 +23,67 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
             quiet: bool = False) -> dict:
-    """One run per method and seed under ``out/<method>/seed_<seed>``, then the report."""
-    from gradsift.recipe import Interrupted, resume_run, run_config
-    from gradsift.report import markdown_table, write_report
+    """One run per method and seed under ``out/<method>/seed_<seed>``, then the report.
 
-    jobs = [(m, s) for m in methods for s in seeds]
-    bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
-    for method, seed in bar:
-        run_dir = out / method / f"seed_{seed}"
-        bar.set_postfix(method=method, seed=seed)
-        if (run_dir / "summary.json").exists():
-            continue  # finished earlier: compare can be restarted
-        try:
-            if (run_dir / "checkpoints" / "latest").exists():
-                resume_run(run_dir, quiet=quiet)  # stopped part-way: continue it
-                continue
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # started but never checkpointed: start again
+    Restartable: a finished run is reused and a stopped one resumed — but only when its
+    stored config is the requested one.
+
+    Raises:
+        ConfigError: a run folder was made with another config (the differing keys are named).
+        TrainingDiverged: after the report, when some runs diverged (the report includes them).
+    """
+    from gradsift.engine import TrainingDiverged
+    from gradsift.recipe import Interrupted, preflight, resume_run, run_config
+    from gradsift.report import markdown_table, write_report
+    from gradsift.rundir import check_compare_dir, locked
+
+    for method in methods:
+        preflight(dataclasses.replace(config, method=method))  # every method, before any run
+    check_compare_dir(out)
+    diverged: list[str] = []
+    with locked(out):
+        jobs = [(m, s) for m in methods for s in seeds]
+        bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
+        for method, seed in bar:
+            run_dir = out / method / f"seed_{seed}"
+            bar.set_postfix(method=method, seed=seed)
             cfg = dataclasses.replace(config, method=method, seed=seed)
-            run_config(cfg, run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
-        except Interrupted as e:
-            e.args = (f"interrupted in {run_dir} after step {e.step}; checkpoint written. "
-                      "Run the same compare command again to continue.",)
-            raise
-    report = write_report(out)  # also writes out/summary.json
+            try:
+                if (run_dir / "config.yaml").is_file():
+                    _check_same_config(run_dir, cfg)
+                    if (run_dir / "summary.json").exists():
+                        continue  # finished earlier with this config: compare can be restarted
+                    resume_run(run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
+                else:
+                    run_config(cfg, run_dir, quiet=quiet, position=1,
+                               desc=f"{method} seed {seed}")
+            except Interrupted as e:
+                e.args = (f"interrupted in {run_dir} after step {e.step}; checkpoint written. "
+                          "Run the same compare command again to continue.",)
+                raise
+            except TrainingDiverged as e:
+                logging.getLogger(__name__).error("%s diverged: %s", run_dir, e)
+                diverged.append(f"{method} seed {seed}")
+        report = write_report(out)  # also writes out/summary.json
     summary = json.loads((out / "summary.json").read_text())
     if not quiet:
         print(markdown_table(summary))
         print(f"\nreport: {report}")
+    if diverged:
+        raise TrainingDiverged(f"{len(diverged)} run(s) diverged ({', '.join(diverged)}); the "
+                               f"report {report} includes them, and each run's summary.json "
+                               "says how far it got")
     return summary
+
+
+def _check_same_config(run_dir: Path, requested: RunConfig) -> None:
+    """Refuse to reuse or resume ``run_dir`` when it was made with another config."""
+    stored = load_config(run_dir / "config.yaml")
+    diff = config_differences(stored, requested)
+    if diff:
+        raise ConfigError(
+            f"{run_dir} was made with another config ({'; '.join(diff[:5])}"
+            f"{'; ...' if len(diff) > 5 else ''}): use a new --out, or the same config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,16 +127,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from gradsift.engine import TrainingDiverged
     from gradsift.recipe import Interrupted
 
     try:
         return _dispatch(args, parser)
     except Interrupted as e:
         print(f"gradsift: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:
+        print("gradsift: aborted without a checkpoint; a resume continues from the last one",
+              file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except TrainingDiverged as e:
+        print(f"gradsift: error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, ModuleNotFoundError) as e:
         print(f"gradsift: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"gradsift: error: {_os_error_message(e, args)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
+    """One line for a file-system error: what failed, and what to do about it."""
+    if isinstance(e, FileNotFoundError | FileExistsError) and e.filename is None:
+        return str(e)  # gradsift's own message
+    what = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    out = getattr(args, "resume", None) or getattr(args, "out", None)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{what}: free some disk space, then continue with "
+                + (f"`gradsift run --resume {out}`" if args.command == "run" and out
+                   else "the same command"))
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}: gradsift cannot write there; choose a writable --out folder"
+    return what
 
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,14 +1,22 @@
 """Run configuration: a YAML file plus ``key=value`` overrides, checked at start.
 
-Unknown keys and values of the wrong type fail before anything is loaded, with a message
-that names the key (``lora.r``, ``budget_per_step``, ...). Dotted overrides reach into
-nested sections: ``--set lora.r=16 --set method=random``.
+Unknown keys, duplicate keys and values of the wrong type or out of range fail before
+anything is loaded, with a message that names the key (``lora.r``, ``budget_per_step``, ...).
+Dotted overrides reach into nested sections: ``--set lora.r=16 --set method=random``.
+
+YAML is read with a safe loader that also takes ``1e-4`` as a number (PyYAML's YAML 1.1
+resolver wants ``1.0e-4``). Relative ``stream``/``target`` paths are resolved when the config
+is loaded — against the config file's folder for paths in a file, against the working folder
+for ``--set`` — so a saved ``config.yaml`` holds absolute paths and works from anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +32,38 @@ class ConfigError(ValueError):
     """A configuration problem, naming the offending key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus: ``1e-4`` is a float, and a repeated key is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(f"duplicate config key {key!r} on line "
+                                  f"{key_node.start_mark.line + 1} (first on line {first})")
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(  # YAML 1.2 floats: the dot and the exponent's sign are optional
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with the config loader (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 @dataclass
 class LoraSection:
     """LoRA adapters (peft). ``lora: false`` (or ``off``) in YAML means full fine-tuning."""
@@ -34,6 +74,16 @@ class LoraSection:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"config key 'lora.r' must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"config key 'lora.alpha' must be > 0, got {self.alpha}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("config key 'lora.target_modules' must name at least one module")
 
 
 @dataclass
@@ -62,18 +112,47 @@ class RunConfig:
     eval_every: int = 5
     checkpoint_every: int = 10
     skip_bad_records: bool = False
+    keep_checkpoints: int = 3
+    max_consecutive_skips: int = 5
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("candidates_per_step", "budget_per_step", "steps", "max_length",
-                    "target_batch_size", "target_refresh"):
+        """Every range check, in one place; each message names its key."""
+        for key in ("candidates_per_step", "budget_per_step", "steps", "target_batch_size",
+                    "target_refresh", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
+        for key in ("warmup_steps", "eval_size", "eval_every", "checkpoint_every",
+                    "max_consecutive_skips"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
+        if self.max_length < 2:
+            raise ConfigError(f"config key 'max_length' must be >= 2, got {self.max_length}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError("config key 'micro_batch_size' must be >= 1 (or null for all B), "
+                              f"got {self.micro_batch_size}")
+        if self.budget_per_step > self.candidates_per_step:
+            raise ConfigError(
+                f"config key 'budget_per_step' ({self.budget_per_step}) must not exceed "
+                f"'candidates_per_step' ({self.candidates_per_step}): k of B candidates")
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"config key 'weight_decay' must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm)
+                                                   and self.max_grad_norm > 0):
+            raise ConfigError(f"config key 'max_grad_norm' must be > 0 (or null for no "
+                              f"clipping), got {self.max_grad_norm}")
+        if not (0 <= self.seed < 2**32 - 1):
+            raise ConfigError(f"config key 'seed' must be in [0, 2**32 - 1), got {self.seed}")
+        if not self.model.strip():
+            raise ConfigError("config key 'model' must not be empty")
+        if not re.fullmatch(r"[a-z]+(:[0-9]+)?", self.device):
+            raise ConfigError(f"config key 'device' must look like cpu, cuda or cuda:0, "
+                              f"got {self.device!r}")
         if self.scheduler not in ("constant", "linear", "cosine"):
             raise ConfigError("config key 'scheduler' must be constant, linear or cosine, "
                               f"got {self.scheduler!r}")
@@ -123,7 +202,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"config key {key!r}: {value} is too large") from None
         raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -139,7 +221,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if unknown:
         hints_txt = []
         for k in unknown:
-            close = difflib.get_close_matches(k, names, n=1)
+            close = difflib.get_close_matches(str(k), names, n=1)
             hints_txt.append(f"{prefix}{k}" + (f" (did you mean {prefix}{close[0]}?)" if close
                                                else ""))
         raise ConfigError(f"unknown config key(s): {', '.join(hints_txt)}")
@@ -149,6 +231,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if k == "lora" and v in (False, "off", "none", None):
             kwargs[k] = None
             continue
+        if k == "lora" and v in (True, "on"):
+            v = {}
         kwargs[k] = _check_type(prefix + k, v, annotation)
     try:
         return cls(**kwargs)
@@ -161,29 +245,57 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    keys = [k.strip() for k in key.split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: not a valid YAML value: {e}") from e
+    return keys, value
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from e
+    try:
+        loaded = yaml_load(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return loaded or {}
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value:
+        return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    return value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start from defaults), apply overrides, validate everything."""
+    """Read a YAML config (or start from defaults), apply overrides, validate everything.
+
+    Relative data paths become absolute: a path in the file is relative to the file's folder,
+    a path given with ``--set`` to the working folder.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        data = loaded or {}
-        for key in PATH_KEYS:  # relative data paths in a file are relative to that file
-            value = data.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                data[key] = str(path.parent / value)
+        data = _read_file(path)
+        for key in PATH_KEYS:
+            if key in data:
+                data[key] = _absolute(data[key], path.parent)
     for text in overrides or []:
         keys, value = parse_override(text)
+        if len(keys) == 1 and keys[0] in PATH_KEYS:
+            value = _absolute(value, Path.cwd())
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
@@ -196,12 +308,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
-    """A plain dict (YAML-ready) of a ``RunConfig``; ``lora: false`` when LoRA is off."""
+    """A plain dict (YAML-ready) of a ``RunConfig``; ``lora: false`` when LoRA is off; data
+    paths absolute (relative ones are taken relative to the working folder)."""
     out = dataclasses.asdict(config)
     if config.lora is None:
         out["lora"] = False
+    for key in PATH_KEYS:
+        out[key] = _absolute(out[key], Path.cwd())
     return out
 
 
+def config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
+    """``["lr: 0.01 → 0.02", ...]``: every (dotted) key whose value differs."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "method_options":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(config_to_dict(stored)), flat(config_to_dict(requested))
+    return [f"{k}: {a.get(k, '-')!r} → {b.get(k, '-')!r}" for k in dict.fromkeys([*a, *b])
+            if a.get(k) != b.get(k)]
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """Write the resolved config (absolute data paths) to ``path`` atomically."""
+    from gradsift.jsonio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -48,6 +48,7 @@ __all__ = [
     "collate",
     "encode",
     "load_examples",
+    "read_examples",
     "read_records",
 ]
 
@@ -245,6 +246,26 @@ class ExampleStream:
         return batch
 
 
+def read_examples(
+    path: str | Path,
+    tokenizer: Any,
+    max_length: int,
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> tuple[list[Example], dict[str, int]]:
+    """All examples of a (small) file, e.g. the target set, and the skip counts by reason.
+
+    Raises:
+        DataError: the file is missing, unreadable, or yields no example.
+    """
+    stream = ExampleStream(path, tokenizer, max_length, skip_bad=skip_bad)
+    examples = stream.next_batch(limit) if limit is not None else list(stream)
+    stream.close()
+    if not examples:
+        raise DataError(f"{path}: no usable example (skipped: {stream.skipped or 'none'})")
+    return examples, stream.skipped
+
+
 def load_examples(
     path: str | Path,
     tokenizer: Any,
@@ -257,11 +278,7 @@ def load_examples(
     Raises:
         DataError: the file is missing, unreadable, or yields no example.
     """
-    stream = ExampleStream(path, tokenizer, max_length, skip_bad=skip_bad)
-    examples = stream.next_batch(limit) if limit is not None else list(stream)
-    if not examples:
-        raise DataError(f"{path}: no usable example (skipped: {stream.skipped or 'none'})")
-    return examples
+    return read_examples(path, tokenizer, max_length, skip_bad=skip_bad, limit=limit)[0]
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:

@@ -13,8 +13,10 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from gradsift.config import load_config
+from gradsift.jsonio import write_json
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 DEMO_METHODS = ["ftw", "random", "greats"]
@@ -23,18 +25,29 @@ DEMO_SOURCES = ["code", "verse", "arithmetic"]
 
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None,
              quiet: bool = False) -> dict:
-    """Build data under ``out/data`` (once), then ``compare`` into ``out``; returns the summary."""
-    from gradsift.cli import compare
+    """Build data under ``out/data`` (once), then ``compare`` into ``out``; returns the summary.
+
+    Restartable after Ctrl-C: the data is reused once complete, and ``compare`` resumes.
+    """
+    from gradsift.rundir import check_compare_dir, locked
     from gradsift.sources import build_stream
 
-    out = Path(out)
+    out = Path(out).absolute()  # the runs' saved configs then work from any folder
     data = out / "data"
-    if not (data / "target.jsonl").exists():
-        build_stream("arithmetic", data, seed=0, n_stream=3000, n_target=120,
-                     sources=DEMO_SOURCES)
     config = load_config(DEMO_CONFIG, overrides)
     config = dataclasses.replace(config, stream=str(data / "stream.jsonl"),
                                  target=str(data / "target.jsonl"))
+    check_compare_dir(out)
+    with locked(out):
+        if not (data / "manifest.json").exists():  # written last: the data is complete
+            build_stream("arithmetic", data, seed=0, n_stream=3000, n_target=120,
+                         sources=DEMO_SOURCES)
+        return _compare_and_report(config, out, data, quiet)
+
+
+def _compare_and_report(config: Any, out: Path, data: Path, quiet: bool) -> dict:
+    from gradsift.cli import compare
+
     if not quiet:
         print(f"gradsift demo: {config.model} + LoRA r={config.lora.r if config.lora else '-'}, "
               f"B={config.candidates_per_step}, k={config.budget_per_step}, "
@@ -43,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None,
               "with 25% wrong answers)", file=sys.stderr)
     summary = compare(config, DEMO_METHODS, [config.seed], out, quiet=quiet)
     noise = label_noise_shares(out, data / "stream.jsonl")
-    (out / "label_noise.json").write_text(json.dumps(noise, indent=1))
+    write_json(out / "label_noise.json", noise)
     if not quiet:
         print("\nwrong-answer share among arithmetic records (stream: "
               f"{noise['stream']:.0%} of arithmetic candidates)")

@@ -10,8 +10,8 @@ the graph kept from the candidate pass.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,14 +22,19 @@ import torch
 from torch import nn
 
 from gradsift.capture import Capture, capture, forward_losses, resolve_modules
-from gradsift.checkpoint import load_checkpoint, save_checkpoint
+from gradsift.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gradsift.data import Example, collate
 from gradsift.factors import FactorizedGrads
+from gradsift.jsonio import dumps_line
 from gradsift.loss import trained_token_counts
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import Selection, SelectionContext, Selector
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The run stopped: non-finite parameters, or too many steps in a row without an update."""
 
 
 class CandidateStream(Protocol):
@@ -59,6 +64,9 @@ class EngineConfig:
         modules: module names to capture (None: every trainable linear-like module).
         total_steps: the run's last step, always evaluated (None: unknown).
         seed: seeds the target draws and the selector's generator.
+        keep_checkpoints: keep this many newest checkpoints.
+        max_consecutive_skips: stop (``TrainingDiverged``) after this many steps in a row
+            without an update — nothing selected, or a non-finite loss or gradient (0: never).
     """
 
     candidates_per_step: int = 16
@@ -73,17 +81,22 @@ class EngineConfig:
     modules: list[str] | None = None
     total_steps: int | None = None
     seed: int = 0
+    keep_checkpoints: int = 3
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
         for name in ("candidates_per_step", "budget_per_step", "target_batch_size",
-                     "target_refresh"):
+                     "target_refresh", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_size", "eval_every", "checkpoint_every"):
+        for name in ("eval_size", "eval_every", "checkpoint_every", "max_consecutive_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (None: no clipping), "
+                             f"got {self.max_grad_norm}")
 
 
 @dataclass
@@ -95,6 +108,7 @@ class TrainerState:
     trained_tokens: int = 0
     wall_seconds: float = 0.0
     skipped_updates: int = 0
+    consecutive_skips: int = 0
     last_target_loss: float = float("nan")
     last_eval_step: int = -1
     log_offsets: dict[str, int] = field(default_factory=dict)
@@ -147,6 +161,9 @@ class OnlineTrainer:
         self.selector_generator = torch.Generator().manual_seed(config.seed + 1)
         self.target_grad: dict[str, torch.Tensor] | None = None
         self.last_metrics: dict[str, Any] = {}
+        self.last_skip_reason: str | None = None  # why the last step made no update
+        self._params_nonfinite = False
+        self._checkpoint_step: int | None = None  # the step of the checkpoint on disk
         self._start = time.perf_counter()
 
     # ------------------------------------------------------------------ the step
@@ -190,21 +207,27 @@ class OnlineTrainer:
         t0 = time.perf_counter()
         weights = torch.zeros(len(examples))
         weights[selection.indices] = selection.weights.float().cpu()
+        skip = None
         if len(selection.indices) > 0:
             set_weighted_gradients(captures, candidates, weights, self.params, self.other_params)
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
+                                                  cfg.max_grad_norm or float("inf"))
+            if torch.isfinite(norm):
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.state.trained_samples += len(selection.indices)
+                self.state.trained_tokens += int(sum(
+                    _n_label_tokens(examples[i]) for i in selection.indices.tolist()))
+                self._params_nonfinite = not all(
+                    bool(torch.isfinite(p).all()) for p in self.params.values())
+            else:  # like AMP's GradScaler: a non-finite loss or gradient makes no update
+                bad_loss = not torch.isfinite(candidates.losses[selection.indices]).all()
+                skip = "non-finite loss" if bad_loss else "non-finite gradient"
             self.optimizer.zero_grad(set_to_none=True)
-            self.state.trained_samples += len(selection.indices)
-            self.state.trained_tokens += int(sum(
-                _n_label_tokens(examples[i]) for i in selection.indices.tolist()))
         else:
-            self.state.skipped_updates += 1
-            logger.info("step %d: no candidate selected (%s); no update",
-                        self.state.step, selection.diagnostics.get("note", ""))
+            skip = f"no candidate selected ({selection.diagnostics.get('note', '')})"
+        self._count_skip(skip)
         del captures
         timing["update"] = time.perf_counter() - t0
 
@@ -212,7 +235,37 @@ class OnlineTrainer:
         record = self._selection_record(examples, candidates, selection, timing)
         self._append("selections.jsonl", record)
         self._after_step(candidates, weights)
+        self._check_progress()
         return record
+
+    # ------------------------------------------------------------ divergence
+    def _count_skip(self, reason: str | None) -> None:
+        self.last_skip_reason = reason
+        if reason is None:
+            self.state.consecutive_skips = 0
+            return
+        self.state.skipped_updates += 1
+        self.state.consecutive_skips += 1
+        logger.info("step %d: no update: %s", self.state.step, reason)
+
+    def _check_progress(self) -> None:
+        """Raise ``TrainingDiverged`` on non-finite parameters, or after
+        ``max_consecutive_skips`` steps in a row without an update."""
+        st, limit = self.state, self.config.max_consecutive_skips
+        kept = (f"the last checkpoint is step {self._checkpoint_step}"
+                if self._checkpoint_step is not None else "no checkpoint was written")
+        if self._params_nonfinite:
+            raise TrainingDiverged(
+                f"step {st.step}: the parameters became non-finite (NaN/inf) after the update; "
+                f"{kept}. Lower lr or max_grad_norm, or use dtype float32 or bfloat16")
+        if limit and st.consecutive_skips >= limit:
+            advice = ("Lower lr or max_grad_norm, or use dtype float32 or bfloat16"
+                      if "non-finite" in (self.last_skip_reason or "") else
+                      "Loosen the method's options, or raise max_consecutive_skips (0: never stop)")
+            raise TrainingDiverged(
+                f"no update for {st.consecutive_skips} steps in a row (steps "
+                f"{st.step - st.consecutive_skips + 1}-{st.step}, last: {self.last_skip_reason}); "
+                f"{kept}. {advice}")
 
     # ---------------------------------------------------------------- pieces
     def _batches(self, examples: Sequence[Example], size: int | None = None) -> list[dict]:
@@ -287,7 +340,8 @@ class OnlineTrainer:
             metrics["target_loss"] = self._evaluate_and_record()
         self.last_metrics = metrics
         self._append("metrics.jsonl", metrics)
-        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+        diverging = "non-finite" in (self.last_skip_reason or "")
+        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and not diverging:
             self.save_checkpoint()
 
     def _selection_record(self, examples, candidates, selection: Selection, timing) -> dict:
@@ -304,33 +358,60 @@ class OnlineTrainer:
             "rho": _json_float(selection.diagnostics.get("rho")),
             "timing": {k: round(v, 6) for k, v in timing.items()},
             "diagnostics": {k: v for k, v in selection.diagnostics.items() if k != "rho"},
+            "skip_reason": self.last_skip_reason,
         }
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.run_dir / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_line(record))  # strict JSON: NaN/inf become null
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write a complete, atomically renamed checkpoint for exact resume."""
-        self.state.log_offsets = {
-            name: (self.run_dir / name).stat().st_size if (self.run_dir / name).exists() else 0
-            for name in ("selections.jsonl", "metrics.jsonl")
-        }
-        return save_checkpoint(self.run_dir / "checkpoints", self)
+    def save_checkpoint(self) -> Path | None:
+        """Write a complete, verified checkpoint for exact resume (once per step; never of
+        non-finite parameters: then None, and the last good checkpoint stays)."""
+        if self._checkpoint_step == self.state.step:
+            return self.run_dir / "checkpoints" / f"step_{self.state.step:06d}"
+        if not all(bool(torch.isfinite(p).all()) for p in self.params.values()):
+            logger.warning("step %d: parameters are not finite; no checkpoint written",
+                           self.state.step)
+            return None
+        offsets = {}
+        for name in ("selections.jsonl", "metrics.jsonl"):
+            path = self.run_dir / name
+            offsets[name] = path.stat().st_size if path.exists() else 0
+            if path.exists():  # on disk before the checkpoint that counts on them
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        self.state.log_offsets = offsets
+        folder = save_checkpoint(self.run_dir / "checkpoints", self, self.config.keep_checkpoints)
+        self._checkpoint_step = self.state.step
+        return folder
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
-        """Restore the latest (or given) checkpoint, truncating logs written after it."""
-        load_checkpoint(self.run_dir / "checkpoints", self, checkpoint)
+        """Restore the newest intact (or given) checkpoint, truncating logs written after it.
+
+        Raises:
+            CheckpointError: no intact checkpoint, or a log is shorter than the checkpoint
+                says (records were lost; nothing is padded or truncated then).
+        """
+        folder = load_checkpoint(self.run_dir / "checkpoints", self, checkpoint)
+        sizes = {name: (self.run_dir / name).stat().st_size if (self.run_dir / name).exists()
+                 else 0 for name in self.state.log_offsets}
+        short = [f"{name} has {sizes[name]} bytes, {size} when {folder.name} was written"
+                 for name, size in self.state.log_offsets.items() if sizes[name] < size]
+        if short:
+            raise CheckpointError(f"{self.run_dir}: {'; '.join(short)}: log records were lost. "
+                                  "Restore the logs, or start a new run")
         for name, size in self.state.log_offsets.items():
             path = self.run_dir / name
             if path.exists():
                 with open(path, "r+b") as f:
                     f.truncate(size)
         self._start = time.perf_counter()
+        self._checkpoint_step = self.state.step
         return self.state.step
 
     def trainer_state(self) -> dict[str, Any]:

@@ -1,13 +1,15 @@
-"""The ``gradsift run`` recipe: setup → train → summary, each an explicit step (torchtune style).
+"""The ``gradsift run`` recipe: preflight → setup → train → summary, each an explicit step
+(torchtune style).
 
-A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``selections.jsonl``,
-``checkpoints/`` and, once finished, ``summary.json``. ``resume_run`` continues a stopped
-run from its last checkpoint to the configured ``steps``.
+A run directory holds ``config.yaml`` (resolved, absolute data paths), ``metrics.jsonl``,
+``selections.jsonl``, ``checkpoints/`` and, once finished, ``summary.json``. ``resume_run``
+continues a stopped run from its newest intact checkpoint (or from step 0 when it has none)
+to the configured ``steps``. ``preflight`` checks the data files, the device and the model
+before anything is loaded or written; a run holds its folder's lock while it writes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
@@ -23,10 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradsift.config import RunConfig, load_config, save_config
-from gradsift.data import ExampleStream, load_examples
-from gradsift.engine import EngineConfig, OnlineTrainer
-from gradsift.models import load_model_and_tokenizer
+from gradsift.checkpoint import has_checkpoint
+from gradsift.config import ConfigError, RunConfig, load_config, save_config
+from gradsift.data import DataError, ExampleStream, read_examples
+from gradsift.engine import EngineConfig, OnlineTrainer, TrainingDiverged
+from gradsift.jsonio import write_json
+from gradsift.models import SMOLLM2_SPEC, TINY_SPEC, bundled_gguf, load_model_and_tokenizer
+from gradsift.rundir import check_new_run_dir, is_run_dir, locked
 from gradsift.select import available_selectors, get_selector
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ class Run:
     config: RunConfig
     trainer: OnlineTrainer
     out_dir: Path
+    skipped_target_records: dict[str, int] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -64,10 +70,83 @@ def method_options(config: RunConfig) -> dict[str, Any]:
     return dict(options)
 
 
-def build_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
+def check_device(device: str) -> None:
+    """Fail fast, naming the key, when ``device`` does not exist on this machine."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"config key 'device': {e}") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    available = bool(backend and hasattr(backend, "is_available") and backend.is_available())
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if dev.type == "mps":
+        available = torch.backends.mps.is_available()
+        count = int(available)
+    if not available or (dev.index or 0) >= count:
+        raise ConfigError(
+            f"config key 'device': {device} is not available on this machine "
+            f"({count} {dev.type} device(s)); use device: cpu"
+            + (f" or {dev.type}:0..{count - 1}" if count else ""))
+
+
+def resolve_model(spec: str) -> str:
+    """``spec`` as something that loads without the network: a bundled name, a local folder,
+    or the folder of a hub id in the local Hugging Face cache.
+
+    Raises:
+        ConfigError: none of these (the message says how to get the model).
+        ModuleNotFoundError: the bundled model's package is missing (with the pip command).
+    """
+    if spec in (SMOLLM2_SPEC, TINY_SPEC):
+        bundled_gguf()  # the package that ships the model (and tokenizer) is installed
+        return spec
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"config key 'model': {folder} has no config.json: not a Hugging "
+                              "Face model folder")
+        return str(folder)
+    hint = (f"config key 'model': {spec!r} is not {SMOLLM2_SPEC!r}, {TINY_SPEC!r}, a local model "
+            "folder, or a hub id in the local Hugging Face cache")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+    except ValueError:  # not a valid hub id
+        raise ConfigError(hint) from None
+    if not isinstance(cached, str):
+        raise ConfigError(f"{hint}. gradsift never downloads: fetch it first "
+                          f"(`huggingface-cli download {spec}`) or give a folder") from None
+    return str(Path(cached).parent)
+
+
+def preflight(config: RunConfig) -> str:
+    """Check what a run needs before any work: data files, selector, device, model.
+
+    Returns:
+        The model to load (see :func:`resolve_model`).
+
+    Raises:
+        ConfigError: the message names the key and says what to do.
+    """
+    for key in ("stream", "target"):
+        path = getattr(config, key)
+        if not path:
+            raise ConfigError(f"config key {key!r} is required: a JSONL or Parquet file")
+        if not Path(path).is_file():
+            raise ConfigError(f"config key {key!r}: {path}: no such file")
+    get_selector(config.method, **method_options(config))
+    check_device(config.device)
+    return resolve_model(config.model)
+
+
+def build_model(config: RunConfig, model_path: str | None = None) -> tuple[torch.nn.Module, Any]:
     """The model (with LoRA adapters unless ``lora: false``) and its tokenizer."""
     model, tokenizer = load_model_and_tokenizer(
-        config.model, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code
+        model_path or config.model, dtype=DTYPES[config.dtype],
+        trust_remote_code=config.trust_remote_code,
     )
     if config.lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -80,7 +159,7 @@ def build_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
                 model = get_peft_model(model, lora)
         except ValueError as e:
-            raise ValueError(f"config key 'lora.target_modules': {e}") from e
+            raise ConfigError(f"config key 'lora.target_modules': {e}") from e
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -94,18 +173,18 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
                          num_training_steps=config.steps)
 
 
-def setup(config: RunConfig, out_dir: str | Path) -> Run:
+def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None) -> Run:
     """Build model, optimizer, scheduler, stream, target set, selector and trainer."""
     out_dir = Path(out_dir)
     seed_everything(config.seed)
     selector = get_selector(config.method, **method_options(config))  # fail fast on bad names
-    model, tokenizer = build_model(config)
+    model, tokenizer = build_model(config, model_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     stream = ExampleStream(config.stream, tokenizer, config.max_length,
                            skip_bad=config.skip_bad_records)
-    target = load_examples(config.target, tokenizer, config.max_length,
-                           skip_bad=config.skip_bad_records)
+    target, target_skips = read_examples(config.target, tokenizer, config.max_length,
+                                         skip_bad=config.skip_bad_records)
     engine_config = EngineConfig(
         candidates_per_step=config.candidates_per_step,
         budget_per_step=config.budget_per_step,
@@ -118,76 +197,103 @@ def setup(config: RunConfig, out_dir: str | Path) -> Run:
         max_grad_norm=config.max_grad_norm,
         total_steps=config.steps,
         seed=config.seed,
+        keep_checkpoints=config.keep_checkpoints,
+        max_consecutive_skips=config.max_consecutive_skips,
     )
     trainer = OnlineTrainer(model, optimizer, selector, stream, target, engine_config, out_dir,
                             scheduler=build_scheduler(config, optimizer),
                             pad_token_id=tokenizer.pad_token_id)
-    return Run(config=config, trainer=trainer, out_dir=out_dir)
+    return Run(config=config, trainer=trainer, out_dir=out_dir,
+               skipped_target_records=target_skips)
 
 
 class Interrupted(Exception):
-    """A run stopped by Ctrl-C between two steps, after writing a checkpoint."""
+    """A run stopped by Ctrl-C or SIGTERM between two steps, after writing a checkpoint."""
 
-    def __init__(self, out_dir: Path, step: int):
+    def __init__(self, out_dir: Path, step: int, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}; checkpoint written. "
                          f"Continue with: gradsift run --resume {out_dir}")
-        self.out_dir, self.step = out_dir, step
+        self.out_dir, self.step, self.signum = out_dir, step, signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def stop_between_steps() -> Iterator[Callable[[], bool]]:
-    """The first Ctrl-C asks to stop after the current step; a second one aborts at once."""
-    requested: list[bool] = []
+def stop_between_steps() -> Iterator[Callable[[], int | None]]:
+    """The first Ctrl-C or SIGTERM (what schedulers send) asks to stop after the current step;
+    a second one aborts at once. Yields a function returning the signal received, if any."""
+    requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: None
         return
 
     def handler(signum: int, frame: Any) -> None:
         if requested:
             raise KeyboardInterrupt
-        requested.append(True)
-        logger.warning("interrupt: finishing this step, then checkpointing "
-                       "(press Ctrl-C again to abort without a checkpoint)")
+        requested.append(signum)
+        logger.warning("%s: finishing this step, then checkpointing (send it again to abort "
+                       "without a checkpoint)", signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield lambda: bool(requested)
+        yield lambda: requested[0] if requested else None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def train(run: Run, quiet: bool = False, position: int = 0, desc: str | None = None) -> None:
+def train(run: Run, quiet: bool = False, position: int = 0, desc: str | None = None) -> str:
     """Step until ``steps`` (or the end of the stream), with a progress bar.
 
+    Returns:
+        How the run ended: ``"completed"`` or ``"stream_ended"``.
+
     Raises:
-        Interrupted: Ctrl-C was pressed; the run stopped after a whole step and checkpointed.
+        Interrupted: Ctrl-C or SIGTERM; the run stopped after a whole step and checkpointed.
+        TrainingDiverged: non-finite parameters, or ``max_consecutive_skips`` steps in a row
+            without an update (``summary.json`` says so; the last good checkpoint is kept).
+        DataError: the stream has no usable example at all.
     """
     trainer, cfg = run.trainer, run.config
+    stopped = "completed"
     bar = tqdm(total=cfg.steps, initial=trainer.state.step, disable=quiet, position=position,
                desc=desc or cfg.method, unit="step", leave=position == 0, dynamic_ncols=True)
     with stop_between_steps() as stop_requested:
         while trainer.state.step < cfg.steps:
-            record = trainer.step()
+            try:
+                record = trainer.step()
+            except TrainingDiverged:
+                bar.close()
+                write_summary(run, stopped="diverged")
+                raise
             if record is None:
+                if trainer.state.step == 0:
+                    bar.close()
+                    raise DataError(f"{cfg.stream}: the stream has no usable example "
+                                    f"(skipped: {trainer.stream.skipped_counts() or 'none'})")
                 logger.warning("the stream ended after %d steps (configured: %d)",
                                trainer.state.step, cfg.steps)
+                stopped = "stream_ended"
                 break
             bar.update(1)
             bar.set_postfix(
                 loss=f"{trainer.last_metrics.get('train_loss', float('nan')):.3f}",
                 target=f"{trainer.last_target_loss:.3f}",
                 selected=len(record["selected_ids"]))
-            if stop_requested():
+            if signum := stop_requested():
                 bar.close()
                 trainer.save_checkpoint()
-                raise Interrupted(run.out_dir, trainer.state.step)
+                raise Interrupted(run.out_dir, trainer.state.step, signum)
     bar.close()
     if trainer.last_eval_step != trainer.state.step:
         trainer.log_final_eval()
+    return stopped
 
 
-def write_summary(run: Run) -> dict[str, Any]:
-    """``summary.json``: final target loss (after the last step), counts, time, method, seed."""
+def write_summary(run: Run, stopped: str = "completed") -> dict[str, Any]:
+    """``summary.json`` (strict JSON, written atomically): final target loss (after the last
+    step), counts, time, method, seed, skipped records, and how the run ended."""
     st = run.trainer.state
     summary = {
         "final_target_loss": run.trainer.last_target_loss,
@@ -198,36 +304,58 @@ def write_summary(run: Run) -> dict[str, Any]:
         "wall_seconds": round(st.wall_seconds, 3),
         "method": run.config.method,
         "seed": run.config.seed,
+        "stopped": stopped,
         "skipped_records": run.trainer.stream.skipped_counts(),
+        "skipped_target_records": run.skipped_target_records or {},
     }
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(run.out_dir / "summary.json", summary)
     return summary
 
 
 def run_config(config: RunConfig, out_dir: str | Path, quiet: bool = False,
                position: int = 0, desc: str | None = None) -> dict[str, Any]:
-    """A fresh run into ``out_dir`` (which must not hold an earlier run)."""
+    """A fresh run into ``out_dir``, which must be missing or empty.
+
+    Raises:
+        RunFolderError: ``out_dir`` holds a run (resume it) or files gradsift did not write.
+        RunLockedError: another process writes into ``out_dir``.
+    """
     out_dir = Path(out_dir)
-    if (out_dir / "selections.jsonl").exists() or (out_dir / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{out_dir} already holds a run: use `gradsift run --resume {out_dir}` or a new --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    run = setup(config, out_dir)
-    run.trainer.log_initial_eval()
-    train(run, quiet=quiet, position=position, desc=desc)
-    return write_summary(run)
+    model_path = preflight(config)
+    check_new_run_dir(out_dir)
+    with locked(out_dir):
+        check_new_run_dir(out_dir)  # again, now that no other process can start one here
+        save_config(config, out_dir / "config.yaml")
+        run = setup(config, out_dir, model_path)
+        run.trainer.log_initial_eval()
+        stopped = train(run, quiet=quiet, position=position, desc=desc)
+        return write_summary(run, stopped)
 
 
-def resume_run(out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Continue the run in ``out_dir`` from its last checkpoint to the configured steps."""
+def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
+               desc: str | None = None) -> dict[str, Any]:
+    """Continue the run in ``out_dir`` from its newest intact checkpoint to the configured
+    steps; a run that never wrote a checkpoint starts again from step 0.
+
+    Raises:
+        RunFolderError: ``out_dir`` is not a gradsift run.
+        CheckpointError: it has checkpoints, but none is intact (each reason is listed).
+    """
     out_dir = Path(out_dir)
     config_file = out_dir / "config.yaml"
-    if not config_file.exists():
+    if not config_file.is_file() or not is_run_dir(out_dir):
         raise FileNotFoundError(f"{config_file} not found: is {out_dir} a gradsift run directory?")
     config = load_config(config_file)
-    run = setup(config, out_dir)
-    step = run.trainer.resume()
-    logger.info("resumed %s at step %d of %d", out_dir, step, config.steps)
-    train(run, quiet=quiet)
-    return write_summary(run)
+    model_path = preflight(config)
+    with locked(out_dir):
+        run = setup(config, out_dir, model_path)
+        if has_checkpoint(out_dir / "checkpoints"):
+            step = run.trainer.resume()
+            logger.info("resumed %s at step %d of %d", out_dir, step, config.steps)
+        else:
+            logger.warning("%s has no checkpoint yet: starting it again from step 0", out_dir)
+            for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
+                (out_dir / name).unlink(missing_ok=True)
+            run.trainer.log_initial_eval()
+        stopped = train(run, quiet=quiet, position=position, desc=desc)
+        return write_summary(run, stopped)

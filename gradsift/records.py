@@ -110,8 +110,14 @@ def parse_record(obj: Any, location: str, default_id: str, default_source: str) 
     elif shapes == ["prompt"]:
         record.prompt = _str_field(obj, "prompt", location)
         record.response = _str_field(obj, "response", location)
+        if not record.response.strip():
+            logger.warning("%s: empty response: only the end-of-sequence token carries loss",
+                           location)
     else:
         record.messages = _messages(obj["messages"], location)
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in record.messages):
+            logger.warning("%s: an assistant turn is empty: only its closing tokens carry loss",
+                           location)
     return record
 
 
@@ -191,6 +197,8 @@ class RecordReader:
                 obj = raw if self._parquet else json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 error = DataError(f"{where}: invalid JSON: {err}")
+            except RecursionError:
+                error = DataError(f"{where}: invalid JSON: nested too deeply")
             else:
                 try:
                     return parse_record(obj, where, f"{self.path.name}:{line}", self.path.stem)

@@ -146,9 +146,11 @@ def summarize_compare(compare_dir: str | Path, skip_incomplete: bool = False) ->
 
 def write_summary(summary: dict[str, Any], compare_dir: str | Path) -> Path:
     """Write ``summary`` to ``DIR/summary.json`` and return the path."""
-    out = Path(compare_dir) / "summary.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return out
+    from gradsift.jsonio import json_safe, write_text_atomic
+
+    out = Path(compare_dir) / "summary.json"  # strict JSON: NaN/inf become null
+    return write_text_atomic(out, json.dumps(json_safe(summary), indent=2,
+                                             allow_nan=False) + "\n")
 
 
 def summary_from_runs(runs: dict[str, list[Run]], compare_dir: str | Path,

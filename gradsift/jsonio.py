@@ -1,0 +1,78 @@
+"""Strict JSON for logs and summaries: non-finite numbers become ``null``, files are replaced
+atomically.
+
+``json.dumps`` writes ``NaN`` and ``Infinity`` by default, which no strict JSON reader accepts.
+Every file gradsift writes goes through :func:`json_safe` first; a record whose top-level
+numbers were replaced names them in ``"nonfinite"`` (the reason the value is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/±inf (also numpy and torch scalars) replaced by ``None``."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_nonfinite(v) for v in value)
+    return False
+
+
+def safe_record(record: dict[str, Any]) -> dict[str, Any]:
+    """:func:`json_safe` of a log record, plus ``"nonfinite": [keys]`` naming the top-level
+    keys whose value (or part of it) was NaN/inf and is now ``null``."""
+    bad = [k for k, v in record.items() if _has_nonfinite(v)]
+    out = json_safe(record)
+    if bad:
+        out["nonfinite"] = bad
+    return out
+
+
+def dumps_line(record: dict[str, Any]) -> str:
+    """One strict JSON line (no NaN/Infinity tokens) for a ``.jsonl`` log, with the newline."""
+    return json.dumps(safe_record(record), allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, obj: dict[str, Any], indent: int = 1) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    return write_text_atomic(path, json.dumps(safe_record(obj), indent=indent,
+                                              allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) sees the old or the new
+    file, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -160,6 +160,8 @@ class OnlineTrainer:
         self.target_generator = torch.Generator().manual_seed(config.seed)
         self.selector_generator = torch.Generator().manual_seed(config.seed + 1)
         self.target_grad: dict[str, torch.Tensor] | None = None
+        self.target_samples: FactorizedGrads | None = None  # per-example factors behind g_V
+        self.target_batch: list[Example] = []  # the target examples behind g_V
         self.last_metrics: dict[str, Any] = {}
         self.last_skip_reason: str | None = None  # why the last step made no update
         self._params_nonfinite = False
@@ -199,6 +201,7 @@ class OnlineTrainer:
                                                  candidates.param_names),
             k=cfg.budget_per_step,
             generator=self.selector_generator,
+            target_samples=self.target_samples if self.selector.needs_target else None,
         )
         selection = self.selector.select(ctx)
         timing["selection"] = time.perf_counter() - t0
@@ -261,7 +264,9 @@ class OnlineTrainer:
         if limit and st.consecutive_skips >= limit:
             advice = ("Lower lr or max_grad_norm, or use dtype float32 or bfloat16"
                       if "non-finite" in (self.last_skip_reason or "") else
-                      "Loosen the method's options, or raise max_consecutive_skips (0: never stop)")
+                      "If the run is diverging, lower lr or max_grad_norm; if the method "
+                      "filters out everything, loosen its options or raise "
+                      "max_consecutive_skips (0: never stop)")
             raise TrainingDiverged(
                 f"no update for {st.consecutive_skips} steps in a row (steps "
                 f"{st.step - st.consecutive_skips + 1}-{st.step}, last: {self.last_skip_reason}); "
@@ -283,7 +288,12 @@ class OnlineTrainer:
         n = min(self.config.target_batch_size, len(self.target_pool))
         picks = torch.randperm(len(self.target_pool), generator=self.target_generator)[:n]
         batch = [self.target_pool[i] for i in picks.tolist()]
-        return target_gradient(self.model, self._batches(batch), self.module_names)
+        self.target_batch = batch
+        samples = FactorizedGrads.concat([c.grads for c in capture_batches(
+            self.model, self._batches(batch), self.module_names, False)])
+        # the per-example factors stay only for selectors that read them (noise of b)
+        self.target_samples = samples if self.selector.needs_target_samples else None
+        return samples.weighted_sum(torch.full((len(samples),), 1.0 / len(samples)))
 
     @torch.no_grad()
     def evaluate(self) -> float:

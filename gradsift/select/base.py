@@ -32,6 +32,9 @@ class SelectionContext:
         optimizer_state: ``P``, ``m``, ``β₁``, ``η`` for ``candidates.param_names``.
         k: the budget (at most ``k`` candidates).
         generator: the only source of randomness a selector may use.
+        target_samples: the per-example factors of the target batch behind ``target_grad``
+            (given when ``selector.needs_target_samples``): ``⟨g_i, P g_t⟩`` per target
+            example ``t`` measures how noisy each alignment ``b_i`` is.
     """
 
     candidates: FactorizedGrads
@@ -39,6 +42,7 @@ class SelectionContext:
     optimizer_state: OptimizerState
     k: int
     generator: torch.Generator
+    target_samples: FactorizedGrads | None = None
 
 
 @dataclass
@@ -78,6 +82,11 @@ class Selector:
     needs_target: ClassVar[bool] = False
     needs_grads: ClassVar[bool] = True
     config_class: ClassVar[type[SelectorConfig]] = SelectorConfig
+
+    @property
+    def needs_target_samples(self) -> bool:
+        """The per-example target factors (``ctx.target_samples``) are read, not only ``g_V``."""
+        return False
 
     def __init__(self, config: SelectorConfig | None = None):
         self.config = self.config_class() if config is None else config

@@ -192,6 +192,74 @@ class CosineSelector(Selector):
         return _ranked(cos, ctx.k)
 
 
+@dataclass
+class OpusConfig(SelectorConfig):
+    """Options of OPUS.
+
+    Attributes:
+        temperature: Boltzmann temperature ``τ`` over standardized utilities (the paper's 0.9).
+        lr: the step size ``η`` of the redundancy penalty (default: the optimizer's mean lr).
+    """
+
+    temperature: float = 0.9
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0 or None, got {self.lr}")
+
+
+class OpusSelector(Selector):
+    """OPUS (S. Wang et al., "OPUS: Towards Efficient and Principled Data Selection in Large
+    Language Model Pre-training in Every Iteration", 2026, arXiv 2602.05400), as we read it.
+
+    The utility of a candidate is its Adam-shaped update ``P g_i`` projected on the target
+    gradient, minus an in-step redundancy penalty against the candidates drawn so far:
+    ``u_i = ⟨P g_i, g_V⟩ − η Σ_{s∈S} ⟨P g_i, P g_s⟩``. The ``k`` draws are Boltzmann samples
+    without replacement, ``p_i ∝ exp(z_i / τ)`` with ``z`` the utilities standardized over the
+    candidates left (so ``τ`` is scale-free); uniform weights. Scores: the first utilities.
+    (The paper's CountSketch projection is an approximation of these inner products; here they
+    are exact.)
+    """
+
+    name = "opus"
+    needs_target = True
+    needs_grads = True
+    config_class = OpusConfig
+
+    def _select(self, ctx: SelectionContext) -> Selection:
+        cfg: OpusConfig = self.config  # type: ignore[assignment]
+        cands, state = ctx.candidates, ctx.optimizer_state
+        names = cands.param_names
+        assert ctx.target_grad is not None
+        eta = cfg.lr if cfg.lr is not None else state.mean_lr(names)
+        p = {n: state.preconditioner[n] for n in names}
+        u0 = alignment(cands, ctx.target_grad, p).double().cpu()
+        kmat = cands.gram(precondition={n: p[n].float() ** 2 for n in names}).double().cpu()
+        n = u0.numel()
+        ok = torch.isfinite(u0) & torch.isfinite(kmat).all(0) & torch.isfinite(kmat).all(1)
+        left = ok.clone()
+        penalty = torch.zeros(n, dtype=torch.float64)
+        chosen: list[int] = []
+        for _ in range(min(ctx.k, int(ok.sum()))):
+            u = u0 - eta * penalty
+            z = torch.zeros(n, dtype=torch.float64)
+            spread = float(u[left].std()) if int(left.sum()) > 1 else 0.0
+            if spread > 0:
+                z[left] = (u[left] - u[left].mean()) / spread
+            logits = torch.where(left, z / cfg.temperature, torch.full_like(z, -torch.inf))
+            probs = torch.softmax(logits, dim=0)
+            j = int(torch.multinomial(probs.float(), 1, generator=ctx.generator))
+            chosen.append(j)
+            left[j] = False
+            penalty += kmat[:, j]
+        idx = torch.tensor(sorted(chosen), dtype=torch.long)
+        diag = {"n_filtered": int(ok.sum()), "temperature": cfg.temperature, "lr": eta}
+        return Selection(idx, _uniform(idx.numel()), u0.float(), diag)
+
+
 class FullSelector(Selector):
     """All ``B`` candidates with uniform weights: the plain training step, for reference.
 
@@ -216,4 +284,5 @@ register_selector("loss", LossSelector)
 register_selector("gradnorm", GradNormSelector)
 register_selector("greats", GreatsSelector)
 register_selector("cosine", CosineSelector)
+register_selector("opus", OpusSelector)
 register_selector("full", FullSelector)

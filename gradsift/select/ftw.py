@@ -19,8 +19,15 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    (``n_eligible · k ≤ 1024`` by default).
    The top-``k``-by-``b`` subset is always evaluated too and the better one kept, so the
    result is never worse than ranking by alignment.
+   With ``fill``, a subset smaller than ``k`` is topped up with the remaining eligible
+   candidates by alignment: the budget is paid for either way.
 2. **Weight**: NNLS on the subset (``scipy.optimize.nnls`` on a Cholesky factor of
-   ``K_S + ridge``), zero weights dropped, normalized to ``Σ w = 1``.
+   ``K_S + ridge``), normalized to ``Σ w = 1`` (``nnls``); uniform (``uniform``); or
+   ``shrink``: uniform moved towards NNLS only as far as the target batch supports it.
+   With per-target-example alignments ``B_ti = ⟨g_i, P g_t⟩`` (``b = mean_t B_t``), the gain
+   of NNLS over uniform is ``d_t = ρ_t(w_nnls) − ρ_t(w_unif)`` per target example; with
+   ``d̄`` its mean and ``se`` its standard error, ``w = w_unif + s (w_nnls − w_unif)``,
+   ``s = d̄² / (d̄² + se²)`` (0 when ``d̄ ≤ 0``): the signal-to-noise shrinkage of a mean.
 
 Everything runs in float64 NumPy on the CPU: ``K`` is ``B×B`` and the solves are ``k×k``.
 """
@@ -36,7 +43,7 @@ import scipy.optimize
 import torch
 
 SUBSETS = ("greedy", "topk")
-WEIGHTINGS = ("nnls", "uniform")
+WEIGHTINGS = ("nnls", "uniform", "shrink")
 # 1-swap polishing: at most SWAP_EVALS NNLS fits, by default only when n_eligible * k is small.
 SWAP_EVALS = 200
 SWAP_AUTO_MAX = 1024
@@ -54,6 +61,7 @@ class FTWResult:
         n_positive: of those, with ``b_i > 0``.
         n_filtered: of those, passing the cosine threshold (eligible for budget).
         note: why fewer than ``k`` were selected ('' otherwise).
+        shrink: the NNLS share ``s`` of the ``shrink`` weighting (None for other weightings).
     """
 
     indices: torch.Tensor
@@ -63,6 +71,7 @@ class FTWResult:
     n_positive: int
     n_filtered: int
     note: str = ""
+    shrink: float | None = None
 
 
 def _solve_nnls(k_ss: np.ndarray, b_s: np.ndarray, ridge: float) -> np.ndarray:
@@ -193,6 +202,36 @@ def _swap_search(
     return chosen
 
 
+def _shrink_to_uniform(
+    b: np.ndarray, kmat: np.ndarray, chosen: list[int], ridge: float,
+    per_target: np.ndarray | None,
+) -> tuple[np.ndarray, float]:
+    """``w_unif + s (w_nnls − w_unif)`` with ``s = d̄²/(d̄² + se²)`` (module docstring).
+
+    ``per_target`` is (n_t, n) alignments per target example; without two of them the gain
+    of NNLS cannot be told from noise and ``s = 0``.
+    """
+    idx = np.asarray(chosen)
+    n = len(chosen)
+    w_u = np.full(n, 1.0 / n)
+    w_n = np.zeros(n)
+    kept, w_fit = _fit(b, kmat, chosen, ridge)
+    if not kept or per_target is None or per_target.shape[0] < 2:
+        return w_u, 0.0
+    w_n[[chosen.index(i) for i in kept]] = w_fit / w_fit.sum()
+    k_ss = kmat[np.ix_(idx, idx)]
+    den_n = float(w_n @ k_ss @ w_n)
+    den_u = float(w_u @ k_ss @ w_u)
+    if den_n <= 0.0 or den_u <= 0.0:
+        return w_u, 0.0
+    b_t = per_target[:, idx]  # (n_t, n)
+    d = b_t @ w_n / np.sqrt(den_n) - b_t @ w_u / np.sqrt(den_u)
+    mean, se2 = float(d.mean()), float(d.var(ddof=1)) / d.shape[0]
+    s = mean * mean / (mean * mean + se2) if mean > 0.0 and mean * mean + se2 > 0 else 0.0
+    w = w_u + s * (w_n - w_u)
+    return w / w.sum(), s
+
+
 def _validate(align: torch.Tensor, gram: torch.Tensor, k: int) -> None:
     if align.dim() != 1:
         raise ValueError(f"align must be 1-D (B,), got shape {tuple(align.shape)}")
@@ -215,9 +254,16 @@ def ftw_solve(
     ridge: float = 1e-9,
     tol: float = 1e-6,
     swap_evals: int | None = None,
+    fill: bool = False,
+    target_align: torch.Tensor | None = None,
 ) -> FTWResult:
     """Filter-then-Weight with diagnostics; see ``filter_then_weight`` for the arguments."""
     _validate(align, gram, k)
+    if target_align is not None and (
+        target_align.dim() != 2 or target_align.shape[1] != align.shape[0]
+    ):
+        raise ValueError(f"target_align must be (n_target, {align.shape[0]}), got "
+                         f"{tuple(target_align.shape)}")
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
     if weighting not in WEIGHTINGS:
@@ -263,12 +309,22 @@ def ftw_solve(
                 chosen, best_f = new, f
 
     # the weight stage: NNLS on the subset (a refit in another order may zero a weight)
-    chosen, w = _fit(b, kmat, sorted(chosen), ridge)
-    idx = np.asarray(chosen, dtype=np.int64)
-    if weighting == "uniform" or not chosen:
-        w = np.full(len(chosen), 1.0 / max(1, len(chosen)))
+    shrink = None
+    if weighting == "nnls":
+        chosen, w = _fit(b, kmat, sorted(chosen), ridge)
+        w = w / w.sum() if chosen else w
     else:
-        w = w / w.sum()
+        if fill and len(chosen) < k:
+            rest = [int(j) for j in np.argsort(-b, kind="stable") if int(j) not in chosen]
+            chosen = chosen + rest[: k - len(chosen)]
+        chosen = sorted(chosen)
+        w = np.full(len(chosen), 1.0 / max(1, len(chosen)))
+        if weighting == "shrink" and len(chosen) > 1:
+            per_target = None
+            if target_align is not None:
+                per_target = target_align.detach().to("cpu", torch.float64).numpy()[:, pos]
+            w, shrink = _shrink_to_uniform(b, kmat, chosen, ridge, per_target)
+    idx = np.asarray(chosen, dtype=np.int64)
     rho = _rho(b, kmat, idx, w) if chosen else 0.0
 
     note = ""
@@ -290,6 +346,7 @@ def ftw_solve(
         else:
             note = f"only {len(chosen)} of {n_elig} eligible candidates add to rho (tol={tol})"
     return FTWResult(
+        shrink=shrink,
         indices=torch.as_tensor(pos[idx] if chosen else np.zeros(0, dtype=np.int64)),
         weights=torch.as_tensor(w, dtype=torch.float32),
         rho=float(rho),
@@ -311,7 +368,9 @@ def filter_then_weight(
         k: budget (at most ``k`` are selected; fewer when fewer are useful).
         **options: ``min_cosine`` (0.0; needs ``target_sq_norm`` = ``ĝᵀPĝ``), ``subset``
             (``"greedy"`` redundancy-aware, or ``"topk"`` by ``b``), ``weighting``
-            (``"nnls"`` or ``"uniform"``), ``ridge`` (1e-9, relative), ``tol`` (1e-6,
+            (``"nnls"``, ``"uniform"`` or ``"shrink"``, which reads ``target_align``: the
+            (n_target, B) per-target-example alignments), ``fill`` (False: top a short subset
+            up to ``k`` by alignment), ``ridge`` (1e-9, relative), ``tol`` (1e-6,
             relative gain in ``ρ²`` to keep adding), ``swap_evals`` (NNLS fits spent on 1-swap
             polishing; default ``None``: 200 when ``n_eligible · k ≤ 1024``, else 0).
 

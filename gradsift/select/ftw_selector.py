@@ -1,5 +1,5 @@
-"""The Filter-then-Weight selector and its ablations (``ftw``, ``ftw-filter-only``,
-``ftw-weight-only``, ``ftw-sgd``).
+"""The Filter-then-Weight selector and its ablations (``ftw``, ``ftw-nnls``,
+``ftw-filter-only``, ``ftw-weight-only``, ``ftw-sgd``).
 
 Source: F. Wang et al., "Two-Stage Optimizer-Aware Online Data Selection for Large Language
 Models", 2026, arXiv 2604.00001; the objective is DESIGN.md §3: ``b_i = ⟨g_i, P ĝ⟩``,
@@ -33,7 +33,10 @@ class FTWConfig(SelectorConfig):
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
         geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
         subset: ``"greedy"`` (redundancy-aware) or ``"topk"`` by alignment.
-        weighting: ``"nnls"`` or ``"uniform"``.
+        weighting: ``"nnls"`` (maximize ``ρ``), ``"uniform"``, or ``"shrink"`` (uniform moved
+            towards NNLS by the evidence of the target batch; ``gradsift.select.ftw``).
+        fill: top a subset smaller than ``k`` up with the next candidates by alignment
+            (``uniform`` and ``shrink`` only: NNLS gives them no weight).
         ridge: relative ridge of the NNLS Cholesky factor.
         tol: relative gain in ``ρ²`` below which no further candidate is added.
         swap_evals: NNLS fits spent on 1-swap polishing (None: automatic, small problems).
@@ -44,10 +47,11 @@ class FTWConfig(SelectorConfig):
     min_cosine: float = 0.0
     geometry: str = "adam"
     subset: str = "greedy"
-    weighting: str = "nnls"
+    weighting: str = "shrink"
     ridge: float = 1e-9
     tol: float = 1e-6
     swap_evals: int | None = None
+    fill: bool = True
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -58,6 +62,8 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not isinstance(self.fill, bool):
+            raise ValueError(f"fill must be a bool, got {self.fill!r}")
         if not isinstance(self.momentum_correction, bool):
             raise ValueError(
                 f"momentum_correction must be a bool, got {self.momentum_correction!r}"
@@ -86,6 +92,10 @@ class FTWSelector(Selector):
     needs_grads = True
     config_class = FTWConfig
 
+    @property
+    def needs_target_samples(self) -> bool:
+        return self.config.weighting == "shrink"  # type: ignore[attr-defined]
+
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
         cands, state = ctx.candidates, ctx.optimizer_state
@@ -107,6 +117,16 @@ class FTWSelector(Selector):
             if cfg.min_cosine > 0.0
             else None
         )
+        per_target = None
+        if cfg.weighting == "shrink" and ctx.target_samples is not None:
+            # B_ti = ⟨g_i, P g_t⟩ per target example t; their mean is (up to the momentum
+            # shift common to every t) b, their spread is the noise of b.
+            cross = cands.gram(other=ctx.target_samples, precondition=precondition).T
+            scale = 1.0
+            if cfg.momentum_correction and state.momentum is not None:
+                beta1 = max((state.beta1.get(n, 0.0) for n in names), default=0.0)
+                scale = 1.0 / (1.0 - beta1)
+            per_target = b[None, :] + (cross - cross.mean(dim=0, keepdim=True)) * scale
         res = ftw_solve(
             b,
             kmat,
@@ -118,6 +138,8 @@ class FTWSelector(Selector):
             ridge=cfg.ridge,
             tol=cfg.tol,
             swap_evals=cfg.swap_evals,
+            fill=cfg.fill,
+            target_align=per_target,
         )
         diagnostics = {
             "rho": res.rho,
@@ -128,6 +150,8 @@ class FTWSelector(Selector):
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
         }
+        if res.shrink is not None:
+            diagnostics["shrink"] = res.shrink
         if res.note:
             diagnostics["note"] = res.note
         return Selection(
@@ -138,25 +162,10 @@ class FTWSelector(Selector):
         )
 
 
-class FTWFilterOnlySelector(FTWSelector):
-    """Ablation of FTW (Wang et al., 2026): FTW's redundancy-aware subset, uniform weights."""
-
-    name = "ftw-filter-only"
-
-
-class FTWWeightOnlySelector(FTWSelector):
-    """Ablation of FTW (Wang et al., 2026): top-``k`` by alignment (positive only), NNLS weights."""
-
-    name = "ftw-weight-only"
-
-
-class FTWSGDSelector(FTWSelector):
-    """Ablation of FTW (Wang et al., 2026): the same method in SGD geometry, ``P = 1``."""
-
-    name = "ftw-sgd"
-
-
+# The ablations are configurations of the one selector (Wang et al., 2026): each fixes one
+# option of FTW's defaults and keeps the rest.
 register_selector("ftw", FTWSelector)
-register_selector("ftw-filter-only", FTWFilterOnlySelector, weighting="uniform")
-register_selector("ftw-weight-only", FTWWeightOnlySelector, subset="topk")
-register_selector("ftw-sgd", FTWSGDSelector, geometry="sgd")
+register_selector("ftw-nnls", FTWSelector, weighting="nnls")  # ρ-maximizing weights
+register_selector("ftw-filter-only", FTWSelector, weighting="uniform")  # the subset alone
+register_selector("ftw-weight-only", FTWSelector, subset="topk")  # top-k by b, FTW's weights
+register_selector("ftw-sgd", FTWSelector, geometry="sgd")  # P = 1

@@ -27,7 +27,7 @@ from gradsift.select import (
 from gradsift.select.baselines import RandomSelector
 
 B = 8
-FTW_NAMES = {"ftw", "ftw-filter-only", "ftw-weight-only", "ftw-sgd"}
+FTW_NAMES = {"ftw", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd"}
 
 
 def _batch(b: int, seed: int) -> dict[str, torch.Tensor]:
@@ -62,12 +62,12 @@ def _ctx(world, k: int, seed: int = 0) -> SelectionContext:
 
 
 def test_registry_lists_every_method() -> None:
-    expected = {"random", "loss", "gradnorm", "greats", "cosine", "full"} | FTW_NAMES
+    expected = {"random", "loss", "gradnorm", "greats", "cosine", "opus", "full"} | FTW_NAMES
     assert set(available_selectors()) == expected
 
 
 @pytest.mark.parametrize(
-    "name", sorted({"random", "loss", "gradnorm", "greats", "cosine", "full"} | FTW_NAMES)
+    "name", sorted({"random", "loss", "gradnorm", "greats", "cosine", "opus", "full"} | FTW_NAMES)
 )
 @pytest.mark.parametrize("k", [3, 20])
 def test_every_selector_respects_the_budget(world, name: str, k: int) -> None:
@@ -160,10 +160,11 @@ def test_ftw_selector_is_filter_then_weight_on_b_and_k(world) -> None:
     cands, target, state = world
     p = state.preconditioner
     for name, pre, kwargs in [
-        ("ftw", p, {}),
-        ("ftw-sgd", None, {}),
-        ("ftw-weight-only", p, {"subset": "topk"}),
-        ("ftw-filter-only", p, {"weighting": "uniform"}),
+        ("ftw", p, {"weighting": "shrink", "fill": True}),
+        ("ftw-nnls", p, {}),
+        ("ftw-sgd", None, {"weighting": "shrink", "fill": True}),
+        ("ftw-weight-only", p, {"subset": "topk", "weighting": "shrink", "fill": True}),
+        ("ftw-filter-only", p, {"weighting": "uniform", "fill": True}),
     ]:
         b = alignment(cands, target, pre)
         kmat = interaction(cands, pre)
@@ -233,3 +234,93 @@ def test_target_required(world) -> None:
     with pytest.raises(ValueError, match="target"):
         get_selector("cosine").select(ctx)
     assert get_selector("loss").select(ctx).indices.numel() == 3
+
+
+def test_ftw_shrink_weights_follow_the_per_target_evidence() -> None:
+    """ftw's default weights: uniform + s (nnls − uniform), s = d̄²/(d̄² + se²), recomputed by
+    hand from per-target-example gradients taken one at a time with autograd."""
+    model = tiny_llama(tie=False).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    reference_losses(model, _batch(4, 99)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    cands = per_sample_grads(model, _batch(B, 1))
+    names = cands.param_names
+    params = dict(model.named_parameters())
+    t_batch = _batch(4, 2)
+    per_example = []  # g_t by brute force: one autograd call per target example
+    for t in range(4):
+        loss = reference_losses(model, {k: v[t : t + 1] for k, v in t_batch.items()})[0]
+        per_example.append(dict(zip(names, torch.autograd.grad(
+            loss, [params[n] for n in names]), strict=True)))
+    target = {n: sum(e[n] for e in per_example) / 4 for n in names}
+    state = read_optimizer_state(opt, model, names)
+    p = state.preconditioner
+    g = cands.materialize()
+    b_t = torch.tensor([[
+        float(sum((g[n][i].double() * p[n].double() * e[n].double()).sum() for n in names))
+        for i in range(B)] for e in per_example], dtype=torch.float64)
+    b = b_t.mean(0)
+    kmat = interaction(cands, p).double()
+
+    sel_nnls = get_selector("ftw-nnls").select(SelectionContext(
+        cands, target, state, 3, torch.Generator().manual_seed(0)))
+    ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
+                           target_samples=per_sample_grads(model, t_batch))
+    sel = get_selector("ftw").select(ctx)
+    pos = sel.indices.tolist()
+    # the subset is FTW's (the nnls variant's), filled up to k by alignment
+    assert len(pos) == 3 and set(sel_nnls.indices.tolist()) <= set(pos)
+    w_u = torch.full((3,), 1.0 / 3, dtype=torch.float64)
+    w_n = torch.zeros(3, dtype=torch.float64)
+    for i, w in zip(sel_nnls.indices.tolist(), sel_nnls.weights.double(), strict=True):
+        w_n[pos.index(i)] = w
+    k_ss = kmat[pos][:, pos]
+    d = (b_t[:, pos] @ w_n / (w_n @ k_ss @ w_n).sqrt()
+         - b_t[:, pos] @ w_u / (w_u @ k_ss @ w_u).sqrt())
+    mean, se2 = float(d.mean()), float(d.var()) / 4
+    s = mean**2 / (mean**2 + se2) if mean > 0 else 0.0
+    assert sel.diagnostics["shrink"] == pytest.approx(s, rel=1e-3, abs=1e-6)
+    torch.testing.assert_close(sel.weights.double(), w_u + s * (w_n - w_u), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_opus_draws_follow_the_boltzmann_distribution(world) -> None:
+    """k=1: the empirical draw frequencies match softmax(z/τ) of the standardized utilities
+    ⟨P g_i, g_V⟩, computed here from materialized gradients."""
+    cands, target, state = world
+    p = state.preconditioner
+    g = cands.materialize()
+    u = torch.stack([
+        sum((g[n][i].double() * p[n].double() * target[n].double()).sum()
+            for n in cands.param_names) for i in range(len(cands))
+    ])
+    z = (u - u.mean()) / u.std()
+    expected = torch.softmax(z / 0.9, dim=0)
+    counts = torch.zeros(len(cands), dtype=torch.float64)
+    sel = get_selector("opus")
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    for _ in range(n):
+        ctx = SelectionContext(cands, target, state, 1, gen)
+        counts[sel._select(ctx).indices] += 1
+    freq = counts / n
+    # 4 standard errors of a binomial frequency
+    tol = 4 * (expected * (1 - expected) / n).sqrt() + 1e-3
+    assert torch.all((freq - expected).abs() <= tol), (freq, expected)
+    torch.testing.assert_close(sel._select(SelectionContext(cands, target, state, 1, gen)).scores,
+                               u.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_opus_penalizes_a_duplicate_of_a_drawn_candidate(world) -> None:
+    """With two identical candidates and a large η, the second copy's utility after the first
+    is drawn is far below the rest: it is (almost) never drawn together with its twin."""
+    cands, target, state = world
+    twin = cands.select(torch.tensor([0, 0, 1, 2, 3, 4]))
+    sel = get_selector("opus", lr=1e6)
+    gen = torch.Generator().manual_seed(1)
+    both = 0
+    for _ in range(200):
+        idx = sel.select(SelectionContext(twin, target, state, 2, gen)).indices.tolist()
+        both += idx == [0, 1]
+    assert both <= 2

@@ -1,0 +1,636 @@
+"""The quality suite: does a selection method move the model towards the target faster?
+
+``python -m gradsift.bench.quality --suite full`` fine-tunes the bundled SmolLM2-135M with
+LoRA online on real streams built by ``gradsift.sources`` under every method, with the same
+budget ``k`` of ``B`` candidates per step, and compares them in a **paired** design:
+
+* **Scenarios** (``SCENARIOS``): label noise (arithmetic, 25 % wrong answers in the stream;
+  the target is correct answers; exact-match accuracy of greedy answers on 100 held-out
+  questions too), domain shift to code, verse as a second target domain, redundancy (a share
+  of the stream is near-copies of one target-like record), and label noise at ``k/B = 1/8``.
+* **Seeds.** A seed fixes the stream order, the LoRA initialisation, the target draws and the
+  selector's generator, identically for every method: the methods of one seed differ only in
+  what they select.
+* **Evaluation.** The same held-out target examples (``eval_size``, never drawn for ``g_V``)
+  at step 0, every ``eval_every`` steps and at every step of the last 20 %. The primary metric
+  is the mean held-out loss over the last 20 % of steps; also the final loss, the AUC (the
+  trapezoid mean of the loss curve) and the steps to reach random's final loss (paired).
+* **Calibration.** For methods that use a target gradient ``ĝ``, every step logs the target
+  loss of the step's target batch before and after the update (``realized``), the first-order
+  prediction ``ĝᵀ(θ − θ')`` of the update actually taken, the selection-time prediction
+  ``η_t (1−β₁) bᵀw`` in Adam's geometry, and ``½ Δθᵀ P⁻¹ Δθ`` (Adam's curvature model), so
+  ``realized ≈ pred − c · quad`` can be checked and ``c`` estimated.
+
+Every run writes ``<out>/<scenario>/<method>/seed_<s>/result.json``; a restarted suite skips
+the finished runs (resume at run granularity: a run killed half-way is run again).
+``--suite smoke`` runs the pipeline on the tiny model in well under a minute (``make test``).
+
+Usage::
+
+    python -m gradsift.bench.quality --suite full [--out runs/quality] [--seeds 0,1,2,3,4]
+        [--scenarios label-noise,code] [--methods ftw,random] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradsift.capture import forward_losses
+from gradsift.data import ExampleStream, collate, load_examples
+from gradsift.engine import EngineConfig, OnlineTrainer
+from gradsift.optim_state import read_optimizer_state
+from gradsift.select import Selection, SelectionContext, Selector, get_selector
+
+logger = logging.getLogger(__name__)
+
+CORE_METHODS = ("ftw", "greats", "cosine", "random")
+EXTRA_METHODS = ("ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd", "opus", "loss",
+                 "gradnorm", "full")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One stream/target setting of the suite."""
+
+    name: str
+    description: str
+    target: str
+    sources: tuple[str, ...]
+    noise_rate: float = 0.25
+    duplicate_share: float = 0.0
+    candidates: int = 8
+    budget: int = 2
+    accuracy: bool = False
+    extra_methods: bool = False
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Sizes of one suite run (model, steps, lengths, evaluation)."""
+
+    model: str
+    scenarios: tuple[Scenario, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    max_length: int
+    lr: float
+    eval_size: int
+    eval_every: int
+    target_batch_size: int
+    n_stream: int
+    n_accuracy: int
+    lora_r: int = 8
+
+
+_MIXED = ("code", "verse", "arithmetic")
+SCENARIOS = (
+    Scenario("label-noise", "arithmetic target; 25% wrong answers among the stream's "
+             "arithmetic", "arithmetic", _MIXED, accuracy=True, extra_methods=True),
+    Scenario("code", "held-out code target; mixed stream", "code", _MIXED),
+    Scenario("verse", "held-out verse target; mixed stream", "verse", _MIXED),
+    Scenario("redundancy", "arithmetic target; 25% of the stream are near-copies of one "
+             "correct arithmetic record", "arithmetic", _MIXED, duplicate_share=0.25,
+             extra_methods=True),
+    Scenario("label-noise-1of8", "label noise at k/B = 2/16", "arithmetic", _MIXED,
+             candidates=16, budget=2, accuracy=True),
+)
+SUITES = {
+    "full": Suite("smollm2-135m", SCENARIOS, (0, 1, 2, 3, 4), steps=16, max_length=48,
+                  lr=2e-3, eval_size=64, eval_every=4, target_batch_size=8, n_stream=1200,
+                  n_accuracy=100),
+    "smoke": Suite("tiny", (
+        Scenario("label-noise", "smoke", "arithmetic", _MIXED, candidates=4, budget=2,
+                 accuracy=True),
+        Scenario("redundancy", "smoke", "arithmetic", _MIXED, duplicate_share=0.5,
+                 candidates=4, budget=2),
+    ), (0, 1), steps=3, max_length=24, lr=1e-2, eval_size=4, eval_every=2,
+        target_batch_size=2, n_stream=40, n_accuracy=4),
+}
+
+
+# ----------------------------------------------------------------------------- data
+def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
+    """``stream.jsonl``, ``target.jsonl`` (eval examples first) and, for arithmetic,
+    ``accuracy.jsonl`` (questions in neither), built once per scenario with seed 0."""
+    from gradsift.sources import build_stream
+    from gradsift.sources.arithmetic import arithmetic_records
+
+    if (folder / "done").exists():
+        return folder
+    n_target = suite.eval_size + 4 * suite.target_batch_size
+    build_stream(scenario.target, folder, seed=0, n_stream=suite.n_stream, n_target=n_target,
+                 sources=list(scenario.sources), noise_rate=scenario.noise_rate)
+    stream = _read_jsonl(folder / "stream.jsonl")
+    target = _read_jsonl(folder / "target.jsonl")
+    if scenario.duplicate_share > 0:
+        stream = _with_near_duplicates(stream, target, scenario.duplicate_share)
+        _write_jsonl(folder / "stream.jsonl", stream)
+    if scenario.accuracy:
+        seen = frozenset(r["prompt"] for r in stream + target if "prompt" in r)
+        questions = arithmetic_records(random.Random(12345), suite.n_accuracy, noise_rate=0.0,
+                                       exclude=seen)
+        _write_jsonl(folder / "accuracy.jsonl", questions)
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def _with_near_duplicates(stream: list[dict], target: list[dict], share: float) -> list[dict]:
+    """Replace ``share`` of the stream by near-copies of one correct record of the target's
+    kind: the same question with a small edit each time (spacing, punctuation, a prefix)."""
+    rng = random.Random(7)
+    template = next(r for r in stream if r.get("source") == target[0].get("source")
+                    and not r.get("wrong_answer"))
+    edits = ["", " ", "  ", "Q. ", "Quick one. ", "Please answer. ", "Again: ", "Hmm. "]
+    out = list(stream)
+    slots = rng.sample(range(len(out)), int(share * len(out)))
+    for n, i in enumerate(slots):
+        prompt = template["prompt"]
+        edit = edits[n % len(edits)]
+        prompt = edit + prompt if n % 2 == 0 else prompt.replace("?", " ?" if n % 4 else "?")
+        out[i] = {**template, "id": f"dup/{n}", "source": "duplicate", "prompt": prompt}
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def seeded_stream(data: Path, seed: int) -> Path:
+    """The scenario's stream in the order of ``seed`` (the same file for every method)."""
+    path = data / f"stream_seed{seed}.jsonl"
+    if not path.exists():
+        rows = _read_jsonl(data / "stream.jsonl")
+        random.Random(seed).shuffle(rows)
+        _write_jsonl(path, rows)
+    return path
+
+
+# ---------------------------------------------------------------------- the probe
+class _Probe(Selector):
+    """Wraps a selector; records ``bᵀw`` and ``wᵀKw`` of its choice in Adam's geometry."""
+
+    def __init__(self, inner: Selector):
+        self.inner, self.config = inner, inner.config
+        self.name, self.needs_target = inner.name, inner.needs_target
+        self.needs_grads = inner.needs_grads
+        self.last: dict[str, float] = {}
+
+    @property
+    def needs_target_samples(self) -> bool:
+        return self.inner.needs_target_samples
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        from gradsift.objective import alignment, interaction
+
+        sel = self.inner.select(ctx)
+        self.last = {}
+        if ctx.target_grad is not None and sel.indices.numel() > 0:
+            names = ctx.candidates.param_names
+            p = {n: ctx.optimizer_state.preconditioner[n] for n in names}
+            b = alignment(ctx.candidates, ctx.target_grad, p).double().cpu()
+            kmat = interaction(ctx.candidates, p).double().cpu()
+            idx, w = sel.indices, sel.weights.double()
+            self.last = {"btw": float(b[idx] @ w),
+                         "wkw": float(w @ kmat[idx][:, idx] @ w)}
+        return sel
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+
+# ---------------------------------------------------------------------- one run
+@dataclass
+class RunResult:
+    scenario: str
+    method: str
+    seed: int
+    steps: list[int]
+    losses: list[float]
+    accuracy: float | None
+    seconds: float
+    calibration: list[dict[str, float]] = field(default_factory=list)
+    trained_samples: int = 0
+    selected_sources: dict[str, int] = field(default_factory=dict)
+    wrong_answers: int = 0
+
+
+def eval_steps(suite: Suite) -> list[int]:
+    """Step 0, every ``eval_every`` steps, and every step of the last 20 %."""
+    tail = set(range(int(math.floor(0.8 * suite.steps)) + 1, suite.steps + 1))
+    return sorted({0, *range(suite.eval_every, suite.steps + 1, suite.eval_every), *tail})
+
+
+def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
+            method: str, seed: int, data: Path, run_dir: Path) -> RunResult:
+    """Fine-tune a LoRA copy of ``base`` under ``method`` for ``suite.steps`` steps."""
+    from peft import LoraConfig, get_peft_model
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=suite.lora_r, lora_alpha=2 * suite.lora_r, lora_dropout=0.0,
+            task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
+    selector = _Probe(get_selector(method))
+    stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
+    target = load_examples(data / "target.jsonl", tokenizer, suite.max_length)
+    config = EngineConfig(candidates_per_step=scenario.candidates,
+                          budget_per_step=scenario.budget,
+                          target_batch_size=suite.target_batch_size,
+                          eval_size=suite.eval_size, eval_every=0, checkpoint_every=0,
+                          max_grad_norm=1.0, seed=seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("selections.jsonl", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    trainer = OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
+                            pad_token_id=tokenizer.pad_token_id)
+    wanted = eval_steps(suite)
+    losses = [_initial_loss(trainer, run_dir.parent.parent)]
+    calibration = []
+    sources: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for step in range(1, suite.steps + 1):
+        before = _snapshot(trainer) if selector.needs_target else None
+        record = trainer.step()
+        if record is None:
+            raise RuntimeError(f"{data}: the stream ended at step {step}")
+        if before is not None:
+            calibration.append(_calibrate(trainer, selector, before))
+        chosen = set(record["selected_ids"])
+        for cid, src in zip(record["candidate_ids"], record["candidate_sources"], strict=True):
+            if cid in chosen:
+                sources[src] = sources.get(src, 0) + 1
+        if step in wanted:
+            losses.append(trainer.evaluate())
+    accuracy = arithmetic_accuracy(model, tokenizer, data / "accuracy.jsonl") \
+        if scenario.accuracy else None
+    wrong = _count_wrong(run_dir / "selections.jsonl", data / f"stream_seed{seed}.jsonl")
+    return RunResult(scenario.name, method, seed, wanted, losses, accuracy,
+                     round(time.perf_counter() - t0, 2), calibration,
+                     trainer.state.trained_samples, sources, wrong)
+
+
+def _initial_loss(trainer: OnlineTrainer, scenario_dir: Path) -> float:
+    """Step 0's loss is the base model's (LoRA starts at zero): computed once per scenario."""
+    cache = scenario_dir / "step0_loss.json"
+    if cache.exists():
+        return float(json.loads(cache.read_text())["loss"])
+    loss = trainer.evaluate()
+    cache.write_text(json.dumps({"loss": loss}))
+    return loss
+
+
+def _count_wrong(selections: Path, stream: Path) -> int:
+    wrong = {r["id"] for r in _read_jsonl(stream) if r.get("wrong_answer")}
+    return sum(i in wrong for r in _read_jsonl(selections) for i in r["selected_ids"])
+
+
+def _snapshot(trainer: OnlineTrainer) -> dict[str, Any]:
+    return {n: p.detach().clone() for n, p in trainer.params.items()}
+
+
+@torch.no_grad()
+def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Tensor]
+               ) -> dict[str, float]:
+    """Realized vs predicted decrease of the step's target-batch loss (module docstring)."""
+    batch = trainer.target_batch
+    if not batch or trainer.target_grad is None:
+        return {}
+    model = trainer.model
+    was = model.training
+    model.eval()
+    after_params = {n: p.detach().clone() for n, p in trainer.params.items()}
+    b = trainer._to_device(collate(batch, trainer.pad_token_id))
+    loss_after = float(forward_losses(model, b).mean())
+    for n, p in trainer.params.items():
+        p.copy_(before[n])
+    loss_before = float(forward_losses(model, b).mean())
+    for n, p in trainer.params.items():
+        p.copy_(after_params[n])
+    model.train(was)
+    names = list(trainer.target_grad)
+    state = read_optimizer_state(trainer.optimizer, model, names)
+    pred = quad = 0.0
+    for n in names:
+        delta = (before[n] - after_params[n]).float()
+        pred += float((trainer.target_grad[n].float() * delta).sum())
+        quad += 0.5 * float((delta * delta / state.preconditioner[n].float()).sum())
+    group = trainer.optimizer.param_groups[0]
+    beta1 = group["betas"][0]
+    t = max(int(trainer.state.step), 1)
+    eta_t = group["lr"] * (1 - beta1) / (1 - beta1**t)
+    out = {"realized": loss_before - loss_after, "pred": pred, "quad": quad}
+    if probe.last:
+        out["pred_selection"] = eta_t * probe.last["btw"]
+        out["wkw"] = probe.last["wkw"]
+    return out
+
+
+@torch.no_grad()
+def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
+                        batch_size: int = 25) -> float:
+    """Exact match of the first integer in a greedy answer (8 new tokens) with the truth."""
+    rows = _read_jsonl(path)
+    was = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    correct = 0
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=8,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                           skip_special_tokens=True)
+            for r, text in zip(chunk, texts, strict=True):
+                m = re.search(r"-?\d+", text)
+                correct += bool(m) and int(m.group()) == int(r["correct_answer"])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was)
+    return correct / len(rows)
+
+
+# --------------------------------------------------------------------- the suite
+def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
+    chosen = list(CORE_METHODS) + (list(EXTRA_METHODS) if scenario.extra_methods else [])
+    return [m for m in chosen if methods is None or m in methods]
+
+
+def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
+              methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+              quiet: bool = False) -> list[RunResult]:
+    """Every (seed, scenario, method) run not finished yet, seed-major (so that finished
+    seeds are complete pairs), then the results of all finished runs."""
+    from gradsift.models import load_model_and_tokenizer
+
+    chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
+    jobs = [(seed, sc, m) for seed in (seeds or suite.seeds) for sc in chosen
+            for m in methods_for(sc, methods)]
+    todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
+    if todo:
+        base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for n, (seed, sc, method) in enumerate(todo, 1):
+            data = build_data(sc, suite, out / sc.name / "data")
+            path = _result_path(out, sc.name, method, seed)
+            res = run_one(base, tokenizer, sc, suite, method, seed, data, path.parent)
+            path.write_text(json.dumps(asdict(res)))
+            if not quiet:
+                print(f"[{n}/{len(todo)}] {sc.name} {method} seed {seed}: primary "
+                      f"{primary(res, suite):.4f} ({res.seconds:.0f} s)", file=sys.stderr,
+                      flush=True)
+    return load_results(out)
+
+
+def _result_path(out: Path, scenario: str, method: str, seed: int) -> Path:
+    return out / scenario / method / f"seed_{seed}" / "result.json"
+
+
+def load_results(out: Path) -> list[RunResult]:
+    return [RunResult(**json.loads(p.read_text()))
+            for p in sorted(out.glob("*/*/seed_*/result.json"))]
+
+
+# ------------------------------------------------------------------------ metrics
+def primary(res: RunResult, suite: Suite) -> float:
+    """Mean held-out loss over the evaluations in the last 20 % of steps."""
+    cut = 0.8 * suite.steps
+    tail = [v for s, v in zip(res.steps, res.losses, strict=True) if s > cut]
+    return float(np.mean(tail))
+
+
+def auc(res: RunResult) -> float:
+    """Trapezoid mean of the loss curve over steps 0..T."""
+    return float(np.trapezoid(res.losses, res.steps) / (res.steps[-1] - res.steps[0]))
+
+
+def steps_to_reach(res: RunResult, level: float) -> float:
+    """The first evaluated step whose loss is ≤ ``level`` (inf if none)."""
+    return next((float(s) for s, v in zip(res.steps, res.losses, strict=True) if v <= level),
+                math.inf)
+
+
+def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t-interval of paired differences over seeds."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return mean, mean - half, mean + half
+
+
+def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
+    """Per scenario and method: means over seeds; paired differences against ftw."""
+    out: dict[str, Any] = {}
+    for sc in sorted({r.scenario for r in results}):
+        runs = {(r.method, r.seed): r for r in results if r.scenario == sc}
+        methods = sorted({m for m, _ in runs})
+        seeds = sorted({s for _, s in runs})
+        table = {}
+        for m in methods:
+            rs = [runs[(m, s)] for s in seeds if (m, s) in runs]
+            reach = []
+            for r in rs:
+                ref = runs.get(("random", r.seed))
+                reach.append(steps_to_reach(r, ref.losses[-1]) if ref else math.nan)
+            accs = [r.accuracy for r in rs if r.accuracy is not None]
+            cal = [c for r in rs for c in r.calibration if c]
+            table[m] = {
+                "n_seeds": len(rs),
+                "primary": float(np.mean([primary(r, suite) for r in rs])),
+                "primary_sd": float(np.std([primary(r, suite) for r in rs], ddof=1))
+                if len(rs) > 1 else math.nan,
+                "final": float(np.mean([r.losses[-1] for r in rs])),
+                "auc": float(np.mean([auc(r) for r in rs])),
+                "steps_to_random_final": float(np.median(reach)) if reach else math.nan,
+                "accuracy": float(np.mean(accs)) if accs else None,
+                "wrong_answers_trained": float(np.mean([r.wrong_answers for r in rs])),
+                "trained_samples": float(np.mean([r.trained_samples for r in rs])),
+                "calibration": _calibration_fit(cal),
+            }
+        pairs = {}
+        for other in ("random", "greats"):
+            common = [s for s in seeds if ("ftw", s) in runs and (other, s) in runs]
+            if common:
+                diffs = [primary(runs[("ftw", s)], suite) - primary(runs[(other, s)], suite)
+                         for s in common]
+                mean, lo, hi = paired_interval(diffs)
+                pairs[f"ftw-{other}"] = {"mean": mean, "lo": lo, "hi": hi, "n": len(common)}
+        out[sc] = {"methods": table, "paired": pairs}
+    return out
+
+
+def _calibration_fit(rows: list[dict[str, float]]) -> dict[str, float] | None:
+    """Correlation of realized with predicted decreases, and ``c`` in
+    ``realized ≈ pred − c·quad`` by least squares."""
+    rows = [r for r in rows if all(math.isfinite(r.get(k, math.nan))
+                                   for k in ("realized", "pred", "quad"))]
+    if len(rows) < 3:
+        return None
+    real = np.array([r["realized"] for r in rows])
+    pred = np.array([r["pred"] for r in rows])
+    quad = np.array([r["quad"] for r in rows])
+    c = float(np.dot(pred - real, quad) / max(np.dot(quad, quad), 1e-300))
+    fit = {"n": len(rows), "corr_pred": _corr(real, pred), "c": c,
+           "corr_pred_minus_c_quad": _corr(real, pred - c * quad)}
+    sel = [r for r in rows if "pred_selection" in r]
+    if len(sel) >= 3:
+        fit["corr_selection"] = _corr(np.array([r["realized"] for r in sel]),
+                                      np.array([r["pred_selection"] for r in sel]))
+    return fit
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    if x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The tables for BENCHMARKS.md."""
+    lines = []
+    for sc, block in summary.items():
+        lines += [f"\n**{sc}**\n",
+                  "| method | seeds | primary (last 20 %) | ± sd | final | AUC | steps to "
+                  "random's final | accuracy | wrong answers trained | calib. corr |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        ranked = sorted(block["methods"].items(), key=lambda kv: kv[1]["primary"])
+        for m, r in ranked:
+            acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "–"
+            cal = r["calibration"]
+            corr = f"{cal['corr_pred']:.2f}" if cal else "–"
+            lines.append(f"| {m} | {r['n_seeds']} | {r['primary']:.4f} | {r['primary_sd']:.4f} "
+                         f"| {r['final']:.4f} | {r['auc']:.4f} | {r['steps_to_random_final']:g} "
+                         f"| {acc} | {r['wrong_answers_trained']:.1f} | {corr} |")
+        for name, p in block["paired"].items():
+            lines.append(f"\npaired {name}: {p['mean']:+.4f} [95% CI {p['lo']:+.4f}, "
+                         f"{p['hi']:+.4f}] over {p['n']} seeds")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[RunResult], summary: dict[str, Any], folder: Path) -> list[Path]:
+    """One loss-curve plot per scenario (mean over seeds, band ±1 standard error), and one
+    calibration scatter (realized vs predicted decrease) per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for sc in summary:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for m in sorted(summary[sc]["methods"]):
+            rs = [r for r in results if r.scenario == sc and r.method == m]
+            curves = np.array([r.losses for r in rs])
+            mean = curves.mean(0)
+            se = curves.std(0, ddof=1) / math.sqrt(len(rs)) if len(rs) > 1 else 0 * mean
+            ax.plot(rs[0].steps, mean, label=m, lw=2.2 if m == "ftw" else 1.2)
+            ax.fill_between(rs[0].steps, mean - se, mean + se, alpha=0.15)
+        ax.set(title=f"{sc}: held-out target loss (mean ± s.e. over seeds)", xlabel="step",
+               ylabel="target loss")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = folder / f"quality_{sc}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    cal = [(r.method, c) for r in results for c in r.calibration if c]
+    if cal:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for m in sorted({m for m, _ in cal}):
+            pts = np.array([(c["pred"], c["realized"]) for mm, c in cal if mm == m])
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.5, label=m)
+        lim = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        ax.set(title="calibration: target-batch loss decrease per step",
+               xlabel="predicted (first order, ĝᵀΔθ)", ylabel="realized")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / "quality_calibration.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradsift.bench.quality",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="full")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/quality-<suite>")
+    parser.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
+    parser.add_argument("--methods", help="comma-separated methods (default: the suite's)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
+    parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    suite = SUITES[args.suite]
+    out = args.out or Path(f"runs/quality-{args.suite}")
+
+    def split(text: str | None) -> list[str] | None:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
+    if args.report_only:
+        results = load_results(out)
+    else:
+        results = run_suite(suite, out, split(args.scenarios), split(args.methods), seeds,
+                            quiet=args.quiet)
+    summary = summarize(results, suite)
+    (out / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=1))
+    (out / "quality.md").write_text(markdown(summary))
+    plot(results, summary, out / "plots")
+    if not args.quiet:
+        print(markdown(summary))
+    return 0
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+if __name__ == "__main__":
+    sys.exit(main())

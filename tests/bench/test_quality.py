@@ -1,0 +1,74 @@
+"""The quality suite: its metrics against hand computations, and the smoke suite end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gradsift.bench import quality
+from gradsift.bench.quality import RunResult
+
+
+def _result(method: str, seed: int, losses: list[float]) -> RunResult:
+    return RunResult("s", method, seed, [0, 4, 8, 9, 10], losses, None, 0.0)
+
+
+def test_eval_steps_cover_the_last_fifth_at_every_step() -> None:
+    suite = quality.SUITES["full"]
+    steps = quality.eval_steps(suite)
+    assert steps[0] == 0 and steps[-1] == suite.steps
+    tail = [s for s in range(1, suite.steps + 1) if s > 0.8 * suite.steps]
+    assert set(tail) <= set(steps)
+
+
+def test_metrics_match_hand_computation() -> None:
+    suite = quality.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
+                          eval_every=4, target_batch_size=1, n_stream=1, n_accuracy=1)
+    r = _result("ftw", 0, [3.0, 2.0, 1.5, 1.2, 1.0])
+    # last 20 % of 10 steps: steps 9 and 10
+    assert quality.primary(r, suite) == pytest.approx((1.2 + 1.0) / 2)
+    # trapezoid: (3+2)/2*4 + (2+1.5)/2*4 + (1.5+1.2)/2 + (1.2+1.0)/2, over 10 steps
+    assert quality.auc(r) == pytest.approx((10 + 7 + 1.35 + 1.1) / 10)
+    assert quality.steps_to_reach(r, 1.5) == 8
+    assert math.isinf(quality.steps_to_reach(r, 0.5))
+
+
+def test_paired_interval_is_the_t_interval() -> None:
+    diffs = [-0.1, -0.3, 0.05, -0.2, -0.15]
+    mean, lo, hi = quality.paired_interval(diffs)
+    d = np.array(diffs)
+    half = 2.7764451051977987 * d.std(ddof=1) / math.sqrt(5)  # t_{0.975, 4}
+    assert mean == pytest.approx(d.mean())
+    assert (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half))
+
+
+def test_near_duplicates_replace_the_requested_share() -> None:
+    stream = [{"id": f"a{i}", "source": "arithmetic", "prompt": f"Question: What is {i}?",
+               "response": " 1", "wrong_answer": i % 3 == 0} for i in range(40)]
+    out = quality._with_near_duplicates(stream, [{"source": "arithmetic"}], 0.25)
+    dups = [r for r in out if r["source"] == "duplicate"]
+    assert len(out) == 40 and len(dups) == 10
+    assert len({r["response"] for r in dups}) == 1 and not any(r["wrong_answer"] for r in dups)
+    assert len({r["id"] for r in out}) == 40
+
+
+def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
+    assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet",
+                         "--methods", "ftw,random", "--seeds", "0,1"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"label-noise", "redundancy"}
+    for block in summary.values():
+        assert set(block["methods"]) == {"ftw", "random"}
+        assert block["paired"]["ftw-random"]["n"] == 2
+    ftw = summary["label-noise"]["methods"]["ftw"]
+    assert ftw["calibration"]["n"] >= 3 and 0.0 <= ftw["accuracy"] <= 1.0
+    assert (tmp_path / "plots" / "quality_label-noise.png").stat().st_size > 0
+    assert "paired ftw-random" in (tmp_path / "quality.md").read_text()
+    # restart: every run is finished, nothing runs again
+    before = {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
+    quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",
+                  "ftw,random", "--seeds", "0,1"])
+    assert before == {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}

@@ -38,6 +38,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import re
 import sys
@@ -60,6 +61,8 @@ from gradsift.select import Selection, SelectionContext, Selector, get_selector
 logger = logging.getLogger(__name__)
 
 CORE_METHODS = ("ftw", "greats", "cosine", "random")
+# the order runs are made in: what decides first (so a stopped suite has complete pairs)
+PHASES = (("ftw", "greats", "random"), ("cosine", "ftw-filter-only", "ftw-nnls"))
 EXTRA_METHODS = ("ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd", "opus", "loss",
                  "gradnorm", "full")
 
@@ -303,7 +306,9 @@ def _initial_loss(trainer: OnlineTrainer, scenario_dir: Path) -> float:
     if cache.exists():
         return float(json.loads(cache.read_text())["loss"])
     loss = trainer.evaluate()
-    cache.write_text(json.dumps({"loss": loss}))
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # suites may share the folder
+    tmp.write_text(json.dumps({"loss": loss}))
+    os.replace(tmp, cache)
     return loss
 
 
@@ -390,13 +395,17 @@ def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
               quiet: bool = False) -> list[RunResult]:
-    """Every (seed, scenario, method) run not finished yet, seed-major (so that finished
-    seeds are complete pairs), then the results of all finished runs."""
+    """Every (seed, scenario, method) run not finished yet, then the results of all finished
+    runs. Order: by ``PHASES`` (ftw, greats, random first), the 1/8 scenario last, then
+    seed-major, so that a stopped suite leaves complete pairs."""
     from gradsift.models import load_model_and_tokenizer
 
     chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
-    jobs = [(seed, sc, m) for seed in (seeds or suite.seeds) for sc in chosen
-            for m in methods_for(sc, methods)]
+    # first what decides (core methods and FTW's weight-stage ablations), then the rest
+    jobs = sorted(((seed, sc, m) for seed in (seeds or suite.seeds) for sc in chosen
+                   for m in methods_for(sc, methods)),
+                  key=lambda j: (_phase(j[2]), j[1].extra_methods is False and
+                                 j[1].candidates > 8, j[0]))
     todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
     if todo:
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
@@ -412,6 +421,10 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
                       f"{primary(res, suite):.4f} ({res.seconds:.0f} s)", file=sys.stderr,
                       flush=True)
     return load_results(out)
+
+
+def _phase(method: str) -> int:
+    return next((i for i, ms in enumerate(PHASES) if method in ms), len(PHASES))
 
 
 def _result_path(out: Path, scenario: str, method: str, seed: int) -> Path:
@@ -598,10 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated methods (default: the suite's)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
+    parser.add_argument("--threads", type=int, help="torch threads (several suites with "
+                        "disjoint --seeds can share a machine, one thread each)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     suite = SUITES[args.suite]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")
 
     def split(text: str | None) -> list[str] | None:

@@ -15,22 +15,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _plain(obj: Any) -> Any:
+    """numpy / torch scalars and arrays as Python numbers and lists."""
+    return obj.tolist() if hasattr(obj, "tolist") and callable(obj.tolist) else obj
+
+
 def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN/±inf (also numpy and torch scalars) replaced by ``None``."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
-        return obj
+    """``obj`` with every NaN/±inf (also in numpy and torch values) replaced by ``None``."""
+    obj = _plain(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return json_safe(obj.item())
     return obj
 
 
 def _has_nonfinite(value: Any) -> bool:
+    value = _plain(value)
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, dict):

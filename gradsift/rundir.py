@@ -44,7 +44,9 @@ def _entries(folder: Path) -> list[str]:
         return []
     if not folder.is_dir():
         raise RunFolderError(f"{folder} is a file, not a folder: choose another --out")
-    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+    # the lock, and a config.yaml half-written by a process killed at once, are gradsift's own
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name != LOCK_FILE and not p.name.startswith(".config.yaml.tmp-"))
 
 
 def check_new_run_dir(folder: Path) -> None:

@@ -2,27 +2,35 @@
 
 For a linear-like layer ``y = W a + b`` applied at every token, the per-sample gradient is
 ``g_i(W) = D_iᵀ A_i`` with ``A_i`` (T, d_in) the layer inputs and ``D_i`` (T, d_out) the
-gradients of ``ℓ_i`` w.r.t. its outputs. A forward hook keeps ``A`` and the output tensor;
-``torch.autograd.grad`` w.r.t. the kept outputs returns every ``D`` at once, without
-touching any parameter's ``.grad`` and without computing any weight gradient.
+gradients of ``ℓ_i`` w.r.t. its outputs. A forward hook keeps each captured module's input
+and output tensor; ``torch.autograd.grad`` w.r.t. the kept outputs returns every ``D`` at
+once, without touching any parameter's ``.grad`` and without computing any weight gradient.
+The same pass serves every other trainable kind: an embedding keeps its ids (``g_i`` is
+``D_i`` scattered into the rows looked up), a norm ``y = w ⊙ x̂ + b`` reduces to
+``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` right after the backward.
 
 Layer kinds are handled through a registry, one small function per kind, looked up through
 the class hierarchy (so subclasses of ``nn.Linear`` match), in the style of opacus'
-grad samplers.
+grad samplers; RMSNorm classes that are copies of Llama's (Qwen2, Mistral, Gemma, ...) are
+recognized by their form, checked on a probe.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from gradsift.factor_kinds import EmbeddingFactors, NormFactors
 from gradsift.factors import FactorizedGrads, LayerFactors
 from gradsift.loss import loss_positions, per_sample_loss
 
@@ -32,21 +40,28 @@ class LayerSpec:
     """How a registered layer kind exposes its factors.
 
     Attributes:
-        weight_transposed: the weight is stored as (d_in, d_out) (GPT-2 ``Conv1D``)
+        kind: ``"linear"`` (``g = Dᵀ A``), ``"embedding"`` (``g = Σ_t e_{x_t} δ_tᵀ``) or
+            ``"norm"`` (``g(w) = Σ_t δ_t ⊙ x̂_t``, ``g(b) = Σ_t δ_t``).
+        weight_transposed: a linear weight stored as (d_in, d_out) (GPT-2 ``Conv1D``)
             instead of ``nn.Linear``'s (d_out, d_in).
+        normalize: for a norm, the input ``x`` → ``x̂``, the normalized input before scaling.
     """
 
+    kind: str = "linear"
     weight_transposed: bool = False
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-# layer class -> function(module) -> LayerSpec
-_LAYER_REGISTRY: dict[type, Callable[[nn.Module], LayerSpec]] = {}
+# layer class -> function(module) -> LayerSpec (None: this instance cannot be captured)
+_LAYER_REGISTRY: dict[type, Callable[[nn.Module], LayerSpec | None]] = {}
+# functions(module) -> LayerSpec | None, tried in order for classes not in the registry
+_LAYER_MATCHERS: list[Callable[[nn.Module], LayerSpec | None]] = []
 
 
 def register_layer(*layer_types: type) -> Callable:
-    """Decorator registering a function ``(module) -> LayerSpec`` for linear-like layer types."""
+    """Decorator registering a function ``(module) -> LayerSpec | None`` for layer types."""
 
-    def decorator(fn: Callable[[nn.Module], LayerSpec]) -> Callable[[nn.Module], LayerSpec]:
+    def decorator(fn: Callable[[nn.Module], LayerSpec | None]) -> Callable:
         for layer_type in layer_types:
             if layer_type in _LAYER_REGISTRY:
                 raise ValueError(f"layer type {layer_type.__name__} is already registered")
@@ -56,13 +71,28 @@ def register_layer(*layer_types: type) -> Callable:
     return decorator
 
 
+def register_layer_matcher(fn: Callable[[nn.Module], LayerSpec | None]) -> Callable:
+    """Decorator registering a duck-typed ``(module) -> LayerSpec | None`` for any other class."""
+    _LAYER_MATCHERS.append(fn)
+    return fn
+
+
 def layer_spec(module: nn.Module) -> LayerSpec | None:
-    """The registered spec for ``module``, found through its class MRO; ``None`` if unsupported."""
+    """The spec for ``module``: registered through its class MRO, else a matcher's; ``None`` if
+    unsupported."""
     for cls in type(module).__mro__:
         fn = _LAYER_REGISTRY.get(cls)
         if fn is not None:
             return fn(module)
+    for fn in _LAYER_MATCHERS:
+        spec = fn(module)
+        if spec is not None:
+            return spec
     return None
+
+
+def _supported_kinds() -> str:
+    return ", ".join([t.__name__ for t in _LAYER_REGISTRY] + ["modules of the RMSNorm form"])
 
 
 @register_layer(nn.Linear)
@@ -82,39 +112,133 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     pass
 
 
-def _tied_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of parameters that appear under more than one name (e.g. a tied LM head)."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, n in seen.items() if n > 1}
+@register_layer(nn.Embedding)
+def _embedding_spec(module: nn.Module) -> LayerSpec | None:
+    # scale_grad_by_freq divides each row's gradient by its count in the whole batch, so a
+    # sample's gradient depends on the other samples: no per-sample form to capture.
+    return None if module.scale_grad_by_freq else LayerSpec(kind="embedding")
+
+
+@register_layer(nn.LayerNorm)
+def _layer_norm_spec(module: nn.Module) -> LayerSpec:
+    shape, eps = tuple(module.normalized_shape), module.eps
+    return LayerSpec(kind="norm", normalize=lambda x: F.layer_norm(x.float(), shape, eps=eps))
+
+
+@register_layer(nn.RMSNorm)
+def _rms_norm_spec(module: nn.Module) -> LayerSpec:
+    shape = tuple(module.normalized_shape)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return F.rms_norm(x.float(), shape, eps=eps)
+
+    return LayerSpec(kind="norm", normalize=normalize)
+
+
+def _rms(x: torch.Tensor, eps: float, keep_float: bool = False) -> torch.Tensor:
+    """``x̂ = x / sqrt(mean(x²) + eps)`` in float32, cast back to x's dtype as Llama does."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h if keep_float else h.to(x.dtype)
+
+
+try:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    @register_layer(LlamaRMSNorm)
+    def _llama_rms_norm_spec(module: nn.Module) -> LayerSpec:
+        # y = w ⊙ x̂.to(input dtype)
+        return LayerSpec(kind="norm", normalize=partial(_rms, eps=module.variance_epsilon))
+
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    pass
+
+
+# module -> offset c of its form y = (c + w) ⊙ x̂, or None; probed once per module
+_RMS_FORM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rms_form_offset(module: nn.Module, eps: float) -> float | None:
+    """``c`` when ``module(x) = (c + w) ⊙ rms(x)`` with c ∈ {0, 1} on a random probe (random
+    weight too), else None. Llama's copies have c = 0, Gemma's c = 1."""
+    if module not in _RMS_FORM:
+        w = module.weight
+        offset = None
+        if w.device.type != "meta":
+            gen = torch.Generator().manual_seed(0)
+            x = (3 * torch.randn(2, 3, w.shape[0], generator=gen)).to(w.device, w.dtype)
+            probe = (torch.rand(w.shape[0], generator=gen) + 0.5).to(w.device, w.dtype)
+            with torch.no_grad():
+                y = torch.func.functional_call(module, {"weight": probe}, (x,))
+            tol = 1e-4 if w.dtype == torch.float32 else 3e-2
+            for c in (0.0, 1.0):
+                ref = (probe.float() + c) * _rms(x, eps, keep_float=True)
+                if y.shape == ref.shape and torch.allclose(y.float(), ref, rtol=tol, atol=tol):
+                    offset = c
+                    break
+        _RMS_FORM[module] = offset
+    return _RMS_FORM[module]
+
+
+@register_layer_matcher
+def _rms_norm_by_form(module: nn.Module) -> LayerSpec | None:
+    """Any other RMSNorm class (Qwen2RMSNorm, MistralRMSNorm, GemmaRMSNorm, T5LayerNorm, ...):
+    a 1-D ``weight`` as its only parameter, a float ``variance_epsilon`` or ``eps``, and the
+    form ``(c + w) ⊙ x̂`` verified on a probe. ``∂y/∂w = x̂`` either way."""
+    if "RMSNorm" not in type(module).__name__ and not hasattr(module, "variance_epsilon"):
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if not isinstance(eps, float) or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return None
+    if [n for n, _ in module.named_parameters()] != ["weight"]:
+        return None
+    offset = _rms_form_offset(module, eps)
+    if offset is None:
+        return None
+    # Llama's form casts x̂ to the input dtype before scaling; Gemma's scales in float32.
+    return LayerSpec(kind="norm", normalize=partial(_rms, eps=eps, keep_float=offset != 0))
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id of each parameter → the modules that hold it (two for a tied embedding and head)."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def _trainable_weight(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.requires_grad
 
 
 def resolve_modules(model: nn.Module, modules: Iterable[str] | None = None) -> list[str]:
-    """Names of the linear-like modules whose per-sample gradients are captured.
+    """Names of the modules whose per-sample gradients are captured.
 
-    Default: every registered linear-like module whose weight is trainable, except an output
-    head whose weight is tied to (shared with) the input embedding.
+    Default: every module of a registered kind (linear, Conv1D, embedding, LayerNorm,
+    RMSNorm) whose weight is trainable — so for a peft LoRA model just the LoRA factors, and
+    for full fine-tuning every trainable parameter. A weight shared by several modules (a
+    tied embedding and output head) is captured through all of them or, when one of them
+    cannot be captured, through none.
 
     Raises:
         ValueError: an unknown name (close matches listed), a module of an unsupported type,
-            a module with no trainable weight, or a model with no eligible module at all.
+            a module with no trainable weight, a shared weight named through only some of its
+            modules, or a model with no eligible module at all.
     """
     named = dict(model.named_modules())
+    owners = _parameter_owners(model)
     if modules is None:
-        tied = _tied_parameter_ids(model)
-        chosen = [
-            name
-            for name, m in named.items()
-            if layer_spec(m) is not None
-            and isinstance(getattr(m, "weight", None), nn.Parameter)
-            and m.weight.requires_grad
-            and id(m.weight) not in tied
-        ]
+        chosen = [n for n, m in named.items() if layer_spec(m) is not None
+                  and _trainable_weight(m)]
+        chosen_set = set(chosen)
+        chosen = [n for n in chosen if set(owners[id(named[n].weight)]) <= chosen_set]
         if not chosen:
             raise ValueError(
-                "no trainable linear-like module found in the model (supported types: "
-                f"{', '.join(t.__name__ for t in _LAYER_REGISTRY)})"
+                f"no trainable module of a supported kind found in the model ({_supported_kinds()})"
             )
         return chosen
 
@@ -131,35 +255,55 @@ def resolve_modules(model: nn.Module, modules: Iterable[str] | None = None) -> l
     ]
     if unsupported:
         raise ValueError(
-            "unsupported module type(s): "
-            + ", ".join(unsupported)
-            + f"; supported: {', '.join(t.__name__ for t in _LAYER_REGISTRY)}"
+            "unsupported module type(s): " + ", ".join(unsupported)
+            + f"; supported: {_supported_kinds()}"
         )
-    frozen = [n for n in chosen if not named[n].weight.requires_grad]
+    frozen = [n for n in chosen if not _trainable_weight(named[n])]
     if frozen:
-        raise ValueError(f"module(s) with a frozen weight cannot be captured: {frozen}")
+        raise ValueError(f"module(s) without a trainable weight cannot be captured: {frozen}")
+    for n in chosen:
+        missing = [o for o in owners[id(named[n].weight)] if o not in chosen]
+        if missing:
+            raise ValueError(
+                f"the weight of {n!r} is shared with {missing}: its gradient is the sum over "
+                "every module that uses it, so name all of them or none"
+            )
     return chosen
 
 
 class _Recorder:
-    """Forward hooks that keep each module's input and output; removed in ``finally``."""
+    """Forward hooks that keep each module's input and output; removed in ``finally``.
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    An embedding whose lookup is shared by the whole batch (GPT-2's positions: ids of shape
+    (1, T)) has its output expanded to the batch size in the hook, so that the gradient
+    w.r.t. it is per sample; downstream, the expanded output broadcasts as before.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], batch_size: int = 0,
+                 expand: Iterable[str] = ()):
         self.model = model
         self.names = names
+        self.batch_size = batch_size
+        self.expand = set(expand)
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.enabled = True
         self._handles: list[Any] = []
 
     def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if not self.enabled or not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            self.inputs[name].append(args[0].detach())
+                return None
+            x, b = args[0].detach(), self.batch_size
+            expanded = name in self.expand and output.dim() >= 2 and output.shape[0] == 1 < b
+            if expanded:
+                x = x.expand(b, *x.shape[1:])
+                output = output.expand(b, *output.shape[1:])
+            self.inputs[name].append(x)
             self.outputs[name].append(output)
+            return output if expanded else None
 
         return hook
 
@@ -179,10 +323,6 @@ class _Recorder:
             self._handles.clear()
             self.enabled = False
             self.model._gradsift_hooked = False
-
-
-def _param_name(module_name: str, attr: str) -> str:
-    return f"{module_name}.{attr}" if module_name else attr
 
 
 @dataclass
@@ -238,11 +378,13 @@ def capture(
     ``D`` is obtained as ``autograd.grad(Σ_i ℓ_i, outputs)``: samples do not interact, so the
     gradient of the sum w.r.t. sample i's outputs is exactly ``∂ℓ_i/∂y_i``. No ``.grad`` is
     touched. With ``retain_graph`` the graph is kept so that the caller can backpropagate a
-    weighted loss into parameters that are not captured (embeddings, norms).
+    weighted loss into parameters that are not captured.
     """
     names = resolve_modules(model, modules)
     module_map = dict(model.named_modules())
-    recorder = _Recorder(model, names)
+    specs = {n: layer_spec(module_map[n]) for n in names}
+    recorder = _Recorder(model, names, batch["input_ids"].shape[0],
+                         expand=[n for n in names if specs[n].kind == "embedding"])
     with recorder.attached():
         losses = forward_losses(model, batch)
     batch_size = losses.shape[0]
@@ -259,39 +401,99 @@ def capture(
         grads_by_name[n].append(torch.zeros_like(out) if g is None else g)
     del outputs, out_grads
 
+    param_names = {id(p): n for n, p in model.named_parameters()}
     layers = []
     for n in names:
-        module = module_map[n]
-        spec = layer_spec(module)
-        a = _tokens_first(recorder.inputs[n], batch_size, n)
-        d = _tokens_first(grads_by_name[n], batch_size, n)
-        bias = getattr(module, "bias", None)
-        has_bias = isinstance(bias, nn.Parameter) and bias.requires_grad
-        layers.append(
-            LayerFactors(
-                module_name=n,
-                weight_name=_param_name(n, "weight"),
-                bias_name=_param_name(n, "bias") if has_bias else None,
-                inputs=a,
-                output_grads=d,
-                weight_transposed=spec.weight_transposed,
-            )
-        )
+        build = _FACTOR_BUILDERS[specs[n].kind]
+        layers.append(build(n, module_map[n], specs[n], recorder.inputs.pop(n),
+                            grads_by_name.pop(n), batch_size, param_names))
     return Capture(
         grads=FactorizedGrads(layers, losses.detach().float(), route=route), losses=losses
     )
 
 
-def _tokens_first(parts: list[torch.Tensor], batch_size: int, name: str) -> torch.Tensor:
-    """Stack one module's calls as (B, T_total, d): every extra dim is folded into tokens."""
+def _trainable_name(module: nn.Module, attr: str, param_names: dict[int, str]) -> str | None:
+    """The model-level name of ``module.<attr>`` when it is a trainable parameter."""
+    p = getattr(module, attr, None)
+    return param_names[id(p)] if isinstance(p, nn.Parameter) and p.requires_grad else None
+
+
+def _linear_factors(name: str, module: nn.Module, spec: LayerSpec, inputs: list[torch.Tensor],
+                    grads: list[torch.Tensor], batch_size: int,
+                    param_names: dict[int, str]) -> LayerFactors:
+    """``g_i(W) = D_iᵀ A_i``: keep A and D as they are."""
+    w = module.weight
+    d_in, d_out = w.shape if spec.weight_transposed else (w.shape[1], w.shape[0])
+    return LayerFactors(
+        module_name=name,
+        weight_name=param_names[id(w)],
+        bias_name=_trainable_name(module, "bias", param_names),
+        inputs=_tokens_first(inputs, batch_size, name, w.new_zeros(batch_size, 0, d_in)),
+        output_grads=_tokens_first(grads, batch_size, name, w.new_zeros(batch_size, 0, d_out)),
+        weight_transposed=spec.weight_transposed,
+    )
+
+
+def _embedding_factors(name: str, module: nn.Module, spec: LayerSpec,
+                       inputs: list[torch.Tensor], grads: list[torch.Tensor], batch_size: int,
+                       param_names: dict[int, str]) -> EmbeddingFactors:
+    """``g_i = Σ_t e_{x_it} δ_itᵀ``: keep the ids and D; the padding row gets no gradient."""
+    w = module.weight
+    empty_ids = torch.zeros(batch_size, 0, dtype=torch.long, device=w.device)
+    ids = _tokens_first(inputs, batch_size, name, empty_ids, feature_dims=0)
+    d = _tokens_first(grads, batch_size, name, w.new_zeros(batch_size, 0, w.shape[1]))
+    if module.padding_idx is not None:
+        d = d.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+    return EmbeddingFactors(module_name=name, weight_name=param_names[id(w)], ids=ids,
+                            output_grads=d, num_embeddings=w.shape[0])
+
+
+def _norm_factors(name: str, module: nn.Module, spec: LayerSpec, inputs: list[torch.Tensor],
+                  grads: list[torch.Tensor], batch_size: int,
+                  param_names: dict[int, str]) -> NormFactors:
+    """``g_i(w) = Σ_t δ_it ⊙ x̂_it``, ``g_i(b) = Σ_t δ_it``, summed right away (d per sample)."""
+    w = module.weight
+    bias_name = _trainable_name(module, "bias", param_names)
+    weight_grads = torch.zeros(batch_size, *w.shape, device=w.device)
+    bias_grads = torch.zeros(batch_size, *module.bias.shape, device=w.device) if bias_name else None
+    for x, d in zip(inputs, grads, strict=True):
+        _check_batch(d, batch_size, name)
+        d = d.float()
+        weight_grads += (d * spec.normalize(x).float()).reshape(batch_size, -1, *w.shape).sum(1)
+        if bias_grads is not None:
+            bias_grads += d.reshape(batch_size, -1, *w.shape).sum(1)
+    return NormFactors(module_name=name, weight_name=param_names[id(w)], bias_name=bias_name,
+                       weight_grads=weight_grads, bias_grads=bias_grads)
+
+
+_FACTOR_BUILDERS: dict[str, Callable[..., Any]] = {
+    "linear": _linear_factors,
+    "embedding": _embedding_factors,
+    "norm": _norm_factors,
+}
+
+
+def _check_batch(t: torch.Tensor, batch_size: int, name: str) -> None:
+    if t.dim() < 2 or t.shape[0] != batch_size:
+        raise ValueError(
+            f"module {name!r}: expected a leading batch dimension of {batch_size}, "
+            f"got a tensor of shape {tuple(t.shape)}"
+        )
+
+
+def _tokens_first(parts: list[torch.Tensor], batch_size: int, name: str, empty: torch.Tensor,
+                  feature_dims: int = 1) -> torch.Tensor:
+    """Stack one module's calls as (B, T_total, *features): extra dims fold into tokens.
+
+    ``empty`` is the result for a module that did not run (no tokens: a zero gradient).
+    """
     flat = []
     for t in parts:
-        if t.dim() < 2 or t.shape[0] != batch_size:
-            raise ValueError(
-                f"module {name!r}: expected a leading batch dimension of {batch_size}, "
-                f"got a tensor of shape {tuple(t.shape)}"
-            )
-        flat.append(t.reshape(batch_size, -1, t.shape[-1]).detach())
+        _check_batch(t, batch_size, name)
+        features = t.shape[t.dim() - feature_dims :] if feature_dims else ()
+        flat.append(t.reshape(batch_size, -1, *features).detach())
+    if not flat:
+        return empty
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
@@ -301,9 +503,10 @@ def per_sample_grads(
     modules: Iterable[str] | None = None,
     route: str = "auto",
 ) -> FactorizedGrads:
-    """Factorized per-sample gradients of every captured linear-like layer.
+    """Factorized per-sample gradients of every captured module.
 
-    ``g_i(W) = D_iᵀ A_i`` and ``g_i(b) = Σ_t D_i[t]`` of the per-sample loss
+    ``g_i(W) = D_iᵀ A_i`` and ``g_i(b) = Σ_t D_i[t]`` for a linear layer (embeddings and norms:
+    ``gradsift.factor_kinds``) of the per-sample loss
     ``ℓ_i = mean_t CE`` over sample i's labelled positions (HF causal-LM convention:
     ``-100`` means no loss, labels shifted inside). A sample without labelled positions
     has ``ℓ_i = 0`` and a zero gradient.
@@ -311,9 +514,11 @@ def per_sample_grads(
     Args:
         model: a causal LM returning ``logits`` (transformers or peft model).
         batch: ``input_ids`` (B, T), optional ``attention_mask`` (B, T), ``labels`` (B, T).
-        modules: names as in ``model.named_modules()``. Default: every ``nn.Linear`` or
-            transformers ``Conv1D`` whose weight is trainable — so for a peft LoRA model just
-            the LoRA factors — leaving out an output head tied to the input embedding.
+        modules: names as in ``model.named_modules()``. Default: every module of a
+            registered kind (``nn.Linear``, transformers ``Conv1D``, ``nn.Embedding``,
+            LayerNorm, RMSNorm) whose weight is trainable — so for a peft LoRA model just the
+            LoRA factors, and with full fine-tuning every parameter. A tied input embedding
+            and output head are one parameter, the sum of both uses.
         route: ``"ghost"``, ``"materialize"`` or ``"auto"`` (per layer, by cost model; see
             ``FactorizedGrads``).
 

@@ -1,9 +1,12 @@
 """Per-sample gradients kept in factorized form, and the inner products computed on them.
 
-A layer's per-sample gradient is ``g_i = D_iᵀ A_i`` (DESIGN.md §2). A trainable bias is
-folded in by appending a column of ones to ``A``: ``[g_i(W) g_i(b)] = D_iᵀ [A_i 1]``.
+A linear layer's per-sample gradient is ``g_i = D_iᵀ A_i`` (DESIGN.md §2). A trainable bias
+is folded in by appending a column of ones to ``A``: ``[g_i(W) g_i(b)] = D_iᵀ [A_i 1]``.
+Other parameter kinds (embeddings, norms: ``gradsift.factor_kinds``) keep their own factors
+behind the same methods; a parameter used by several modules (a tied embedding and output
+head) has one factor object per use, and its per-sample gradient is the sum of the uses.
 
-Routes for the Gram matrix ``⟨g_i, h_j⟩`` of one layer (B×T samples against B'×T'):
+Routes for the Gram matrix ``⟨g_i, h_j⟩`` of one linear layer (B×T samples against B'×T'):
 
 * ``ghost``: ``sum((A_i A_jᵀ) ⊙ (D_i D_jᵀ))``; cost ``B B' T T' (d_in + d_out)``,
   memory ``B B' T T'`` (chunked over rows).
@@ -13,16 +16,17 @@ Routes for the Gram matrix ``⟨g_i, h_j⟩`` of one layer (B×T samples against
   with wide layers pick ghost, long contexts pick materialize, so memory never grows as
   ``T²`` when materializing is cheaper.
 
-An elementwise (Adam) preconditioner ``P`` cannot be pulled through the token sums, so a
-preconditioned Gram always takes the materialize route: exact, one layer and one chunk of
-samples at a time. ``dot_dense`` never materializes: ``⟨g_i, M⟩ = Σ_t δ_{i,t}ᵀ M a_{i,t}``.
-All arithmetic is float32 whatever the model's dtype.
+An elementwise (Adam) preconditioner ``P`` cannot be pulled through a linear layer's token
+sums, so a preconditioned linear Gram always takes the materialize route: exact, one layer
+and one chunk of samples at a time. ``dot_dense`` never materializes:
+``⟨g_i, M⟩ = Σ_t δ_{i,t}ᵀ M a_{i,t}``. All arithmetic is float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -33,9 +37,75 @@ BLOCK_FLOATS = 64 * 2**20
 INNER_BLOCK = 65536
 
 
+def choose_route(
+    b: int, t: int, b2: int, t2: int, d_in: int, d_out: int, same: bool = False
+) -> str:
+    """Cheaper route for a (b×t) against (b2×t2) Gram of one layer, by the cost model above.
+
+    ``same``: a batch against itself, whose per-sample gradients are materialized once.
+    """
+    ghost = b * b2 * t * t2 * (d_in + d_out)
+    materialized_tokens = b * t if same else b * t + b2 * t2
+    materialize = materialized_tokens * d_in * d_out + b * b2 * d_in * d_out
+    return "ghost" if ghost < materialize else "materialize"
+
+
+def blocked_inner(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``g @ hᵀ`` for (b, K) and (b2, K), summing K in blocks of ``INNER_BLOCK``.
+
+    One float32 GEMM over a very long K loses accuracy roughly in proportion to K (measured:
+    4e-3 relative at K = 2²⁴); summing 65,536-column partial products keeps it near 1e-6.
+    """
+    k = g.shape[1]
+    out = g[:, :INNER_BLOCK] @ h[:, :INNER_BLOCK].T
+    for start in range(INNER_BLOCK, k, INNER_BLOCK):
+        out += g[:, start : start + INNER_BLOCK] @ h[:, start : start + INNER_BLOCK].T
+    return out
+
+
+def row_chunks(n: int, floats_per_row: int, max_rows: int | None = None) -> list[slice]:
+    """Slices of ``range(n)`` whose blocks of ``floats_per_row`` floats stay under BLOCK_FLOATS."""
+    step = max(1, BLOCK_FLOATS // max(1, floats_per_row))
+    if max_rows is not None:
+        step = min(step, max(1, max_rows))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+_row_chunks = row_chunks  # the name used before the factor kinds moved out
+
+
+def chunked_gram(materialize_g, materialize_h, b: int, b2: int, size: int,
+                 p: torch.Tensor | None, same: bool, device: torch.device) -> torch.Tensor:
+    """(b, b2) ``⟨g_i, P ⊙ h_j⟩`` from per-sample flattened gradients, chunk by chunk.
+
+    ``materialize_g(rows)`` / ``materialize_h(cols)`` return (n, size) float32 blocks;
+    ``same``: g and h are the same batch (materialized once when one chunk holds it).
+    """
+    chunks2 = row_chunks(b2, size)
+    if same and len(chunks2) == 1:
+        g = materialize_g(slice(0, b))
+        return blocked_inner(g, g if p is None else g * p)
+    out = torch.empty(b, b2, device=device)
+    for cols in chunks2:
+        h = materialize_h(cols)
+        if p is not None:
+            h = h * p
+        for rows in row_chunks(b, size):
+            out[rows, cols] = blocked_inner(materialize_g(rows), h)
+    return out
+
+
+def _pad_tokens(x: torch.Tensor, t: int, value: float = 0) -> torch.Tensor:
+    """Pad dim 1 (tokens) of ``x`` to length ``t``."""
+    if x.shape[1] == t:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, t - x.shape[1]]
+    return torch.nn.functional.pad(x, pad, value=value)
+
+
 @dataclass
 class LayerFactors:
-    """Factors of one linear-like layer.
+    """Factors of one linear-like layer: ``g_i(W) = D_iᵀ A_i``.
 
     Attributes:
         module_name: name in ``model.named_modules()``.
@@ -51,6 +121,19 @@ class LayerFactors:
     inputs: torch.Tensor
     output_grads: torch.Tensor
     weight_transposed: bool = False
+
+    kind = "linear"
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    @property
+    def param_names(self) -> list[str]:
+        return [self.weight_name] + ([self.bias_name] if self.bias_name is not None else [])
 
     @property
     def d_in(self) -> int:
@@ -102,55 +185,161 @@ class LayerFactors:
             out[self.bias_name] = g[..., self.d_in]
         return out
 
+    # ------------------------------------------------------------ one use, two batches
+    def gram(self, other: LayerFactors, precondition: Mapping[str, torch.Tensor] | None,
+             route: str, same: bool) -> torch.Tensor:
+        """(B, B') ``⟨g_i, P ⊙ h_j⟩`` of this layer against the same layer of another batch."""
+        if precondition is not None:
+            p = self.dense(precondition, "precondition")
+            return self._gram_materialize(other, p, same)
+        if route == "auto":
+            b, t = self.inputs.shape[:2]
+            b2, t2 = other.inputs.shape[:2]
+            route = choose_route(b, t, b2, t2, self.d_in_aug, self.d_out, same=same)
+        if route == "ghost":
+            return self._gram_ghost(other, same)
+        return self._gram_materialize(other, None, same)
 
-def choose_route(
-    b: int, t: int, b2: int, t2: int, d_in: int, d_out: int, same: bool = False
-) -> str:
-    """Cheaper route for a (b×t) against (b2×t2) Gram of one layer, by the cost model above.
+    def _gram_ghost(self, other: LayerFactors, same: bool) -> torch.Tensor:
+        b, t = self.inputs.shape[:2]
+        b2, t2 = other.inputs.shape[:2]
+        a2 = other.a().reshape(b2 * t2, -1)
+        d2 = other.d().reshape(b2 * t2, -1)
+        out = torch.empty(b, b2, device=a2.device)
+        # A batch against itself is symmetric: each row block is computed only against the
+        # columns from its own start on and mirrored (four blocks: ~5/8 of the work).
+        chunks = row_chunks(b, t * b2 * t2, max_rows=-(-b // 4) if same else None)
+        for rows in chunks:
+            n = rows.stop - rows.start
+            first = rows.start if same else 0
+            cols = slice(first * t2, b2 * t2)
+            aa = (self.a(rows).reshape(n * t, -1) @ a2[cols].T).view(n, t, b2 - first, t2)
+            dd = (self.d(rows).reshape(n * t, -1) @ d2[cols].T).view(n, t, b2 - first, t2)
+            block = (aa * dd).sum(dim=(1, 3))
+            out[rows, first:] = block
+            if same:
+                out[first:, rows] = block.T
+        return out
 
-    ``same``: a batch against itself, whose per-sample gradients are materialized once.
-    """
-    ghost = b * b2 * t * t2 * (d_in + d_out)
-    materialized_tokens = b * t if same else b * t + b2 * t2
-    materialize = materialized_tokens * d_in * d_out + b * b2 * d_in * d_out
-    return "ghost" if ghost < materialize else "materialize"
+    def _gram_materialize(self, other: LayerFactors, p: torch.Tensor | None,
+                          same: bool) -> torch.Tensor:
+        def flat(layer: LayerFactors):
+            return lambda rows: layer.materialize(rows).reshape(rows.stop - rows.start, -1)
 
+        return chunked_gram(flat(self), flat(other), len(self), len(other),
+                            self.d_out * self.d_in_aug, None if p is None else p.reshape(1, -1),
+                            same, self.inputs.device)
 
-def blocked_inner(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``g @ hᵀ`` for (b, K) and (b2, K), summing K in blocks of ``INNER_BLOCK``.
+    # --------------------------------------------------------------------- one batch
+    def sq_norms(self, precondition: Mapping[str, torch.Tensor] | None, route: str) -> torch.Tensor:
+        """(B,) ``⟨g_i, P ⊙ g_i⟩`` of this layer."""
+        b, t = self.inputs.shape[:2]
+        d_in = self.d_in_aug
+        out = torch.zeros(b, device=self.inputs.device)
+        p = None if precondition is None else self.dense(precondition, "precondition")
+        # per-sample diagonal: ghost costs t² (d_in + d_out), materialize t d_in d_out.
+        ghost = p is None and (
+            route == "ghost" or (route == "auto" and t * (d_in + self.d_out) < d_in * self.d_out)
+        )
+        if ghost:
+            for rows in row_chunks(b, t * t):
+                a, d = self.a(rows), self.d(rows)
+                out[rows] = ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(dim=(1, 2))
+        else:
+            for rows in row_chunks(b, self.d_out * d_in):
+                g = self.materialize(rows)
+                out[rows] = (g * g * (1.0 if p is None else p)).sum(dim=(1, 2))
+        return out
 
-    One float32 GEMM over a very long K loses accuracy roughly in proportion to K (measured:
-    4e-3 relative at K = 2²⁴); summing 65,536-column partial products keeps it near 1e-6.
-    """
-    k = g.shape[1]
-    out = g[:, :INNER_BLOCK] @ h[:, :INNER_BLOCK].T
-    for start in range(INNER_BLOCK, k, INNER_BLOCK):
-        out += g[:, start : start + INNER_BLOCK] @ h[:, start : start + INNER_BLOCK].T
-    return out
+    def dot_dense(self, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) ``⟨g_i, M⟩ = Σ_t δ_{i,t}ᵀ M a_{i,t}``: about one extra forward of the layer."""
+        m = self.dense(dense, "dense")
+        b, t = self.inputs.shape[:2]
+        out = torch.zeros(b, device=self.inputs.device)
+        for rows in row_chunks(b, t * self.d_out):
+            out[rows] = (self.d(rows) * (self.a(rows) @ m.T)).sum(dim=(1, 2))
+        return out
 
+    def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Σ_i w_i g_i`` as ``(w ⊙ D)ᵀ A``: one GEMM."""
+        d = (self.d() * weights.view(-1, 1, 1)).reshape(-1, self.d_out)
+        return self.split(d.T @ self.a().reshape(d.shape[0], -1))
 
-def _row_chunks(n: int, floats_per_row: int, max_rows: int | None = None) -> list[slice]:
-    step = max(1, BLOCK_FLOATS // max(1, floats_per_row))
-    if max_rows is not None:
-        step = min(step, max(1, max_rows))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    def per_sample(self) -> dict[str, torch.Tensor]:
+        """Parameter name → (B, *param.shape) per-sample gradients."""
+        return self.split(self.materialize())
+
+    def select(self, idx: torch.Tensor) -> LayerFactors:
+        return replace(self, inputs=self.inputs[idx], output_grads=self.output_grads[idx])
+
+    @staticmethod
+    def concat(parts: Sequence[LayerFactors]) -> LayerFactors:
+        """Join along samples; shorter parts are zero-padded along tokens (a zero D row adds 0)."""
+        t = max(p.inputs.shape[1] for p in parts)
+        return replace(parts[0], inputs=torch.cat([_pad_tokens(p.inputs, t) for p in parts]),
+                       output_grads=torch.cat([_pad_tokens(p.output_grads, t) for p in parts]))
+
+    # ------------------------------------------- the weight alone, in parameter orientation
+    def _lhs_rhs(self, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row factor, column factor) of the weight, ``W_i = lhsᵀ rhs``, in the model's dtype."""
+        a = self.inputs if rows is None else self.inputs[rows]
+        d = self.output_grads if rows is None else self.output_grads[rows]
+        return (a, d) if self.weight_transposed else (d, a)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.d_in * self.d_out
+
+    def weight_rows(self, index: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+        """(b, |index|, cols) per-sample gradients of the weight's rows ``index`` (all: None)."""
+        lhs, rhs = self._lhs_rhs(rows)
+        if index is not None:
+            lhs = lhs[..., index]
+        return torch.bmm(lhs.float().transpose(1, 2), rhs.float())
+
+    def weight_at(self, index: torch.Tensor, rows: slice) -> torch.Tensor:
+        """(n, S, cols): sample i's own weight gradient at its weight rows ``index[i]`` (n, S).
+
+        Gathers the S needed columns of the row factor first: cost ``n T S cols``, whatever
+        the number of rows (a vocabulary) is.
+        """
+        lhs, rhs = self._lhs_rhs(rows)
+        n, t = lhs.shape[:2]
+        picked = torch.gather(lhs, 2, index.unsqueeze(1).expand(n, t, index.shape[1]))
+        return torch.bmm(picked.float().transpose(1, 2), rhs.float())
+
+    def weight_per_sample(self, rows: slice) -> torch.Tensor:
+        """(b, numel) per-sample weight gradients, flattened in parameter orientation."""
+        return self.weight_rows(None, rows).reshape(rows.stop - rows.start, -1)
+
+    def cross_gram(self, other: Any, p: torch.Tensor | None) -> torch.Tensor | None:
+        """No specialised cross term between two linear uses: the generic one is exact."""
+        return None
+
+    def cross_sq_norms(self, other: Any, p: torch.Tensor | None) -> torch.Tensor | None:
+        return None
 
 
 class FactorizedGrads:
-    """Per-sample gradients of a batch, as per-layer factors (A, D).
+    """Per-sample gradients of a batch, as per-use factors (linear, embedding, norm).
+
+    Uses that share a weight (a tied input embedding and output head) are one parameter:
+    its per-sample gradient is the sum of the uses, and every inner product includes the
+    cross terms ``⟨g_i(u), h_j(v)⟩`` between different uses.
 
     Attributes:
-        layers: one ``LayerFactors`` per captured module.
+        layers: one factor object per captured module (``LayerFactors`` for linear layers).
         losses: (B,) float32 per-sample losses.
         route: default route for ``gram``/``sq_norms`` (``auto``, ``ghost``, ``materialize``).
     """
 
-    def __init__(self, layers: Sequence[LayerFactors], losses: torch.Tensor, route: str = "auto"):
+    def __init__(self, layers: Sequence[Any], losses: torch.Tensor, route: str = "auto"):
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         self.layers = list(layers)
         self.losses = losses
         self.route = route
+        self._groups = _tied_groups(self.layers)
 
     def __len__(self) -> int:
         return self.losses.shape[0]
@@ -158,24 +347,14 @@ class FactorizedGrads:
     @property
     def param_names(self) -> list[str]:
         """Parameter names (as in ``model.named_parameters()``) covered by these gradients."""
-        names = []
-        for layer in self.layers:
-            names.append(layer.weight_name)
-            if layer.bias_name is not None:
-                names.append(layer.bias_name)
-        return names
+        return list(dict.fromkeys(n for layer in self.layers for n in layer.param_names))
 
-    def _route(self, layer: LayerFactors, other: LayerFactors) -> str:
-        if self.route != "auto":
-            return self.route
-        b, t = layer.inputs.shape[:2]
-        b2, t2 = other.inputs.shape[:2]
-        return choose_route(b, t, b2, t2, layer.d_in_aug, layer.d_out, same=layer is other)
-
-    def _paired_layers(self, other: FactorizedGrads) -> list[tuple[LayerFactors, LayerFactors]]:
+    def _paired_layers(self, other: FactorizedGrads) -> list[tuple[Any, Any]]:
         if other is self:
             return [(layer, layer) for layer in self.layers]
-        if self.param_names != other.param_names:
+        if [(u.kind, u.param_names) for u in self.layers] != [
+            (u.kind, u.param_names) for u in other.layers
+        ]:
             missing = set(self.param_names) ^ set(other.param_names)
             raise ValueError(
                 "both FactorizedGrads must cover the same parameters; "
@@ -195,129 +374,56 @@ class FactorizedGrads:
             precondition: parameter name → positive tensor of that parameter's shape (P).
         """
         other = self if other is None else other
+        same = other is self
+        pairs = self._paired_layers(other)
         out = torch.zeros(len(self), len(other), device=self.losses.device)
-        for layer, layer2 in self._paired_layers(other):
-            if precondition is not None:
-                p = layer.dense(precondition, "precondition")
-                out += self._gram_materialize(layer, layer2, p, same=other is self)
-            elif self._route(layer, layer2) == "ghost":
-                out += self._gram_ghost(layer, layer2)
-            else:
-                out += self._gram_materialize(layer, layer2, None, same=other is self)
-        return out
-
-    @staticmethod
-    def _gram_ghost(layer: LayerFactors, layer2: LayerFactors) -> torch.Tensor:
-        b, t = layer.inputs.shape[:2]
-        b2, t2 = layer2.inputs.shape[:2]
-        a2 = layer2.a().reshape(b2 * t2, -1)
-        d2 = layer2.d().reshape(b2 * t2, -1)
-        out = torch.empty(b, b2, device=a2.device)
-        same = layer is layer2
-        # A batch against itself is symmetric: each row block is computed only against the
-        # columns from its own start on and mirrored (four blocks: ~5/8 of the work).
-        chunks = _row_chunks(b, t * b2 * t2, max_rows=-(-b // 4) if same else None)
-        for rows in chunks:
-            n = rows.stop - rows.start
-            first = rows.start if same else 0
-            cols = slice(first * t2, b2 * t2)
-            aa = (layer.a(rows).reshape(n * t, -1) @ a2[cols].T).view(n, t, b2 - first, t2)
-            dd = (layer.d(rows).reshape(n * t, -1) @ d2[cols].T).view(n, t, b2 - first, t2)
-            block = (aa * dd).sum(dim=(1, 3))
-            out[rows, first:] = block
-            if same:
-                out[first:, rows] = block.T
-        return out
-
-    @staticmethod
-    def _gram_materialize(
-        layer: LayerFactors, layer2: LayerFactors, p: torch.Tensor | None, same: bool
-    ) -> torch.Tensor:
-        b, b2 = layer.inputs.shape[0], layer2.inputs.shape[0]
-        size = layer.d_out * layer.d_in_aug
-        out = torch.empty(b, b2, device=layer.inputs.device)
-        chunks2 = _row_chunks(b2, size)
-        if same and len(chunks2) == 1:
-            # symmetric and small enough: materialize once, one GEMM.
-            g = layer.materialize().reshape(b, -1)
-            h = g if p is None else g * p.reshape(1, -1)
-            return blocked_inner(g, h)
-        for cols in chunks2:
-            h = layer2.materialize(cols).reshape(cols.stop - cols.start, -1)
-            if p is not None:
-                h = h * p.reshape(1, -1)
-            for rows in _row_chunks(b, size):
-                g = layer.materialize(rows).reshape(rows.stop - rows.start, -1)
-                out[rows, cols] = blocked_inner(g, h)
+        for layer, layer2 in pairs:
+            out += layer.gram(layer2, precondition, self.route, same)
+        for group in self._groups:  # cross terms between the uses of a shared weight
+            for x, u in enumerate(group):
+                for v in group[x + 1 :]:
+                    p = _weight_precondition(pairs[u][0], precondition)
+                    uv = _cross_gram(pairs[u][0], pairs[v][1], p)  # ⟨g_i(u), P ⊙ h_j(v)⟩
+                    out += uv
+                    out += uv.T if same else _cross_gram(pairs[v][0], pairs[u][1], p)
         return out
 
     def sq_norms(self, precondition: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B,) ``Σ_params ⟨g_i, P ⊙ g_i⟩`` (plain squared norms without ``precondition``)."""
         out = torch.zeros(len(self), device=self.losses.device)
         for layer in self.layers:
-            b, t = layer.inputs.shape[:2]
-            d_in = layer.d_in_aug
-            p = None if precondition is None else layer.dense(precondition, "precondition")
-            # per-sample diagonal: ghost costs t² (d_in + d_out), materialize t d_in d_out.
-            ghost = p is None and (
-                self.route == "ghost"
-                or (self.route == "auto" and t * (d_in + layer.d_out) < d_in * layer.d_out)
-            )
-            if ghost:
-                for rows in _row_chunks(b, t * t):
-                    a, d = layer.a(rows), layer.d(rows)
-                    out[rows] += ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(dim=(1, 2))
-            else:
-                for rows in _row_chunks(b, layer.d_out * d_in):
-                    g = layer.materialize(rows)
-                    out[rows] += (g * g * (1.0 if p is None else p)).sum(dim=(1, 2))
+            out += layer.sq_norms(precondition, self.route)
+        for group in self._groups:  # ⟨u+v, P(u+v)⟩ = ⟨u,Pu⟩ + ⟨v,Pv⟩ + 2⟨u,Pv⟩
+            for x, u in enumerate(group):
+                for v in group[x + 1 :]:
+                    p = _weight_precondition(self.layers[u], precondition)
+                    out += 2 * _cross_sq_norms(self.layers[u], self.layers[v], p)
         return out
 
     def dot_dense(self, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B,) ``⟨g_i, M⟩`` with ``M`` a parameter-name → tensor dict (e.g. a target gradient).
 
-        Computed as ``Σ_t δ_{i,t}ᵀ M a_{i,t}``: about one extra forward of each layer.
+        Linear layers: ``Σ_t δ_{i,t}ᵀ M a_{i,t}``, about one extra forward of each layer.
         """
         out = torch.zeros(len(self), device=self.losses.device)
         for layer in self.layers:
-            m = layer.dense(dense, "dense")
-            b, t = layer.inputs.shape[:2]
-            for rows in _row_chunks(b, t * layer.d_out):
-                out[rows] += (layer.d(rows) * (layer.a(rows) @ m.T)).sum(dim=(1, 2))
+            out += layer.dot_dense(dense)
         return out
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Σ_i w_i g_i`` per parameter, as ``(w ⊙ D)ᵀ A``: one GEMM per layer, no copies."""
-        w = weights.float().to(self.losses.device).view(-1, 1, 1)
-        out: dict[str, torch.Tensor] = {}
-        for layer in self.layers:
-            d = (layer.d() * w).reshape(-1, layer.d_out)
-            g = d.T @ layer.a().reshape(d.shape[0], -1)
-            out.update(layer.split(g))
-        return out
+        """``Σ_i w_i g_i`` per parameter (linear: ``(w ⊙ D)ᵀ A``, one GEMM; no copies)."""
+        w = weights.float().to(self.losses.device)
+        return _sum_dicts(layer.weighted_sum(w) for layer in self.layers)
 
     def materialize(self) -> dict[str, torch.Tensor]:
         """Parameter name → (B, *param.shape) per-sample gradients (memory ``B`` × params)."""
-        out: dict[str, torch.Tensor] = {}
-        for layer in self.layers:
-            out.update(layer.split(layer.materialize()))
-        return out
+        return _sum_dicts(layer.per_sample() for layer in self.layers)
 
     def select(self, indices: torch.Tensor) -> FactorizedGrads:
         """The gradients of a subset of samples (views where possible)."""
         idx = indices.to(self.losses.device)
-        layers = [
-            LayerFactors(
-                module_name=layer.module_name,
-                weight_name=layer.weight_name,
-                bias_name=layer.bias_name,
-                inputs=layer.inputs[idx],
-                output_grads=layer.output_grads[idx],
-                weight_transposed=layer.weight_transposed,
-            )
-            for layer in self.layers
-        ]
-        return FactorizedGrads(layers, self.losses[idx], route=self.route)
+        return FactorizedGrads([layer.select(idx) for layer in self.layers], self.losses[idx],
+                               route=self.route)
 
     @staticmethod
     def concat(parts: Sequence[FactorizedGrads]) -> FactorizedGrads:
@@ -329,25 +435,65 @@ class FactorizedGrads:
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
-        layers = []
-        for i, layer in enumerate(first.layers):
-            pieces = [p.layers[i] for p in parts]
-            t = max(p.inputs.shape[1] for p in pieces)
-            layers.append(
-                LayerFactors(
-                    module_name=layer.module_name,
-                    weight_name=layer.weight_name,
-                    bias_name=layer.bias_name,
-                    inputs=torch.cat([_pad_tokens(p.inputs, t) for p in pieces]),
-                    output_grads=torch.cat([_pad_tokens(p.output_grads, t) for p in pieces]),
-                    weight_transposed=layer.weight_transposed,
-                )
-            )
+        layers = [type(layer).concat([p.layers[i] for p in parts])
+                  for i, layer in enumerate(first.layers)]
         losses = torch.cat([p.losses for p in parts])
         return FactorizedGrads(layers, losses, route=first.route)
 
 
-def _pad_tokens(x: torch.Tensor, t: int) -> torch.Tensor:
-    if x.shape[1] == t:
-        return x
-    return torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]))
+def _tied_groups(layers: Sequence[Any]) -> list[list[int]]:
+    """Indices of the uses of each weight that more than one use shares (a tied head)."""
+    by_weight: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        by_weight.setdefault(layer.weight_name, []).append(i)
+    others = [n for layer in layers for n in layer.param_names if n != layer.weight_name]
+    shared = sorted({n for n in others if others.count(n) > 1} | (set(others) & set(by_weight)))
+    if shared:
+        raise ValueError(f"only a weight may be shared between captured modules, not {shared}")
+    return [group for group in by_weight.values() if len(group) > 1]
+
+
+def _weight_precondition(
+    layer: Any, precondition: Mapping[str, torch.Tensor] | None
+) -> torch.Tensor | None:
+    if precondition is None:
+        return None
+    if layer.weight_name not in precondition:
+        raise KeyError(f"precondition has no entry for parameter {layer.weight_name!r}")
+    return precondition[layer.weight_name].float().to(layer.device)
+
+
+def _cross_gram(u: Any, v: Any, p: torch.Tensor | None) -> torch.Tensor:
+    """(B, B') ``⟨g_i(u), P ⊙ h_j(v)⟩`` between two uses of one weight (u, v: two batches)."""
+    out = u.cross_gram(v, p)
+    if out is not None:
+        return out
+    out = v.cross_gram(u, p)
+    if out is not None:
+        return out.T
+    # generic and exact: materialize both uses' weight gradients, chunk by chunk
+    flat_p = None if p is None else p.reshape(1, -1)
+    return chunked_gram(u.weight_per_sample, v.weight_per_sample, len(u), len(v),
+                        u.weight_numel, flat_p, False, u.device)
+
+
+def _cross_sq_norms(u: Any, v: Any, p: torch.Tensor | None) -> torch.Tensor:
+    """(B,) ``⟨g_i(u), P ⊙ g_i(v)⟩`` between two uses of one weight in the same batch."""
+    out = u.cross_sq_norms(v, p)
+    if out is None:
+        out = v.cross_sq_norms(u, p)
+    if out is not None:
+        return out
+    parts = []
+    for rows in row_chunks(len(u), u.weight_numel):
+        g, h = u.weight_per_sample(rows), v.weight_per_sample(rows)
+        parts.append((g * h * (1.0 if p is None else p.reshape(1, -1))).sum(dim=1))
+    return torch.cat(parts)
+
+
+def _sum_dicts(dicts: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for d in dicts:
+        for name, g in d.items():
+            out[name] = g if name not in out else out[name] + g
+    return out

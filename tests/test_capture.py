@@ -24,22 +24,32 @@ TOL = 1e-4
 
 
 def check_against_brute_force(model, batch, grads, routes=("ghost", "materialize", "auto")):
+    """materialize, gram and sq_norms (every route, with and without P), dot_dense and
+    weighted_sum of ``grads`` against a loop of single-sample backward passes."""
     names = grads.param_names
     ref = brute_force_grads(model, batch, names)
     assert rel_err(flatten(grads.materialize(), names), ref) <= TOL
     ref_gram = ref @ ref.T
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    precond = {n: torch.rand(params[n].shape, generator=gen) + 0.1 for n in names}
+    p_flat = torch.cat([precond[n].flatten() for n in names])
     for route in routes:
         g = gradsift.FactorizedGrads(grads.layers, grads.losses, route=route)
         assert rel_err(g.gram(), ref_gram) <= TOL, route
         assert rel_err(g.sq_norms(), ref_gram.diagonal()) <= TOL, route
-    dense_flat = torch.randn(ref.shape[1], generator=torch.Generator().manual_seed(1))
+        assert rel_err(g.gram(precondition=precond), (ref * p_flat) @ ref.T) <= TOL, route
+        assert rel_err(g.sq_norms(precondition=precond), (ref * p_flat * ref).sum(1)) <= TOL
+    dense_flat = torch.randn(ref.shape[1], generator=gen)
     dense, offset = {}, 0
-    params = dict(model.named_parameters())
     for n in names:
         size = params[n].numel()
         dense[n] = dense_flat[offset : offset + size].view_as(params[n])
         offset += size
     assert rel_err(grads.dot_dense(dense), ref @ dense_flat) <= TOL
+    w = torch.rand(len(grads), generator=gen)
+    summed = grads.weighted_sum(w)
+    assert rel_err(torch.cat([summed[n].flatten() for n in names]), w @ ref) <= TOL
     return ref
 
 
@@ -59,9 +69,13 @@ def test_llama_padding_and_masked_prompt():
     assert torch.allclose(grads.losses[0], out.loss, atol=1e-5)
 
 
-def test_tied_head_left_out_and_untied_head_included():
-    tied = gradsift.per_sample_grads(tiny_llama(tie=True), padded_batch(2, 6))
-    assert "lm_head.weight" not in tied.param_names
+def test_tied_head_is_one_parameter_and_untied_head_its_own():
+    tied_model = tiny_llama(tie=True)
+    tied = gradsift.per_sample_grads(tied_model, padded_batch(2, 6))
+    assert "lm_head.weight" not in tied.param_names  # the same tensor as the embedding
+    assert "model.embed_tokens.weight" in tied.param_names
+    uses = [u.module_name for u in tied.layers if u.weight_name == "model.embed_tokens.weight"]
+    assert uses == ["model.embed_tokens", "lm_head"]
     untied_model = tiny_llama(tie=False)
     batch = padded_batch(3, 6)
     untied = gradsift.per_sample_grads(untied_model, batch)
@@ -70,10 +84,13 @@ def test_tied_head_left_out_and_untied_head_included():
 
 
 def test_gpt2_conv1d_with_bias():
+    """GPT-2: Conv1D and LayerNorm biases, position embeddings (ids shared by the batch),
+    and a head tied to the token embedding."""
     model = tiny_gpt2()
     batch = padded_batch(4, 10)
     grads = gradsift.per_sample_grads(model, batch)
     assert "transformer.h.0.attn.c_attn.bias" in grads.param_names
+    assert set(grads.param_names) == {n for n, _ in model.named_parameters()}
     mat = grads.materialize()
     params = dict(model.named_parameters())
     for n in grads.param_names:
@@ -174,7 +191,7 @@ def test_unknown_and_unsupported_module_names():
             model, padded_batch(2, 6), modules=["model.layers.0.self_attn.q_prj"]
         )
     with pytest.raises(ValueError, match="unsupported"):
-        gradsift.per_sample_grads(model, padded_batch(2, 6), modules=["model.norm"])
+        gradsift.per_sample_grads(model, padded_batch(2, 6), modules=["model.layers.0.mlp"])
     with pytest.raises(ValueError, match="route"):
         gradsift.per_sample_grads(model, padded_batch(2, 6), route="fast")
 
@@ -199,36 +216,48 @@ def test_bf16_model_accumulates_in_float32():
 
 
 class _SharedLinearLM(nn.Module):
-    """Embedding → the same Linear applied twice → head: a module called twice per forward."""
+    """Embedding (with a padding row) → norm → the same Linear applied twice → the same norm
+    again → head, optionally tied to the embedding: every kind, modules called twice."""
 
-    def __init__(self, vocab: int, width: int, bias: bool):
+    def __init__(self, vocab: int, width: int, bias: bool, norm: str = "layer",
+                 tie: bool = False):
         super().__init__()
-        self.embed = nn.Embedding(vocab, width)
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.norm = nn.LayerNorm(width, bias=bias) if norm == "layer" else nn.RMSNorm(width)
         self.mix = nn.Linear(width, width, bias=bias)
         self.head = nn.Linear(width, vocab, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+        with torch.no_grad():
+            for p in self.norm.parameters():
+                p.uniform_(0.5, 1.5)
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
-        h = self.embed(input_ids)
+        h = self.norm(self.embed(input_ids))
         h = torch.tanh(self.mix(h))
-        h = self.mix(h) + h
+        h = self.norm(self.mix(h) + h)
         return type("Out", (), {"logits": self.head(h)})()
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     batch_size=st.integers(1, 4),
     length=st.integers(2, 9),
     width=st.integers(1, 7),
     bias=st.booleans(),
+    norm=st.sampled_from(["layer", "rms"]),
+    tie=st.booleans(),
     route=st.sampled_from(["ghost", "materialize", "auto"]),
 )
-def test_layer_reference_harness(batch_size, length, width, bias, route):
-    """Many shapes, a module called twice per forward, every route: against brute force."""
+def test_layer_reference_harness(batch_size, length, width, bias, norm, tie, route):
+    """Many shapes, every kind, modules called twice, a tied head, every route: against
+    brute force."""
     torch.manual_seed(batch_size * 100 + length * 10 + width)
-    model = _SharedLinearLM(11, width, bias)
+    model = _SharedLinearLM(11, width, bias, norm, tie)
     batch = padded_batch(batch_size, length, vocab=11, seed=length)
     grads = gradsift.per_sample_grads(model, batch, route=route)
     names = grads.param_names
+    assert set(names) == {n for n, _ in model.named_parameters()}
     params = dict(model.named_parameters())
     rows = []
     for i in range(batch_size):
@@ -237,8 +266,15 @@ def test_layer_reference_harness(batch_size, length, width, bias, route):
         gs = torch.autograd.grad(loss, [params[n] for n in names])
         rows.append(torch.cat([g.flatten() for g in gs]))
     ref = torch.stack(rows)
-    assert torch.allclose(flatten(grads.materialize(), names), ref, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(grads.gram(), ref @ ref.T, atol=1e-5, rtol=1e-4)
+    p = {n: torch.rand_like(params[n]) + 0.1 for n in names}
+    p_flat = torch.cat([p[n].flatten() for n in names])
+    close = dict(atol=1e-5, rtol=1e-4)
+    assert torch.allclose(flatten(grads.materialize(), names), ref, **close)
+    assert torch.allclose(grads.gram(), ref @ ref.T, **close)
+    assert torch.allclose(grads.sq_norms(), (ref * ref).sum(1), **close)
+    assert torch.allclose(grads.gram(precondition=p), (ref * p_flat) @ ref.T, **close)
+    assert torch.allclose(grads.sq_norms(precondition=p), (ref * p_flat * ref).sum(1), **close)
+    assert torch.allclose(grads.dot_dense(p), ref @ p_flat, **close)
 
 
 def test_blocked_inner_product_is_accurate_for_long_rows():

@@ -394,19 +394,18 @@ def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
 
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-              quiet: bool = False) -> list[RunResult]:
-    """Every (seed, scenario, method) run not finished yet, then the results of all finished
-    runs. Order: by ``PHASES`` (ftw, greats, random first), the 1/8 scenario last, then
-    seed-major, so that a stopped suite leaves complete pairs."""
+              quiet: bool = False, shard: tuple[int, int] = (0, 1)) -> list[RunResult]:
+    """Every (seed, scenario, method) run not finished yet (in ``_job_order``; with
+    ``shard=(i, n)`` every n-th of them from the i-th), then the results of all finished
+    runs."""
     from gradsift.models import load_model_and_tokenizer
 
     chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
     # first what decides (core methods and FTW's weight-stage ablations), then the rest
     jobs = sorted(((seed, sc, m) for seed in (seeds or suite.seeds) for sc in chosen
-                   for m in methods_for(sc, methods)),
-                  key=lambda j: (_phase(j[2]), j[1].extra_methods is False and
-                                 j[1].candidates > 8, j[0]))
+                   for m in methods_for(sc, methods)), key=_job_order)
     todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
+    todo = todo[shard[0]::shard[1]]
     if todo:
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
@@ -423,8 +422,12 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     return load_results(out)
 
 
-def _phase(method: str) -> int:
-    return next((i for i, ms in enumerate(PHASES) if method in ms), len(PHASES))
+def _job_order(job: tuple[int, Scenario, str]) -> tuple:
+    """Three seeds of the deciding methods first, then their other seeds, the 1/8 scenario
+    after the others; seed-major within a phase, so a stopped suite leaves complete pairs."""
+    seed, sc, method = job
+    phase = next((i for i, ms in enumerate(PHASES) if method in ms), len(PHASES))
+    return (seed >= 3, phase, sc.candidates > 8, seed)
 
 
 def _result_path(out: Path, scenario: str, method: str, seed: int) -> Path:
@@ -611,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated methods (default: the suite's)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
-    parser.add_argument("--threads", type=int, help="torch threads (several suites with "
-                        "disjoint --seeds can share a machine, one thread each)")
+    parser.add_argument("--threads", type=int, help="torch threads per process")
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from "
+                        "the I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -628,8 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         results = load_results(out)
     else:
+        i, n = (int(x) for x in args.shard.split("/"))
         results = run_suite(suite, out, split(args.scenarios), split(args.methods), seeds,
-                            quiet=args.quiet)
+                            quiet=args.quiet, shard=(i, n))
     summary = summarize(results, suite)
     (out / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=1))
     (out / "quality.md").write_text(markdown(summary))

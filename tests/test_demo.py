@@ -1,13 +1,19 @@
-"""The demo's label-noise summary, on hand-written logs."""
+"""The demo: its label-noise summary on hand-written logs, its config, its restart."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from runfiles import one_thread, selections, write_data
 
+import gradsift.sources
 from gradsift.config import load_config
-from gradsift.demo import DEMO_CONFIG, label_noise_shares
+from gradsift.demo import DEMO_CONFIG, label_noise_shares, run_demo
+
+__all__ = ["one_thread"]  # a fixture
 
 
 def test_label_noise_shares_by_hand(tmp_path):
@@ -30,3 +36,30 @@ def test_label_noise_shares_by_hand(tmp_path):
 def test_demo_config_is_valid():
     config = load_config(DEMO_CONFIG)
     assert config.model == "smollm2-135m" and config.budget_per_step < config.candidates_per_step
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_demo_restarts_after_an_interruption(tmp_path, monkeypatch):
+    """Issue 9, defect 1: the demo's runs resume from their saved config.yaml (relative --out)."""
+    def small_build(target, out, **kwargs):
+        write_data(Path(out))
+        rows = [json.loads(x) for x in (Path(out) / "stream.jsonl").read_text().splitlines()]
+        for i, row in enumerate(rows):
+            row.update(id=f"s{i}", wrong_answer=i % 4 == 0)
+        (Path(out) / "stream.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (Path(out) / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(gradsift.sources, "build_stream", small_build)
+    monkeypatch.chdir(tmp_path)
+    overrides = ["model=tiny", "lora.r=2", "lora.target_modules=q_proj", "steps=2",
+                 "candidates_per_step=4", "max_length=32", "target_batch_size=4",
+                 "eval_size=4", "eval_every=2", "checkpoint_every=1"]
+    run_demo("runs/demo", overrides, quiet=True)
+    greats = tmp_path / "runs" / "demo" / "greats" / "seed_0"
+    first = selections(greats)
+    (greats / "summary.json").unlink()  # Ctrl-C during greats' second step
+    shutil.rmtree(greats / "checkpoints" / "step_000002")
+    (greats / "checkpoints" / "latest").write_text("step_000001")
+    summary = run_demo("runs/demo", overrides, quiet=True)
+    assert selections(greats) == first
+    assert set(summary["methods"]) == {"ftw", "random", "greats"}

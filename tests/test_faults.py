@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from runfiles import read_jsonl, selections, tiny_config, write_config, write_data
 
+REPO = Path(__file__).resolve().parents[1]  # the children import this tree's gradsift
+
 DRIVER = textwrap.dedent('''
     import json, os, random, shutil, signal, sys, time
     from pathlib import Path
@@ -131,7 +133,7 @@ def fault_runs(tmp_path_factory):
          os.environ.get("GRADSIFT_FAULT_SEED", "0")],
         capture_output=True, text=True, timeout=540,
         env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-             "TOKENIZERS_PARALLELISM": "false"})
+             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -10,10 +10,15 @@ The loss is ``Σ_i w_i ℓ_i`` with ``ℓ_i`` each sample's mean token loss and 
 scale of a mean-loss step whatever the subset's token count, so the Trainer's
 ``num_items_in_batch`` (a token count for the whole batch) is not used.
 
-The Trainer's checkpoints also get gradsift's state (selector generator, cached target
-gradient, counters) as ``gradsift_state.safetensors`` + ``gradsift_state.json``, and
-``train(resume_from_checkpoint=...)`` restores it and drops the selection-log records written
-after that checkpoint, so a resumed run selects exactly as an uninterrupted one.
+The step itself is ``gradsift.step.SelectionStep``, the same one ``OnlineTrainer`` runs, and
+``selections.jsonl`` is written by ``gradsift.runlog`` in the same schema (steps numbered from
+1, the optimizer step the selection belongs to), so ``gradsift report`` reads both.
+
+The Trainer's checkpoints also get gradsift's state (``SelectionStep.state_dict()``: the
+generators, the cached target gradient, counters) as ``gradsift_state.safetensors`` +
+``gradsift_state.json``, and ``train(resume_from_checkpoint=...)`` restores it and drops the
+selection-log records written after that checkpoint, so a resumed run selects exactly as an
+uninterrupted one.
 
 Limitations: ``.grad`` is written directly, so DDP/FSDP gradient synchronisation is not
 performed here (single-process training only for now); DeepSpeed is not supported.
@@ -22,27 +27,21 @@ performed here (single-process training only for now); DeepSpeed is not supporte
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from gradsift.data import Example, collate
-from gradsift.engine import (
-    capture_batches,
-    set_weighted_gradients,
-    split_parameters,
-    target_gradient,
-)
-from gradsift.factors import FactorizedGrads
-from gradsift.optim_state import read_optimizer_state
-from gradsift.select import SelectionContext, Selector, get_selector
+from gradsift.runlog import SELECTIONS, RunLog, selection_record
+from gradsift.select import Selector, get_selector
+from gradsift.step import SelectionConfig, SelectionStep
 
 ID_COLUMNS = ("id", "source")
 
@@ -85,8 +84,58 @@ class _SaveGradSiftState(TrainerCallback):
                 self.trainer.save_gradsift_state(folder)
 
 
+_DEFAULTS = SelectionConfig()
+
+
+@dataclass
+class GradSiftConfig(TrainingArguments):
+    """``TrainingArguments`` plus gradsift's options, as TRL's ``SFTConfig`` extends them:
+    ``HfArgumentParser`` and the usual ``--flags`` work (``--budget_per_step 4``,
+    ``--selector_options '{"min_cosine": 0.1}'``). Validated at construction, naming the key.
+    """
+
+    selector: str = field(default="ftw", metadata={
+        "help": "gradsift selection method (ftw, greats, cosine, random, ...)"})
+    selector_options: dict | str | None = field(default=None, metadata={
+        "help": "options of the selection method, a JSON object"})
+    budget_per_step: int = field(default=_DEFAULTS.budget_per_step, metadata={
+        "help": "k: at most this many of each per-device batch are trained on"})
+    target_batch_size: int = field(default=_DEFAULTS.target_batch_size, metadata={
+        "help": "target examples per target gradient"})
+    target_refresh: int = field(default=_DEFAULTS.target_refresh, metadata={
+        "help": "draw a fresh target batch every this many selections"})
+    capture_modules: list[str] | None = field(default=None, metadata={
+        "help": "module names to capture (default: every trainable module of a known kind)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.selector_options, str):
+            try:
+                self.selector_options = json.loads(self.selector_options)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"selector_options must be a JSON object: {e}") from e
+        if self.selector_options is not None and not isinstance(self.selector_options, dict):
+            raise ValueError(f"selector_options must be a mapping, got {self.selector_options!r}")
+        self.selection_config()
+        get_selector(self.selector, **(self.selector_options or {}))  # names bad options
+
+    def selection_config(self) -> SelectionConfig:
+        """The step's options (validated: a bad value raises naming its key)."""
+        return SelectionConfig(budget_per_step=self.budget_per_step,
+                               target_batch_size=self.target_batch_size,
+                               target_refresh=self.target_refresh,
+                               modules=self.capture_modules)
+
+
+GRADSIFT_KEYS = tuple(f.name for f in fields(GradSiftConfig)
+                      if f.name not in {g.name for g in fields(TrainingArguments)})
+
+
 class GradSiftTrainer(Trainer):
     """A ``Trainer`` whose every step trains on a gradsift-selected weighted subset.
+
+    gradsift's options come from ``args`` when it is a ``GradSiftConfig``; the keyword
+    arguments below, when given, take precedence (plain ``TrainingArguments`` work too).
 
     Args:
         *args, **kwargs: passed to ``transformers.Trainer``.
@@ -97,51 +146,75 @@ class GradSiftTrainer(Trainer):
         budget_per_step: k, at most this many of each batch are trained on.
         target_batch_size: target examples per target gradient.
         target_refresh: draw a fresh target batch every this many selections.
-        modules: module names to capture (default: every trainable linear-like module).
+        modules: module names to capture (default: every trainable module of a known kind).
     """
 
     def __init__(
         self,
         *args: Any,
         target_dataset: Sequence[Any],
-        selector: str | Selector = "ftw",
+        selector: str | Selector | None = None,
         selector_options: dict[str, Any] | None = None,
-        budget_per_step: int = 4,
-        target_batch_size: int = 8,
-        target_refresh: int = 1,
+        budget_per_step: int | None = None,
+        target_batch_size: int | None = None,
+        target_refresh: int | None = None,
         modules: list[str] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         if len(target_dataset) == 0:
             raise ValueError("target_dataset is empty: nothing to select towards")
+        base = self.args if isinstance(self.args, GradSiftConfig) else None
+
+        def option(given: Any, key: str, default: Any) -> Any:
+            return given if given is not None else getattr(base, key, default)
+
+        selector = option(selector, "selector", "ftw")
         self.selector = (
-            get_selector(selector, **(selector_options or {})) if isinstance(selector, str)
-            else selector
+            get_selector(selector, **(option(selector_options, "selector_options", None) or {}))
+            if isinstance(selector, str) else selector
+        )
+        self.selection_config = SelectionConfig(
+            budget_per_step=option(budget_per_step, "budget_per_step", _DEFAULTS.budget_per_step),
+            target_batch_size=option(target_batch_size, "target_batch_size",
+                                     _DEFAULTS.target_batch_size),
+            target_refresh=option(target_refresh, "target_refresh", _DEFAULTS.target_refresh),
+            modules=option(modules, "capture_modules", None),
         )
         self.target_examples = [_as_example(r, i) for i, r in enumerate(target_dataset)]
-        self.budget_per_step = budget_per_step
-        self.target_batch_size = target_batch_size
-        self.target_refresh = target_refresh
-        self.gradsift_modules = modules
-        self._target_grad: dict[str, torch.Tensor] | None = None
-        self._selections = 0
-        self._generator = torch.Generator().manual_seed(self.args.seed)
+        self._step: SelectionStep | None = None  # built on the unwrapped model, first step
+        self._restored: dict[str, Any] | None = None  # state waiting for the step
         self._stats: list[dict[str, float]] = []
-        self._split: tuple | None = None
-        self.selection_log = Path(self.args.output_dir) / "selections.jsonl"
+        self.runlog = RunLog(self.args.output_dir, enabled=self.args.should_save)
+        self.selection_log = Path(self.args.output_dir) / SELECTIONS
         self.add_callback(_SaveGradSiftState(self))
 
+    def selection_step(self, model: nn.Module) -> SelectionStep:
+        """The shared step, on the unwrapped model (built once: parameters do not change)."""
+        if self._step is None:
+            pad = getattr(self.processing_class, "pad_token_id", None) or 0
+            self._step = SelectionStep(model, self.selector, self.target_examples,
+                                       self.selection_config, pad_token_id=pad,
+                                       seed=self.args.seed)
+            if self._restored is not None:
+                self._step.load_state_dict(self._restored)
+                self._restored = None
+        return self._step
+
     def save_gradsift_state(self, folder: str | Path) -> None:
-        """Selector generator, cached target gradient and counters, next to a checkpoint."""
+        """``SelectionStep.state_dict()`` next to a checkpoint (tensors as safetensors)."""
         folder = Path(folder)
-        tensors = {"generator": self._generator.get_state()}
-        for name, g in (self._target_grad or {}).items():
-            tensors[f"target_grad/{name}"] = g.detach().contiguous().cpu()
+        state = self._step.state_dict() if self._step is not None else self._restored
+        if state is None:
+            return
+        tensors = {"target_generator": state["target_generator"],
+                   "selector_generator": state["selector_generator"]}
+        for name, g in (state["target_grad"] or {}).items():
+            tensors[f"target_grad/{name}"] = g.contiguous()
         save_file(tensors, str(folder / STATE_TENSORS))
         (folder / STATE_JSON).write_text(json.dumps({
-            "selections": self._selections, "global_step": self.state.global_step,
-            "selector": self.selector.state_dict()}))
+            "calls": state["calls"], "global_step": self.state.global_step,
+            "selector": state["selector"]}))
 
     def load_gradsift_state(self, folder: str | Path) -> None:
         """Restore what ``save_gradsift_state`` wrote; drop log records after that step."""
@@ -151,16 +224,16 @@ class GradSiftTrainer(Trainer):
                                     "written by GradSiftTrainer?")
         info = json.loads((folder / STATE_JSON).read_text())
         tensors = load_file(str(folder / STATE_TENSORS))
-        self._generator.set_state(tensors.pop("generator"))
         prefix = "target_grad/"
-        self._target_grad = {k[len(prefix):]: v.to(self.args.device)
-                             for k, v in tensors.items() if k.startswith(prefix)} or None
-        self._selections = info["selections"]
-        self.selector.load_state_dict(info["selector"])
-        if self.selection_log.is_file():
-            kept = [line for line in self.selection_log.read_text().splitlines()
-                    if json.loads(line)["step"] < info["global_step"]]
-            self.selection_log.write_text("".join(line + "\n" for line in kept))
+        grad = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self._restored = {"calls": info["calls"], "selector": info["selector"],
+                          "target_generator": tensors["target_generator"],
+                          "selector_generator": tensors["selector_generator"],
+                          "target_grad": grad or None}
+        if self._step is not None:
+            self._step.load_state_dict(self._restored)
+            self._restored = None
+        self.runlog.drop_after(info["global_step"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> Any:
@@ -180,83 +253,23 @@ class GradSiftTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        """Capture → target gradient → select → write the weighted gradient into ``.grad``."""
-        model.train()
-        unwrapped = self.accelerator.unwrap_model(model)
+        """The shared selection step; its weighted gradient goes into ``.grad``."""
+        step = self.selection_step(self.accelerator.unwrap_model(model))
         inputs = self._prepare_inputs(inputs)
-        ids = inputs.get("ids") or inputs.get("id")
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if k in inputs}
         n = batch["input_ids"].shape[0]
-        ids = [str(i) for i in ids] if ids is not None else [
-            f"step{self.state.global_step}:{i}" for i in range(n)]
-        if self._split is None:  # the model's parameters do not change between steps
-            self._split = split_parameters(unwrapped, self.gradsift_modules)
-        names, params, others = self._split
-        timing: dict[str, float] = {}
-
-        t0 = time.perf_counter()
-        captures = capture_batches(unwrapped, [batch], names, retain_graph=bool(others))
-        candidates = captures[0].grads
-        timing["capture"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if self.selector.needs_target and (
-            self._target_grad is None or self._selections % self.target_refresh == 0
-        ):
-            self._target_grad = self._compute_target_grad(unwrapped, names)
-        timing["target"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        selection = self.selector.select(SelectionContext(
-            candidates=candidates,
-            target_grad=self._target_grad if self.selector.needs_target else None,
-            optimizer_state=read_optimizer_state(self.optimizer, unwrapped,
-                                                 candidates.param_names),
-            k=self.budget_per_step,
-            generator=self._generator,
-        ))
-        timing["selection"] = time.perf_counter() - t0
-        self._selections += 1
-
-        t0 = time.perf_counter()
-        weights = torch.zeros(n)
-        weights[selection.indices] = selection.weights.float().cpu()
+        number = self.state.global_step + 1  # the optimizer step this selection feeds
+        ids = inputs.get("ids") or inputs.get("id")
+        ids = [str(i) for i in ids] if ids is not None else [f"step{number}:{i}" for i in range(n)]
+        sources = inputs.get("sources") or inputs.get("source")
+        sources = [str(s) for s in sources] if sources is not None else ["train"] * n
         scale = 1.0 / self.args.gradient_accumulation_steps
-        if len(selection.indices) > 0:
-            set_weighted_gradients(captures, candidates, weights * scale, params, others,
-                                   accumulate=True)
-        timing["update"] = time.perf_counter() - t0
-        self._log_selection(ids, candidates, selection, timing)
-        loss = (weights * candidates.losses.cpu()).sum()
-        return loss.detach().to(self.args.device) * scale
-
-    def _compute_target_grad(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-        k = min(self.target_batch_size, len(self.target_examples))
-        picks = torch.randperm(len(self.target_examples), generator=self._generator)[:k]
-        pad = getattr(self.processing_class, "pad_token_id", None) or 0
-        batch = collate([self.target_examples[i] for i in picks.tolist()], pad)
-        batch = {k_: v.to(self.args.device) for k_, v in batch.items() if torch.is_tensor(v)}
-        return target_gradient(model, [batch], names)
-
-    def _log_selection(self, ids, candidates: FactorizedGrads, selection, timing) -> None:
-        sel = selection.indices.tolist()
-        record = {
-            "step": self.state.global_step,
-            "candidate_ids": ids,
-            "selected_ids": [ids[i] for i in sel],
-            "weights": [float(w) for w in selection.weights],
-            "scores": [None if s != s else float(s) for s in selection.scores.tolist()],
-            "losses": [float(v) for v in candidates.losses.tolist()],
-            "rho": selection.diagnostics.get("rho"),
-            "timing": timing,
-        }
-        if self.args.should_save:
-            self.selection_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.selection_log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        rho = selection.diagnostics.get("rho")
-        self._stats.append({"n_selected": float(len(sel)),
+        result = step.run([batch], self.optimizer, grad_scale=scale, accumulate=True)
+        self.runlog.append(SELECTIONS, selection_record(number, ids, sources, result))
+        rho = result.selection.diagnostics.get("rho")
+        self._stats.append({"n_selected": float(len(result.selection.indices)),
                             "rho": float(rho) if rho is not None else float("nan")})
+        return torch.tensor(result.train_loss * scale, device=self.args.device)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean selected count and ρ since the last log to the Trainer's logs."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from reference import tiny_llama
@@ -91,7 +92,7 @@ def test_trainer_resume_selects_like_an_uninterrupted_run(tmp_path):
     cut = _lora_trainer(tmp_path / "cut", max_steps=2)
     cut.train()
     with open(tmp_path / "cut" / "selections.jsonl", "a") as f:
-        f.write(json.dumps({"step": 2, "lost": True}) + "\n")
+        f.write(json.dumps({"step": 3, "lost": True}) + "\n")
     resumed = _lora_trainer(tmp_path / "cut", max_steps=4)
     resumed.train(resume_from_checkpoint=True)
 
@@ -105,3 +106,42 @@ def test_trainer_resume_selects_like_an_uninterrupted_run(tmp_path):
     for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(),
                               strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_gradsift_config_parses_flags_and_names_bad_keys(tmp_path):
+    from transformers import HfArgumentParser
+
+    from gradsift.integrations.transformers import GradSiftConfig
+
+    (cfg,) = HfArgumentParser(GradSiftConfig).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--budget_per_step", "3", "--selector", "greats",
+        "--selector_options", '{"lr": 0.01}', "--capture_modules", "q_proj", "v_proj",
+        "--use_cpu", "true"])
+    assert (cfg.budget_per_step, cfg.selector, cfg.selector_options) == (3, "greats",
+                                                                          {"lr": 0.01})
+    assert cfg.selection_config().modules == ["q_proj", "v_proj"]
+    for bad, key in ((["--budget_per_step", "0"], "budget_per_step"),
+                     (["--target_refresh", "-1"], "target_refresh"),
+                     (["--selector", "nope"], "nope"),
+                     (["--selector_options", '{"min_cosine": 5}'], "min_cosine")):
+        with pytest.raises(ValueError, match=key):
+            HfArgumentParser(GradSiftConfig).parse_args_into_dataclasses(
+                ["--output_dir", str(tmp_path), "--use_cpu", "true", *bad])
+
+
+def test_trainer_takes_its_options_from_gradsift_config(tmp_path):
+    from gradsift.integrations.transformers import GradSiftConfig
+
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = GradSiftConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, max_steps=2,
+                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                          seed=0, budget_per_step=3, selector="cosine")
+    trainer = GradSiftTrainer(model=model, args=args, train_dataset=rows(12, 0, "train"),
+                              data_collator=GradSiftCollator(pad_token_id=0),
+                              target_dataset=rows(8, 1, "target"))
+    trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "selections.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(len(r["selected_ids"]) == 3 for r in records)
+    assert trainer.selector.name == "cosine"

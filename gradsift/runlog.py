@@ -1,0 +1,115 @@
+"""The run log, one schema for every entry point: ``selections.jsonl`` and ``metrics.jsonl``.
+
+``OnlineTrainer`` and ``GradSiftTrainer`` write the same records through :class:`RunLog`, and
+``gradsift report`` reads them back with :func:`read_records`. Steps are numbered from 1 (the
+record of the first update is step 1; step 0 is the evaluation before training). Numbers are
+strict JSON: NaN/±inf are written as ``null`` and the record names the keys in
+``"nonfinite"`` (``gradsift.jsonio``).
+
+A ``selections.jsonl`` record::
+
+    {"step", "candidate_ids", "candidate_sources", "selected_ids", "weights", "scores",
+     "losses", "rho", "timing", "diagnostics", "skip_reason"}
+
+A ``metrics.jsonl`` record: ``step``, ``trained_samples``, ``trained_tokens``, ``train_loss``,
+``candidate_loss``, ``lr``, ``wall_seconds`` and, at evaluation steps, ``target_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradsift.jsonio import dumps_line
+
+SELECTIONS = "selections.jsonl"
+METRICS = "metrics.jsonl"
+LOGS = (SELECTIONS, METRICS)
+
+
+class RunLogError(ValueError):
+    """A log file is malformed; the message names the file and the line."""
+
+
+def _round(x: Any, digits: int) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, digits) if math.isfinite(x) else None
+
+
+def selection_record(step: int, ids: Sequence[str], sources: Sequence[str], result: Any,
+                     skip_reason: str | None = None) -> dict[str, Any]:
+    """The ``selections.jsonl`` record of one step from a ``gradsift.step.StepResult``."""
+    selection = result.selection
+    chosen = selection.indices.tolist()
+    return {
+        "step": step,
+        "candidate_ids": list(ids),
+        "candidate_sources": list(sources),
+        "selected_ids": [ids[i] for i in chosen],
+        "weights": [round(float(w), 8) for w in selection.weights],
+        "scores": [_round(s, 8) for s in selection.scores.tolist()],
+        "losses": [_round(v, 6) for v in result.candidates.losses.tolist()],
+        "rho": _round(selection.diagnostics.get("rho"), 8),
+        "timing": {k: round(v, 6) for k, v in result.timing.items()},
+        "diagnostics": {k: v for k, v in selection.diagnostics.items() if k != "rho"},
+        "skip_reason": skip_reason,
+    }
+
+
+class RunLog:
+    """Appends records to the logs of one run folder.
+
+    Args:
+        folder: the run folder (created if needed).
+        enabled: False on processes that must not write (non-zero ranks).
+    """
+
+    def __init__(self, folder: str | Path, enabled: bool = True):
+        self.folder = Path(folder)
+        self.enabled = enabled
+        if enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        """One strict-JSON line at the end of ``folder/name``."""
+        if self.enabled:
+            with open(self.folder / name, "a", encoding="utf-8") as f:
+                f.write(dumps_line(record))
+
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after ``step`` (resume from that step's checkpoint)."""
+        if not self.enabled:
+            return
+        for name in LOGS:
+            path = self.folder / name
+            if path.is_file():
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a log file, sorted by step.
+
+    Raises:
+        RunLogError: a line is not a JSON object with a ``step`` (names file and line).
+    """
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RunLogError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or "step" not in record:
+                raise RunLogError(f"{path}:{lineno}: expected a JSON object with a 'step' key")
+            records.append(record)
+    return sorted(records, key=lambda r: r["step"])

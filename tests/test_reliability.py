@@ -166,7 +166,8 @@ def test_a_diverging_run_stops_with_a_clear_message(tmp_path, data, capsys):
 
 
 def test_bad_device_and_unknown_model_fail_fast_in_one_line(tmp_path, data, capsys):
-    """Defect 10: checked before any work; the unknown model never reaches for the hub."""
+    """Defect 10: device, model and data files are checked before any work; the unknown
+    model never reaches for the hub."""
     config = write_config(tmp_path / "c.yaml", tiny_config(data))
     out = tmp_path / "run"
     assert main(["run", "--config", str(config), "--set", "device=cuda:7", "--out",
@@ -181,6 +182,9 @@ def test_bad_device_and_unknown_model_fail_fast_in_one_line(tmp_path, data, caps
     assert main(["run", "--config", str(config), "--set", f"model={tmp_path}",
                  "--out", str(out)]) == 2
     assert "has no config.json" in one_error_line(capsys)
+    assert main(["run", "--config", str(config), "--set", f"stream={tmp_path}/nope.jsonl",
+                 "--out", str(out)]) == 2
+    assert f"config key 'stream': {tmp_path}/nope.jsonl: no such file" in one_error_line(capsys)
     assert not out.exists()  # nothing was written
 
 
@@ -273,3 +277,26 @@ def test_sigterm_checkpoints_like_ctrl_c(tmp_path, data):
     assert 1 <= done < 40
     assert (out / "checkpoints" / "latest").read_text() == f"step_{done:06d}"
     assert ckpt.verify_checkpoint(out / "checkpoints" / f"step_{done:06d}") is None
+
+
+def test_a_second_signal_aborts_at_once(monkeypatch, capsys):
+    """The first SIGINT/SIGTERM asks to stop after the step; a second one aborts (exit 130)."""
+    import gradsift.cli
+    from gradsift.recipe import stop_between_steps
+
+    with stop_between_steps() as requested:
+        assert requested() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert requested() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    def aborted(args, parser):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradsift.cli, "_dispatch", aborted)
+    assert main(["report", "x"]) == 130
+    assert "aborted without a checkpoint" in capsys.readouterr().err

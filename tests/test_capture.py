@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from reference import (
@@ -239,7 +239,7 @@ class _SharedLinearLM(nn.Module):
         return type("Out", (), {"logits": self.head(h)})()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     batch_size=st.integers(1, 4),
     length=st.integers(2, 9),
@@ -252,6 +252,7 @@ class _SharedLinearLM(nn.Module):
 def test_layer_reference_harness(batch_size, length, width, bias, norm, tie, route):
     """Many shapes, every kind, modules called twice, a tied head, every route: against
     brute force."""
+    assume(not (norm == "layer" and width == 1))  # x̂ = 0: every gradient is rounding noise
     torch.manual_seed(batch_size * 100 + length * 10 + width)
     model = _SharedLinearLM(11, width, bias, norm, tie)
     batch = padded_batch(batch_size, length, vocab=11, seed=length)
@@ -268,13 +269,15 @@ def test_layer_reference_harness(batch_size, length, width, bias, norm, tie, rou
     ref = torch.stack(rows)
     p = {n: torch.rand_like(params[n]) + 0.1 for n in names}
     p_flat = torch.cat([p[n].flatten() for n in names])
-    close = dict(atol=1e-5, rtol=1e-4)
-    assert torch.allclose(flatten(grads.materialize(), names), ref, **close)
-    assert torch.allclose(grads.gram(), ref @ ref.T, **close)
-    assert torch.allclose(grads.sq_norms(), (ref * ref).sum(1), **close)
-    assert torch.allclose(grads.gram(precondition=p), (ref * p_flat) @ ref.T, **close)
-    assert torch.allclose(grads.sq_norms(precondition=p), (ref * p_flat * ref).sum(1), **close)
-    assert torch.allclose(grads.dot_dense(p), ref @ p_flat, **close)
+    assert rel_err(flatten(grads.materialize(), names), ref) <= TOL
+    assert rel_err(grads.gram(), ref @ ref.T) <= TOL
+    assert rel_err(grads.sq_norms(), (ref * ref).sum(1)) <= TOL
+    assert rel_err(grads.gram(precondition=p), (ref * p_flat) @ ref.T) <= TOL
+    assert rel_err(grads.sq_norms(precondition=p), (ref * p_flat * ref).sum(1)) <= TOL
+    m = torch.randn_like(p_flat)  # a dot product can cancel: bound the error by Σ |g_k m_k|
+    dense = dict(zip(names, m.split([params[n].numel() for n in names]), strict=True))
+    dense = {n: v.view_as(params[n]) for n, v in dense.items()}
+    assert (grads.dot_dense(dense) - ref @ m).abs().max() <= TOL * (ref.abs() @ m.abs()).max()
 
 
 def test_blocked_inner_product_is_accurate_for_long_rows():

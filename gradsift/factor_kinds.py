@@ -74,8 +74,10 @@ class EmbeddingFactors:
         d = self.output_grads if rows is None else self.output_grads[rows]
         return d.float()
 
-    def weight_rows(self, index: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
-        """(b, |index|, d) per-sample gradients at weight rows ``index`` (all rows: None)."""
+    def weight_rows(self, index: torch.Tensor | None, rows: slice | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, |index|, d) per-sample gradients at weight rows ``index`` (all rows: None),
+        added into ``out`` (contiguous, that many floats) when given."""
         ids = self.ids if rows is None else self.ids[rows]
         n = ids.shape[0]
         if index is None:
@@ -86,13 +88,18 @@ class EmbeddingFactors:
         where = pos[ids]
         keep = where >= 0
         flat = (torch.arange(n, device=ids.device).unsqueeze(1) * k + where)[keep]
-        out = torch.zeros(n * k, self.dim, device=self.device)
+        out = (torch.zeros(n * k, self.dim, device=self.device) if out is None
+               else out.view(n * k, self.dim))
         out.index_add_(0, flat, self.d(rows)[keep])
         return out.view(n, k, self.dim)
 
     def weight_per_sample(self, rows: slice) -> torch.Tensor:
-        """(b, vocab·d) per-sample gradients, flattened."""
+        """(b, vocab·d) per-sample gradients, flattened (a new tensor)."""
         return self.weight_rows(None, rows).reshape(rows.stop - rows.start, -1)
+
+    def add_weight_per_sample(self, total: torch.Tensor, rows: slice) -> None:
+        """``total += weight_per_sample(rows)``, touching only the rows used."""
+        self.weight_rows(None, rows, out=total)
 
     def _rows_gram(self, other: Any, index: torch.Tensor, p: torch.Tensor | None,
                    same: bool) -> torch.Tensor:
@@ -292,7 +299,8 @@ class NormFactors:
         return out
 
     def weight_per_sample(self, rows: slice) -> torch.Tensor:
-        return self.weight_grads[rows].reshape(rows.stop - rows.start, -1)
+        """(b, numel) per-sample weight gradients (a new tensor)."""
+        return self.weight_grads[rows].reshape(rows.stop - rows.start, -1).clone()
 
     def select(self, idx: torch.Tensor) -> NormFactors:
         return replace(self, weight_grads=self.weight_grads[idx],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -192,11 +193,7 @@ class LayerFactors:
         if precondition is not None:
             p = self.dense(precondition, "precondition")
             return self._gram_materialize(other, p, same)
-        if route == "auto":
-            b, t = self.inputs.shape[:2]
-            b2, t2 = other.inputs.shape[:2]
-            route = choose_route(b, t, b2, t2, self.d_in_aug, self.d_out, same=same)
-        if route == "ghost":
+        if _linear_route(self, other, route, same) == "ghost":
             return self._gram_ghost(other, same)
         return self._gram_materialize(other, None, same)
 
@@ -309,7 +306,7 @@ class LayerFactors:
         return torch.bmm(picked.float().transpose(1, 2), rhs.float())
 
     def weight_per_sample(self, rows: slice) -> torch.Tensor:
-        """(b, numel) per-sample weight gradients, flattened in parameter orientation."""
+        """(b, numel) per-sample weight gradients in parameter orientation (a new tensor)."""
         return self.weight_rows(None, rows).reshape(rows.stop - rows.start, -1)
 
     def cross_gram(self, other: Any, p: torch.Tensor | None) -> torch.Tensor | None:
@@ -377,15 +374,40 @@ class FactorizedGrads:
         same = other is self
         pairs = self._paired_layers(other)
         out = torch.zeros(len(self), len(other), device=self.losses.device)
-        for layer, layer2 in pairs:
-            out += layer.gram(layer2, precondition, self.route, same)
-        for group in self._groups:  # cross terms between the uses of a shared weight
-            for x, u in enumerate(group):
-                for v in group[x + 1 :]:
-                    p = _weight_precondition(pairs[u][0], precondition)
-                    uv = _cross_gram(pairs[u][0], pairs[v][1], p)  # ⟨g_i(u), P ⊙ h_j(v)⟩
-                    out += uv
-                    out += uv.T if same else _cross_gram(pairs[v][0], pairs[u][1], p)
+        shared = {i for group in self._groups for i in group}
+        for i, (layer, layer2) in enumerate(pairs):
+            if i not in shared:
+                out += layer.gram(layer2, precondition, self.route, same)
+        for group in self._groups:
+            out += self._shared_gram([pairs[i] for i in group], precondition, same)
+        return out
+
+    def _shared_gram(self, pairs: list[tuple[Any, Any]],
+                     precondition: Mapping[str, torch.Tensor] | None, same: bool,
+                     fused: bool | None = None) -> torch.Tensor:
+        """Gram of one weight used by several modules, ``⟨Σ_u g_i(u), P ⊙ Σ_v h_j(v)⟩``.
+
+        ``fused``: materialize each sample's summed gradient (what a linear use costs on the
+        materialize route anyway: a tied head then costs what an untied one does); else each
+        use's own Gram plus the cross terms ``⟨g_i(u), P ⊙ h_j(v)⟩``, u ≠ v (None: by route).
+        """
+        uses, others = [u for u, _ in pairs], [v for _, v in pairs]
+        p = _weight_precondition(uses[0], precondition)
+        if fused is None:
+            fused = all(u.param_names == [u.weight_name] for u in uses) and (
+                precondition is not None or any(
+                    _linear_route(u, v, self.route, same) == "materialize"
+                    for u, v in pairs if isinstance(u, LayerFactors)))
+        if fused:
+            return chunked_gram(partial(_summed_per_sample, uses),
+                                partial(_summed_per_sample, others), len(uses[0]),
+                                len(others[0]), uses[0].weight_numel,
+                                None if p is None else p.reshape(1, -1), same, uses[0].device)
+        out = sum(u.gram(v, precondition, self.route, same) for u, v in pairs)
+        for x, (u, _) in enumerate(pairs):
+            for y in range(x + 1, len(pairs)):
+                uv = _cross_gram(u, others[y], p)  # ⟨g_i(u), P ⊙ h_j(v)⟩
+                out = out + (uv.T if same else _cross_gram(pairs[y][0], others[x], p)) + uv
         return out
 
     def sq_norms(self, precondition: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -461,6 +483,27 @@ def _weight_precondition(
     if layer.weight_name not in precondition:
         raise KeyError(f"precondition has no entry for parameter {layer.weight_name!r}")
     return precondition[layer.weight_name].float().to(layer.device)
+
+
+def _linear_route(u: LayerFactors, v: LayerFactors, route: str, same: bool) -> str:
+    if route != "auto":
+        return route
+    b, t = u.inputs.shape[:2]
+    b2, t2 = v.inputs.shape[:2]
+    return choose_route(b, t, b2, t2, u.d_in_aug, u.d_out, same=same)
+
+
+def _summed_per_sample(uses: Sequence[Any], rows: slice) -> torch.Tensor:
+    """(b, numel) per-sample gradients of a shared weight: the sum over its uses (the uses
+    that can add themselves in place, e.g. an embedding's few rows, go last)."""
+    uses = sorted(uses, key=lambda u: hasattr(u, "add_weight_per_sample"))
+    total = uses[0].weight_per_sample(rows)
+    for u in uses[1:]:
+        if hasattr(u, "add_weight_per_sample"):
+            u.add_weight_per_sample(total, rows)
+        else:
+            total += u.weight_per_sample(rows)
+    return total
 
 
 def _cross_gram(u: Any, v: Any, p: torch.Tensor | None) -> torch.Tensor:

@@ -199,3 +199,20 @@ def test_per_sample_loss_matches_reference_after_capture():
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(grads.losses, per_sample_loss(logits, batch["labels"]), atol=1e-6)
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+@pytest.mark.parametrize("other_batch", [False, True])
+def test_tied_gram_fused_and_by_cross_terms_agree(other_batch):
+    """A shared weight's Gram two ways: materialized sums of the uses, or each use's Gram plus
+    the cross terms ⟨g_i(emb), P ⊙ h_j(head)⟩ over the rows the embedding uses."""
+    model = tiny_llama(tie=True)
+    modules = ["model.embed_tokens", "lm_head"]
+    grads = gradsift.per_sample_grads(model, padded_batch(4, 9), modules=modules)
+    other = gradsift.per_sample_grads(model, padded_batch(3, 5, seed=6), modules=modules) \
+        if other_batch else grads
+    weight = model.model.embed_tokens.weight
+    for p in (None, {"model.embed_tokens.weight": torch.rand_like(weight) + 0.1}):
+        pairs = list(zip(grads.layers, other.layers, strict=True))
+        fused = grads._shared_gram(pairs, p, other is grads, fused=True)
+        crossed = grads._shared_gram(pairs, p, other is grads, fused=False)
+        assert rel_err(crossed, fused) <= TOL

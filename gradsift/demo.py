@@ -29,6 +29,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None,
 
     Restartable after Ctrl-C: the data is reused once complete, and ``compare`` resumes.
     """
+    from gradsift.recipe import check_device, resolve_model
     from gradsift.rundir import check_compare_dir, locked
     from gradsift.sources import build_stream
 
@@ -37,6 +38,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None,
     config = load_config(DEMO_CONFIG, overrides)
     config = dataclasses.replace(config, stream=str(data / "stream.jsonl"),
                                  target=str(data / "target.jsonl"))
+    check_device(config.device)  # before building anything (the data is checked later)
+    resolve_model(config.model)
     check_compare_dir(out)
     with locked(out):
         if not (data / "manifest.json").exists():  # written last: the data is complete

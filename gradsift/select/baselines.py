@@ -238,26 +238,33 @@ class OpusSelector(Selector):
         p = {n: state.preconditioner[n] for n in names}
         u0 = alignment(cands, ctx.target_grad, p).double().cpu()
         kmat = cands.gram(precondition={n: p[n].float() ** 2 for n in names}).double().cpu()
-        n = u0.numel()
-        ok = torch.isfinite(u0) & torch.isfinite(kmat).all(0) & torch.isfinite(kmat).all(1)
-        left = ok.clone()
-        penalty = torch.zeros(n, dtype=torch.float64)
-        chosen: list[int] = []
-        for _ in range(min(ctx.k, int(ok.sum()))):
-            u = u0 - eta * penalty
-            z = torch.zeros(n, dtype=torch.float64)
-            spread = float(u[left].std()) if int(left.sum()) > 1 else 0.0
-            if spread > 0:
-                z[left] = (u[left] - u[left].mean()) / spread
-            logits = torch.where(left, z / cfg.temperature, torch.full_like(z, -torch.inf))
-            probs = torch.softmax(logits, dim=0)
-            j = int(torch.multinomial(probs.float(), 1, generator=ctx.generator))
-            chosen.append(j)
-            left[j] = False
-            penalty += kmat[:, j]
-        idx = torch.tensor(sorted(chosen), dtype=torch.long)
-        diag = {"n_filtered": int(ok.sum()), "temperature": cfg.temperature, "lr": eta}
+        idx, n_ok = boltzmann_draws(u0, kmat, ctx.k, eta, cfg.temperature, ctx.generator)
+        diag = {"n_filtered": n_ok, "temperature": cfg.temperature, "lr": eta}
         return Selection(idx, _uniform(idx.numel()), u0.float(), diag)
+
+
+def boltzmann_draws(utility: torch.Tensor, kmat: torch.Tensor, k: int, eta: float,
+                    temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """OPUS' draws: ``k`` times, sample ``j ∝ exp(z_j/τ)`` among the candidates left, with ``z``
+    the standardized ``u − η Σ_{s∈S} K_{·s}``; returns the sorted indices and how many
+    candidates had finite utilities and interactions."""
+    n = utility.numel()
+    ok = torch.isfinite(utility) & torch.isfinite(kmat).all(0) & torch.isfinite(kmat).all(1)
+    left = ok.clone()
+    penalty = torch.zeros(n, dtype=torch.float64)
+    chosen: list[int] = []
+    for _ in range(min(k, int(ok.sum()))):
+        u = utility - eta * penalty
+        z = torch.zeros(n, dtype=torch.float64)
+        spread = float(u[left].std()) if int(left.sum()) > 1 else 0.0
+        if spread > 0:
+            z[left] = (u[left] - u[left].mean()) / spread
+        logits = torch.where(left, z / temperature, torch.full_like(z, -torch.inf))
+        j = int(torch.multinomial(torch.softmax(logits, dim=0).float(), 1, generator=generator))
+        chosen.append(j)
+        left[j] = False
+        penalty += torch.where(ok, kmat[:, j], torch.zeros_like(penalty))
+    return torch.tensor(sorted(chosen), dtype=torch.long), int(ok.sum())
 
 
 class FullSelector(Selector):

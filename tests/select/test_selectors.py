@@ -285,9 +285,8 @@ def test_ftw_shrink_weights_follow_the_per_target_evidence() -> None:
     torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-6)
 
 
-def test_opus_draws_follow_the_boltzmann_distribution(world) -> None:
-    """k=1: the empirical draw frequencies match softmax(z/τ) of the standardized utilities
-    ⟨P g_i, g_V⟩, computed here from materialized gradients."""
+def test_opus_scores_are_preconditioned_alignments(world) -> None:
+    """OPUS' utilities ⟨P g_i, g_V⟩, against materialized gradients."""
     cands, target, state = world
     p = state.preconditioner
     g = cands.materialize()
@@ -295,21 +294,47 @@ def test_opus_draws_follow_the_boltzmann_distribution(world) -> None:
         sum((g[n][i].double() * p[n].double() * target[n].double()).sum()
             for n in cands.param_names) for i in range(len(cands))
     ])
+    sel = get_selector("opus").select(_ctx(world, 2))
+    torch.testing.assert_close(sel.scores.double(), u, rtol=1e-4, atol=1e-6)
+
+
+def test_opus_draws_follow_the_boltzmann_distribution() -> None:
+    """k=1: the empirical draw frequencies match softmax(z/τ) of the standardized utilities;
+    k=2: the second draw's law, by brute force over the first."""
+    from gradsift.select.baselines import boltzmann_draws
+
+    u = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.1], dtype=torch.float64)
+    kmat = torch.eye(5, dtype=torch.float64) + 0.5
     z = (u - u.mean()) / u.std()
     expected = torch.softmax(z / 0.9, dim=0)
-    counts = torch.zeros(len(cands), dtype=torch.float64)
-    sel = get_selector("opus")
     gen = torch.Generator().manual_seed(0)
-    n = 3000
+    n = 4000
+    counts = torch.zeros(5, dtype=torch.float64)
     for _ in range(n):
-        ctx = SelectionContext(cands, target, state, 1, gen)
-        counts[sel._select(ctx).indices] += 1
-    freq = counts / n
-    # 4 standard errors of a binomial frequency
-    tol = 4 * (expected * (1 - expected) / n).sqrt() + 1e-3
-    assert torch.all((freq - expected).abs() <= tol), (freq, expected)
-    torch.testing.assert_close(sel._select(SelectionContext(cands, target, state, 1, gen)).scores,
-                               u.float(), rtol=1e-4, atol=1e-6)
+        counts[boltzmann_draws(u, kmat, 1, 0.1, 0.9, gen)[0]] += 1
+    tol = 4 * (expected * (1 - expected) / n).sqrt() + 1e-3  # 4 binomial standard errors
+    assert torch.all((counts / n - expected).abs() <= tol), (counts / n, expected)
+    # pairs: P({i, j}) = p1(i) p2(j | i) + p1(j) p2(i | j)
+    def second(first: int) -> torch.Tensor:
+        left = torch.ones(5, dtype=torch.bool)
+        left[first] = False
+        v = u - 0.1 * kmat[:, first]
+        zz = (v[left] - v[left].mean()) / v[left].std()
+        out = torch.zeros(5, dtype=torch.float64)
+        out[left] = torch.softmax(zz / 0.9, dim=0)
+        return out
+    pair = {}
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                key = (min(i, j), max(i, j))
+                pair[key] = pair.get(key, 0.0) + float(expected[i] * second(i)[j])
+    seen: dict = {}
+    for _ in range(n):
+        key = tuple(boltzmann_draws(u, kmat, 2, 0.1, 0.9, gen)[0].tolist())
+        seen[key] = seen.get(key, 0) + 1
+    for key, prob in pair.items():
+        assert abs(seen.get(key, 0) / n - prob) <= 4 * (prob * (1 - prob) / n) ** 0.5 + 1e-3
 
 
 def test_opus_penalizes_a_duplicate_of_a_drawn_candidate(world) -> None:

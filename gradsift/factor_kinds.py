@@ -116,9 +116,13 @@ class EmbeddingFactors:
                             same, self.device)
 
     def gram(self, other: EmbeddingFactors, precondition: Mapping[str, torch.Tensor] | None,
-             route: str, same: bool) -> torch.Tensor:
+             route: str, same: bool, dense: Mapping[str, torch.Tensor] | None = None,
+             dots: torch.Tensor | None = None) -> torch.Tensor:
         """(B, B') ``⟨g_i, P ⊙ h_j⟩``: ghost ``Σ_{t,s} [x_it = x_js] ⟨δ_it, P[x_it] ⊙ δ_js⟩``,
-        or materialize both at the rows both batches use. Both are exact with ``P``."""
+        or materialize both at the rows both batches use. Both are exact with ``P``.
+        With ``dots``, also ``dots += dot_dense(dense)``."""
+        if dots is not None:
+            dots += self.dot_dense(dense)
         p = None if precondition is None else _param(precondition, self.weight_name,
                                                      "precondition", self.device)
         index = self.ids.unique() if same else _shared(self.ids.unique(), other.ids.unique())
@@ -274,8 +278,11 @@ class NormFactors:
         return torch.cat([g.reshape(len(self), -1) for g in parts], dim=1)
 
     def gram(self, other: NormFactors, precondition: Mapping[str, torch.Tensor] | None,
-             route: str, same: bool) -> torch.Tensor:
-        """(B, B') ``⟨g_i, P ⊙ h_j⟩``, one small GEMM."""
+             route: str, same: bool, dense: Mapping[str, torch.Tensor] | None = None,
+             dots: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, B') ``⟨g_i, P ⊙ h_j⟩``, one small GEMM (with ``dots``: ``+= dot_dense``)."""
+        if dots is not None:
+            dots += self.dot_dense(dense)
         h = other._flat()
         if precondition is not None:
             h = h * self._flat(precondition, "precondition")

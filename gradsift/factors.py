@@ -72,19 +72,22 @@ def row_chunks(n: int, floats_per_row: int, max_rows: int | None = None) -> list
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-_row_chunks = row_chunks  # the name used before the factor kinds moved out
-
 
 def chunked_gram(materialize_g, materialize_h, b: int, b2: int, size: int,
-                 p: torch.Tensor | None, same: bool, device: torch.device) -> torch.Tensor:
+                 p: torch.Tensor | None, same: bool, device: torch.device,
+                 dense: torch.Tensor | None = None,
+                 dots: torch.Tensor | None = None) -> torch.Tensor:
     """(b, b2) ``⟨g_i, P ⊙ h_j⟩`` from per-sample flattened gradients, chunk by chunk.
 
     ``materialize_g(rows)`` / ``materialize_h(cols)`` return (n, size) float32 blocks;
     ``same``: g and h are the same batch (materialized once when one chunk holds it).
+    With ``dense`` (size,) and ``dots`` (b,), also ``dots += g @ dense`` from the same blocks.
     """
     chunks2 = row_chunks(b2, size)
     if same and len(chunks2) == 1:
         g = materialize_g(slice(0, b))
+        if dots is not None:
+            dots += g @ dense
         return blocked_inner(g, g if p is None else g * p)
     out = torch.empty(b, b2, device=device)
     for cols in chunks2:
@@ -92,7 +95,10 @@ def chunked_gram(materialize_g, materialize_h, b: int, b2: int, size: int,
         if p is not None:
             h = h * p
         for rows in row_chunks(b, size):
-            out[rows, cols] = blocked_inner(materialize_g(rows), h)
+            g = materialize_g(rows)
+            if dots is not None and cols.start == 0:
+                dots[rows] += g @ dense
+            out[rows, cols] = blocked_inner(g, h)
     return out
 
 
@@ -188,14 +194,21 @@ class LayerFactors:
 
     # ------------------------------------------------------------ one use, two batches
     def gram(self, other: LayerFactors, precondition: Mapping[str, torch.Tensor] | None,
-             route: str, same: bool) -> torch.Tensor:
-        """(B, B') ``⟨g_i, P ⊙ h_j⟩`` of this layer against the same layer of another batch."""
-        if precondition is not None:
-            p = self.dense(precondition, "precondition")
-            return self._gram_materialize(other, p, same)
-        if _linear_route(self, other, route, same) == "ghost":
-            return self._gram_ghost(other, same)
-        return self._gram_materialize(other, None, same)
+             route: str, same: bool, dense: Mapping[str, torch.Tensor] | None = None,
+             dots: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, B') ``⟨g_i, P ⊙ h_j⟩`` of this layer against the same layer of another batch.
+
+        With ``dense`` and ``dots`` (self-Gram only), also ``dots += dot_dense(dense)``, from
+        the materialized per-sample gradients when the route materializes them anyway.
+        """
+        p = None if precondition is None else self.dense(precondition, "precondition")
+        if p is None and _linear_route(self, other, route, same) == "ghost":
+            out = self._gram_ghost(other, same)
+            if dots is not None:
+                dots += self.dot_dense(dense)
+            return out
+        m = None if dots is None else self.dense(dense, "dense").reshape(-1)
+        return self._gram_materialize(other, p, same, m, dots)
 
     def _gram_ghost(self, other: LayerFactors, same: bool) -> torch.Tensor:
         b, t = self.inputs.shape[:2]
@@ -218,14 +231,15 @@ class LayerFactors:
                 out[first:, rows] = block.T
         return out
 
-    def _gram_materialize(self, other: LayerFactors, p: torch.Tensor | None,
-                          same: bool) -> torch.Tensor:
+    def _gram_materialize(self, other: LayerFactors, p: torch.Tensor | None, same: bool,
+                          dense: torch.Tensor | None = None,
+                          dots: torch.Tensor | None = None) -> torch.Tensor:
         def flat(layer: LayerFactors):
             return lambda rows: layer.materialize(rows).reshape(rows.stop - rows.start, -1)
 
         return chunked_gram(flat(self), flat(other), len(self), len(other),
                             self.d_out * self.d_in_aug, None if p is None else p.reshape(1, -1),
-                            same, self.inputs.device)
+                            same, self.inputs.device, dense, dots)
 
     # --------------------------------------------------------------------- one batch
     def sq_norms(self, precondition: Mapping[str, torch.Tensor] | None, route: str) -> torch.Tensor:
@@ -370,21 +384,41 @@ class FactorizedGrads:
             other: gradients of another batch over the same parameters (default: self).
             precondition: parameter name → positive tensor of that parameter's shape (P).
         """
-        other = self if other is None else other
+        return self._gram(self if other is None else other, precondition)
+
+    def gram_and_dot(
+        self,
+        dense: Mapping[str, torch.Tensor],
+        precondition: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gram(precondition=P), dot_dense(M))`` in one pass: (B, B) and (B,).
+
+        A layer whose Gram materializes its per-sample gradients (always with ``P``) takes
+        ``⟨g_i, M⟩`` from them, ``B·numel`` instead of a pass as costly as a forward of the
+        layer (``B T d_in d_out``): for a large output head, the larger part of ``dot_dense``.
+        """
+        dots = torch.zeros(len(self), device=self.losses.device)
+        return self._gram(self, precondition, dense, dots), dots
+
+    def _gram(self, other: FactorizedGrads, precondition: Mapping[str, torch.Tensor] | None,
+              dense: Mapping[str, torch.Tensor] | None = None,
+              dots: torch.Tensor | None = None) -> torch.Tensor:
         same = other is self
         pairs = self._paired_layers(other)
         out = torch.zeros(len(self), len(other), device=self.losses.device)
         shared = {i for group in self._groups for i in group}
         for i, (layer, layer2) in enumerate(pairs):
             if i not in shared:
-                out += layer.gram(layer2, precondition, self.route, same)
+                out += layer.gram(layer2, precondition, self.route, same, dense, dots)
         for group in self._groups:
-            out += self._shared_gram([pairs[i] for i in group], precondition, same)
+            out += self._shared_gram([pairs[i] for i in group], precondition, same,
+                                     dense=dense, dots=dots)
         return out
 
     def _shared_gram(self, pairs: list[tuple[Any, Any]],
                      precondition: Mapping[str, torch.Tensor] | None, same: bool,
-                     fused: bool | None = None) -> torch.Tensor:
+                     fused: bool | None = None, dense: Mapping[str, torch.Tensor] | None = None,
+                     dots: torch.Tensor | None = None) -> torch.Tensor:
         """Gram of one weight used by several modules, ``⟨Σ_u g_i(u), P ⊙ Σ_v h_j(v)⟩``.
 
         ``fused``: materialize each sample's summed gradient (what a linear use costs on the
@@ -392,18 +426,20 @@ class FactorizedGrads:
         use's own Gram plus the cross terms ``⟨g_i(u), P ⊙ h_j(v)⟩``, u ≠ v (None: by route).
         """
         uses, others = [u for u, _ in pairs], [v for _, v in pairs]
-        p = _weight_precondition(uses[0], precondition)
+        p = _weight_entry(uses[0], precondition)
         if fused is None:
             fused = all(u.param_names == [u.weight_name] for u in uses) and (
                 precondition is not None or any(
                     _linear_route(u, v, self.route, same) == "materialize"
                     for u, v in pairs if isinstance(u, LayerFactors)))
         if fused:
+            m = None if dots is None else _weight_entry(uses[0], dense, "dense")
             return chunked_gram(partial(_summed_per_sample, uses),
                                 partial(_summed_per_sample, others), len(uses[0]),
                                 len(others[0]), uses[0].weight_numel,
-                                None if p is None else p.reshape(1, -1), same, uses[0].device)
-        out = sum(u.gram(v, precondition, self.route, same) for u, v in pairs)
+                                None if p is None else p.reshape(1, -1), same, uses[0].device,
+                                None if m is None else m.reshape(-1), dots)
+        out = sum(u.gram(v, precondition, self.route, same, dense, dots) for u, v in pairs)
         for x, (u, _) in enumerate(pairs):
             for y in range(x + 1, len(pairs)):
                 uv = _cross_gram(u, others[y], p)  # ⟨g_i(u), P ⊙ h_j(v)⟩
@@ -418,7 +454,7 @@ class FactorizedGrads:
         for group in self._groups:  # ⟨u+v, P(u+v)⟩ = ⟨u,Pu⟩ + ⟨v,Pv⟩ + 2⟨u,Pv⟩
             for x, u in enumerate(group):
                 for v in group[x + 1 :]:
-                    p = _weight_precondition(self.layers[u], precondition)
+                    p = _weight_entry(self.layers[u], precondition)
                     out += 2 * _cross_sq_norms(self.layers[u], self.layers[v], p)
         return out
 
@@ -475,14 +511,15 @@ def _tied_groups(layers: Sequence[Any]) -> list[list[int]]:
     return [group for group in by_weight.values() if len(group) > 1]
 
 
-def _weight_precondition(
-    layer: Any, precondition: Mapping[str, torch.Tensor] | None
+def _weight_entry(
+    layer: Any, tensors: Mapping[str, torch.Tensor] | None, what: str = "precondition"
 ) -> torch.Tensor | None:
-    if precondition is None:
+    """The float32 entry of ``tensors`` (P, or a dense M) for the weight of ``layer``."""
+    if tensors is None:
         return None
-    if layer.weight_name not in precondition:
-        raise KeyError(f"precondition has no entry for parameter {layer.weight_name!r}")
-    return precondition[layer.weight_name].float().to(layer.device)
+    if layer.weight_name not in tensors:
+        raise KeyError(f"{what} has no entry for parameter {layer.weight_name!r}")
+    return tensors[layer.weight_name].float().to(layer.device)
 
 
 def _linear_route(u: LayerFactors, v: LayerFactors, route: str, same: bool) -> str:

@@ -47,6 +47,12 @@ def check_against_brute_force(model, batch, grads, routes=("ghost", "materialize
         dense[n] = dense_flat[offset : offset + size].view_as(params[n])
         offset += size
     assert rel_err(grads.dot_dense(dense), ref @ dense_flat) <= TOL
+    for route in routes:
+        g = gradsift.FactorizedGrads(grads.layers, grads.losses, route=route)
+        for p, p_ref in ((None, 1.0), (precond, p_flat)):
+            kmat, dots = g.gram_and_dot(dense, precondition=p)
+            assert rel_err(kmat, (ref * p_ref) @ ref.T) <= TOL, route
+            assert rel_err(dots, ref @ dense_flat) <= TOL, route
     w = torch.rand(len(grads), generator=gen)
     summed = grads.weighted_sum(w)
     assert rel_err(torch.cat([summed[n].flatten() for n in names]), w @ ref) <= TOL

@@ -216,3 +216,26 @@ def test_tied_gram_fused_and_by_cross_terms_agree(other_batch):
         fused = grads._shared_gram(pairs, p, other is grads, fused=True)
         crossed = grads._shared_gram(pairs, p, other is grads, fused=False)
         assert rel_err(crossed, fused) <= TOL
+
+
+def test_small_blocks_give_the_same_results(monkeypatch):
+    """Chunking over samples (a tiny BLOCK_FLOATS) changes nothing: Gram, P, dots, norms."""
+    model = tiny_llama(tie=True)
+    grads = gradsift.per_sample_grads(model, padded_batch(5, 8))
+    other = gradsift.per_sample_grads(model, padded_batch(3, 6, seed=2))
+    params = dict(model.named_parameters())
+    p = {n: torch.rand_like(params[n]) + 0.1 for n in grads.param_names}
+    m = {n: torch.randn_like(params[n]) for n in grads.param_names}
+
+    def results():
+        out = []
+        for route in ("ghost", "materialize", "auto"):
+            g = FactorizedGrads(grads.layers, grads.losses, route=route)
+            out += [g.gram(), g.gram(precondition=p), g.gram(other, precondition=p),
+                    *g.gram_and_dot(m, precondition=p), g.sq_norms(precondition=p)]
+        return out
+
+    whole = results()
+    monkeypatch.setattr(gradsift.factors, "BLOCK_FLOATS", 3000)
+    for got, ref in zip(results(), whole, strict=True):
+        assert rel_err(got, ref) <= 1e-5

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gradsift.factors import LayerFactors, _pad_tokens, chunked_gram, row_chunks
+from gradsift.linear_factors import LayerFactors, chunked_gram, pad_tokens, row_chunks
 
 
 def _param(tensors: Mapping[str, torch.Tensor], name: str, what: str,
@@ -177,8 +177,8 @@ class EmbeddingFactors:
     def concat(parts: Sequence[EmbeddingFactors]) -> EmbeddingFactors:
         """Join along samples; padded tokens get id 0 and a zero δ (they add nothing)."""
         t = max(p.ids.shape[1] for p in parts)
-        return replace(parts[0], ids=torch.cat([_pad_tokens(p.ids, t) for p in parts]),
-                       output_grads=torch.cat([_pad_tokens(p.output_grads, t) for p in parts]))
+        return replace(parts[0], ids=torch.cat([pad_tokens(p.ids, t) for p in parts]),
+                       output_grads=torch.cat([pad_tokens(p.output_grads, t) for p in parts]))
 
     def cross_gram(self, other: Any, p: torch.Tensor | None) -> torch.Tensor | None:
         """(B, B') ``⟨g_i, P ⊙ h_j⟩`` against another use of this weight (e.g. a tied head),

@@ -11,6 +11,7 @@ from test_capture import TOL, check_against_brute_force
 from torch import nn
 
 import gradsift
+import gradsift.linear_factors
 from gradsift.capture import forward_losses, resolve_modules
 from gradsift.engine import split_parameters
 from gradsift.factors import FactorizedGrads
@@ -236,6 +237,6 @@ def test_small_blocks_give_the_same_results(monkeypatch):
         return out
 
     whole = results()
-    monkeypatch.setattr(gradsift.factors, "BLOCK_FLOATS", 3000)
+    monkeypatch.setattr(gradsift.linear_factors, "BLOCK_FLOATS", 3000)
     for got, ref in zip(results(), whole, strict=True):
         assert rel_err(got, ref) <= 1e-5

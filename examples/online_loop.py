@@ -43,7 +43,8 @@ def main() -> None:
             model, optimizer, get_selector("ftw"),
             ExampleStream(data / "stream.jsonl", tokenizer, max_length=64),
             load_examples(data / "target.jsonl", tokenizer, max_length=64),
-            gradsift.EngineConfig(candidates_per_step=8, budget_per_step=2, eval_every=0),
+            gradsift.EngineConfig(candidates_per_step=8, budget_per_step=2, eval_every=0,
+                                  checkpoint_every=0),
             run_dir=data / "run", pad_token_id=tokenizer.pad_token_id,
         )
         print(f"target loss before: {trainer.evaluate():.3f}")

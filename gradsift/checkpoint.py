@@ -28,9 +28,9 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,42 +73,30 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, trainer: Any, keep: int = 3) -> Path:
-    """Write ``trainer``'s complete state under ``root/step_NNNNNN``, point ``latest`` at it and
+def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write a trainer's ``state_dict()`` under ``root/step_NNNNNN``, point ``latest`` at it and
     keep the newest ``keep`` checkpoints.
+
+    ``state`` has four parts: ``params`` and ``target_grad`` (name → tensor, safetensors),
+    ``torch`` (optimizer, scheduler, generator and RNG states: ``state.pt``, read back with
+    ``weights_only=True``) and ``info`` (JSON: ``state.json``).
 
     Raises:
         OSError: the disk is full or read-only; the previous checkpoints are left intact.
     """
     root.mkdir(parents=True, exist_ok=True)
-    step = trainer.state.step
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file({n: p.detach().contiguous().cpu() for n, p in trainer.params.items()},
+        save_file({n: t.contiguous() for n, t in state["params"].items()},
                   str(tmp / "trainable.safetensors"))
-        if trainer.target_grad is not None:
-            save_file({n: t.contiguous().cpu() for n, t in trainer.target_grad.items()},
+        if state.get("target_grad") is not None:
+            save_file({n: t.contiguous() for n, t in state["target_grad"].items()},
                       str(tmp / "target_grad.safetensors"))
-        torch.save(
-            {
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python_rng": random.getstate(),
-                "target_generator": trainer.target_generator.get_state(),
-                "selector_generator": trainer.selector_generator.get_state(),
-            },
-            tmp / "state.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps({
-            "trainer": trainer.trainer_state(),
-            "stream": trainer.stream.state_dict(),
-            "selector": trainer.selector.state_dict(),
-        }, indent=1))
+        torch.save(state["torch"], tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps(state["info"], indent=1))
         files = sorted(p.name for p in tmp.iterdir())
         for f in files:
             _fsync(tmp / f)
@@ -221,29 +209,34 @@ def _choose(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
 
 
 def _read(folder: Path) -> dict[str, Any]:
-    """Every file of a checkpoint, in memory."""
+    """Every file of a checkpoint, in memory, as the ``state`` ``save_checkpoint`` took."""
     grad_file = folder / "target_grad.safetensors"
     try:
         return {
-            "weights": load_file(str(folder / "trainable.safetensors")),
+            "params": load_file(str(folder / "trainable.safetensors")),
             "target_grad": load_file(str(grad_file)) if grad_file.exists() else None,
-            "state": torch.load(folder / "state.pt", weights_only=True),
+            "torch": torch.load(folder / "state.pt", weights_only=True),
             "info": json.loads((folder / "state.json").read_text()),
         }
     except Exception as e:  # safetensors, pickle and json each raise their own types
         raise CheckpointError(f"{folder}: cannot be read: {type(e).__name__}: {e}") from e
 
 
-def load_checkpoint(root: Path, trainer: Any, which: str | Path | None = None) -> Path:
-    """Restore every piece written by ``save_checkpoint`` into ``trainer``.
+def load_checkpoint(root: Path, which: str | Path | None = None,
+                    restore: Callable[[dict[str, Any]], None] | None = None
+                    ) -> tuple[Path, dict[str, Any]]:
+    """Read the state ``save_checkpoint`` wrote, verified.
 
     Without ``which``, the newest checkpoint that verifies is used; each damaged one passed
-    over is logged and moved aside to ``.damaged-<name>``, since it holds a future the run
-    will now write again.
+    over is logged and moved aside to ``.damaged-<name>`` (it holds a future the run will now
+    write again) — after ``restore(state)`` took the state (the trainer's
+    ``load_state_dict``, which raises ``CheckpointError`` when it does not fit).
+
+    Returns:
+        ``(folder, state)``.
 
     Raises:
-        CheckpointError: no intact checkpoint (or ``which`` is damaged), or the checkpoint
-            does not fit the trainer (other trainable parameters).
+        CheckpointError: no intact checkpoint (or ``which`` is damaged), or ``restore`` refused.
     """
     if which is not None:
         folder = Path(which)
@@ -253,42 +246,16 @@ def load_checkpoint(root: Path, trainer: Any, which: str | Path | None = None) -
         damaged: list[tuple[Path, str]] = []
     else:
         folder, damaged = _choose(root)
-    data = _read(folder)
-    missing = set(trainer.params) - set(data["weights"])
-    if missing:
-        raise CheckpointError(
-            f"{folder}: checkpoint lacks trainable parameters {sorted(missing)[:5]}: was it "
-            "written with another model or LoRA config?")
+    state = _read(folder)
+    if restore is not None:
+        try:
+            restore(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{folder}: {e}") from e
     for bad, _ in damaged:
         aside = bad.with_name(f".damaged-{bad.name.lstrip('.')}")
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(bad, aside)
         logger.warning("resuming from %s; moved the damaged %s to %s", folder.name, bad.name,
                        aside)
-    with torch.no_grad():
-        for n, p in trainer.params.items():
-            p.copy_(data["weights"][n].to(p.device, p.dtype))
-    trainer.target_grad = (
-        {n: t.to(trainer.device) for n, t in data["target_grad"].items()}
-        if data["target_grad"] is not None else None
-    )
-    state = data["state"]
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if trainer.scheduler is not None and state["scheduler"] is not None:
-        trainer.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(_as_tuple(state["python_rng"]))
-    trainer.target_generator.set_state(state["target_generator"])
-    trainer.selector_generator.set_state(state["selector_generator"])
-    info = data["info"]
-    for key, value in info["trainer"].items():
-        setattr(trainer.state, key, value)
-    trainer.stream.load_state_dict(info["stream"])
-    trainer.selector.load_state_dict(info["selector"])
-    return folder
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+    return folder, state

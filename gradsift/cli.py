@@ -3,87 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import logging
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from gradsift.config import ConfigError, RunConfig, config_differences, load_config
+from gradsift.config import ConfigError, load_config
+from gradsift.recipe import compare
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=16 (repeatable)")
-
-
-def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
-            quiet: bool = False) -> dict:
-    """One run per method and seed under ``out/<method>/seed_<seed>``, then the report.
-
-    Restartable: a finished run is reused and a stopped one resumed — but only when its
-    stored config is the requested one.
-
-    Raises:
-        ConfigError: a run folder was made with another config (the differing keys are named).
-        TrainingDiverged: after the report, when some runs diverged (the report includes them).
-    """
-    from gradsift.engine import TrainingDiverged
-    from gradsift.recipe import Interrupted, preflight, resume_run, run_config
-    from gradsift.report import markdown_table, write_report
-    from gradsift.rundir import check_compare_dir, locked
-
-    for method in methods:
-        preflight(dataclasses.replace(config, method=method))  # every method, before any run
-    check_compare_dir(out)
-    diverged: list[str] = []
-    with locked(out):
-        jobs = [(m, s) for m in methods for s in seeds]
-        bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
-        for method, seed in bar:
-            run_dir = out / method / f"seed_{seed}"
-            bar.set_postfix(method=method, seed=seed)
-            cfg = dataclasses.replace(config, method=method, seed=seed)
-            try:
-                if (run_dir / "config.yaml").is_file():
-                    _check_same_config(run_dir, cfg)
-                    if (run_dir / "summary.json").exists():
-                        continue  # finished earlier with this config: compare can be restarted
-                    resume_run(run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
-                else:
-                    run_config(cfg, run_dir, quiet=quiet, position=1,
-                               desc=f"{method} seed {seed}")
-            except Interrupted as e:
-                e.args = (f"interrupted in {run_dir} after step {e.step}; checkpoint written. "
-                          "Run the same compare command again to continue.",)
-                raise
-            except TrainingDiverged as e:
-                logging.getLogger(__name__).error("%s diverged: %s", run_dir, e)
-                diverged.append(f"{method} seed {seed}")
-        report = write_report(out)  # also writes out/summary.json
-    summary = json.loads((out / "summary.json").read_text())
-    if not quiet:
-        print(markdown_table(summary))
-        print(f"\nreport: {report}")
-    if diverged:
-        raise TrainingDiverged(f"{len(diverged)} run(s) diverged ({', '.join(diverged)}); the "
-                               f"report {report} includes them, and each run's summary.json "
-                               "says how far it got")
-    return summary
-
-
-def _check_same_config(run_dir: Path, requested: RunConfig) -> None:
-    """Refuse to reuse or resume ``run_dir`` when it was made with another config."""
-    stored = load_config(run_dir / "config.yaml")
-    diff = config_differences(stored, requested)
-    if diff:
-        raise ConfigError(
-            f"{run_dir} was made with another config ({'; '.join(diff[:5])}"
-            f"{'; ...' if len(diff) > 5 else ''}): use a new --out, or the same config")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from gradsift.engine import EngineConfig
+
 PATH_KEYS = ("stream", "target")
 
 
@@ -96,24 +98,14 @@ class RunConfig:
     target: str = ""
     method: str = "ftw"
     method_options: dict[str, Any] = field(default_factory=dict)
-    candidates_per_step: int = 16
-    budget_per_step: int = 4
-    micro_batch_size: int | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
     steps: int = 20
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     scheduler: str = "constant"
     max_length: int = 128
-    max_grad_norm: float | None = 1.0
-    target_batch_size: int = 8
-    target_refresh: int = 1
-    eval_size: int = 16
-    eval_every: int = 5
-    checkpoint_every: int = 10
     skip_bad_records: bool = False
-    keep_checkpoints: int = 3
-    max_consecutive_skips: int = 5
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
@@ -121,31 +113,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Every range check, in one place; each message names its key."""
-        for key in ("candidates_per_step", "budget_per_step", "steps", "target_batch_size",
-                    "target_refresh", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_size", "eval_every", "checkpoint_every",
-                    "max_consecutive_skips"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
+        if self.steps < 1:
+            raise ConfigError(f"config key 'steps' must be >= 1, got {self.steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key 'warmup_steps' must be >= 0, got {self.warmup_steps}")
         if self.max_length < 2:
             raise ConfigError(f"config key 'max_length' must be >= 2, got {self.max_length}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ConfigError("config key 'micro_batch_size' must be >= 1 (or null for all B), "
-                              f"got {self.micro_batch_size}")
-        if self.budget_per_step > self.candidates_per_step:
-            raise ConfigError(
-                f"config key 'budget_per_step' ({self.budget_per_step}) must not exceed "
-                f"'candidates_per_step' ({self.candidates_per_step}): k of B candidates")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"config key 'weight_decay' must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm)
-                                                   and self.max_grad_norm > 0):
-            raise ConfigError(f"config key 'max_grad_norm' must be > 0 (or null for no "
-                              f"clipping), got {self.max_grad_norm}")
         if not (0 <= self.seed < 2**32 - 1):
             raise ConfigError(f"config key 'seed' must be in [0, 2**32 - 1), got {self.seed}")
         if not self.model.strip():
@@ -220,10 +197,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         hints_txt = []
+        engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
         for k in unknown:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hints_txt.append(f"{prefix}{k}" + (f" (did you mean {prefix}{close[0]}?)" if close
-                                               else ""))
+            if cls is RunConfig and k in engine_keys:
+                hints_txt.append(f"{k} (it belongs in the engine section: engine.{k})")
+                continue
+            options = [f"{prefix}{n}" for n in names]
+            if cls is RunConfig:
+                options += [f"engine.{n}" for n in engine_keys]
+            close = difflib.get_close_matches(f"{prefix}{k}", options, n=1)
+            if not close and cls is RunConfig:
+                close = [f"engine.{c}" for c in difflib.get_close_matches(str(k), engine_keys, n=1)]
+            hints_txt.append(f"{prefix}{k}" + (f" (did you mean {close[0]}?)" if close else ""))
         raise ConfigError(f"unknown config key(s): {', '.join(hints_txt)}")
     kwargs = {}
     for k, v in data.items():
@@ -236,8 +221,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         kwargs[k] = _check_type(prefix + k, v, annotation)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by the checks above
-        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a section validated by its own dataclass
+        message = str(e)
+        key = next((n for n in sorted(names, key=len, reverse=True)
+                    if message.startswith(n + " ")), None)
+        if key is None:
+            raise ConfigError(f"config section {prefix[:-1] or 'config'!r}: {e}") from e
+        raise ConfigError(f"config key '{prefix}{key}'{message[len(key):]}") from e
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -49,11 +49,11 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None,
 
 
 def _compare_and_report(config: Any, out: Path, data: Path, quiet: bool) -> dict:
-    from gradsift.cli import compare
+    from gradsift.recipe import compare
 
     if not quiet:
         print(f"gradsift demo: {config.model} + LoRA r={config.lora.r if config.lora else '-'}, "
-              f"B={config.candidates_per_step}, k={config.budget_per_step}, "
+              f"B={config.engine.candidates_per_step}, k={config.engine.budget_per_step}, "
               f"{config.steps} steps per method, methods {', '.join(DEMO_METHODS)}\n"
               f"data: {data} (target: correct arithmetic; stream: code, verse, arithmetic "
               "with 25% wrong answers)", file=sys.stderr)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,56 @@ class OptimizerState:
         return sum(values) / len(values) if values else 0.0
 
 
+@dataclass(frozen=True)
+class ParamGeometry:
+    """What one parameter's optimizer state gives: ``P`` (None before its first step),
+    ``m`` (None for optimizers without Adam-style momentum), ``β₁`` and ``η``."""
+
+    preconditioner: torch.Tensor | None
+    momentum: torch.Tensor | None
+    beta1: float
+    lr: float
+
+
+Reader = Callable[[torch.Tensor, dict, dict], ParamGeometry]
+
+
+@dataclass(frozen=True)
+class _OptimizerKind:
+    name: str
+    matches: Callable[[torch.optim.Optimizer], bool]
+    read: Reader
+    has_momentum: bool
+
+
+_OPTIMIZERS: list[_OptimizerKind] = []
+
+
+def register_optimizer(name: str, matches: type | Callable[[torch.optim.Optimizer], bool],
+                       has_momentum: bool = False) -> Callable[[Reader], Reader]:
+    """Register ``read(param, group, state) -> ParamGeometry`` for optimizers that ``matches``
+    (a class, looked up with ``isinstance``, or a predicate); the first match wins."""
+    test = (lambda o: isinstance(o, matches)) if isinstance(matches, type) else matches
+
+    def decorator(read: Reader) -> Reader:
+        if any(k.name == name for k in _OPTIMIZERS):
+            raise ValueError(f"an optimizer kind named {name!r} is already registered")
+        _OPTIMIZERS.append(_OptimizerKind(name, test, read, has_momentum))
+        return read
+
+    return decorator
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> _OptimizerKind:
+    for kind in _OPTIMIZERS:
+        if kind.matches(optimizer):
+            return kind
+    raise NotImplementedError(
+        f"gradsift cannot read the preconditioner of {type(optimizer).__name__}; supported: "
+        f"{', '.join(k.name for k in _OPTIMIZERS)} (gradsift.optim_state.register_optimizer "
+        "adds one)")
+
+
 def _is_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     try:
         from transformers.optimization import Adafactor
@@ -72,19 +122,6 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
-
-
-def _kind(optimizer: torch.optim.Optimizer) -> str:
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return "adam"
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
-    if _is_adafactor(optimizer):
-        return "adafactor"
-    raise NotImplementedError(
-        f"gradsift cannot read the preconditioner of {type(optimizer).__name__}; supported: "
-        "torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, transformers Adafactor"
-    )
 
 
 def _names_by_id(model: nn.Module) -> dict[int, list[str]]:
@@ -138,6 +175,29 @@ def _adafactor_lr(group: dict, state: dict, param: torch.Tensor) -> float:
     return float(lr)
 
 
+@register_optimizer("torch.optim.Adam/AdamW",
+                    lambda o: isinstance(o, torch.optim.Adam | torch.optim.AdamW),
+                    has_momentum=True)
+def _read_adam(p: torch.Tensor, group: dict, state: dict) -> ParamGeometry:
+    m = state.get("exp_avg")
+    return ParamGeometry(_adam_p(group, state),
+                         m.detach().float() if m is not None
+                         else torch.zeros_like(p, dtype=torch.float32),
+                         _as_float(group["betas"][0]), _as_float(group["lr"]))
+
+
+@register_optimizer("torch.optim.SGD", torch.optim.SGD)
+def _read_sgd(p: torch.Tensor, group: dict, state: dict) -> ParamGeometry:
+    """SGD geometry, never "uninitialized"."""
+    return ParamGeometry(torch.ones_like(p, dtype=torch.float32), None, 0.0,
+                         _as_float(group["lr"]))
+
+
+@register_optimizer("transformers Adafactor", _is_adafactor)
+def _read_adafactor(p: torch.Tensor, group: dict, state: dict) -> ParamGeometry:
+    return ParamGeometry(_adafactor_p(state), None, 0.0, _adafactor_lr(group, state, p))
+
+
 def read_optimizer_state(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -187,29 +247,17 @@ def read_optimizer_state(
             )
 
     precond: dict[str, torch.Tensor] = {}
-    momentum: dict[str, torch.Tensor] | None = {} if kind == "adam" else None
+    momentum: dict[str, torch.Tensor] | None = {} if kind.has_momentum else None
     beta1: dict[str, float] = {}
     lr: dict[str, float] = {}
     uninitialized: list[str] = []
     for name in wanted:
         p, group = found[name]
-        state = optimizer.state.get(p, {})
-        if kind == "adam":
-            pc = _adam_p(group, state)
-            beta1[name] = _as_float(group["betas"][0])
-            lr[name] = _as_float(group["lr"])
-            m = state.get("exp_avg")
-            momentum[name] = (  # type: ignore[index]
-                m.detach().float() if m is not None else torch.zeros_like(p, dtype=torch.float32)
-            )
-        elif kind == "adafactor":
-            pc = _adafactor_p(state)
-            beta1[name] = 0.0
-            lr[name] = _adafactor_lr(group, state, p)
-        else:  # sgd: SGD geometry, never "uninitialized"
-            pc = torch.ones_like(p, dtype=torch.float32)
-            beta1[name] = 0.0
-            lr[name] = _as_float(group["lr"])
+        geo = kind.read(p, group, optimizer.state.get(p, {}))
+        beta1[name], lr[name] = geo.beta1, geo.lr
+        if momentum is not None and geo.momentum is not None:
+            momentum[name] = geo.momentum
+        pc = geo.preconditioner
         if pc is None:
             uninitialized.append(name)
             pc = torch.ones_like(p, dtype=torch.float32)

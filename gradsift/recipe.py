@@ -10,6 +10,8 @@ before anything is loaded or written; a run holds its folder's lock while it wri
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import random
 import signal
@@ -26,9 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from gradsift.checkpoint import has_checkpoint
-from gradsift.config import ConfigError, RunConfig, load_config, save_config
+from gradsift.config import (
+    ConfigError,
+    RunConfig,
+    config_differences,
+    load_config,
+    save_config,
+)
 from gradsift.data import DataError, ExampleStream, read_examples
-from gradsift.engine import EngineConfig, OnlineTrainer, TrainingDiverged
+from gradsift.engine import OnlineTrainer, TrainingDiverged
 from gradsift.jsonio import write_json
 from gradsift.models import SMOLLM2_SPEC, TINY_SPEC, bundled_gguf, load_model_and_tokenizer
 from gradsift.rundir import check_new_run_dir, is_run_dir, locked
@@ -185,24 +193,10 @@ def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None)
                            skip_bad=config.skip_bad_records)
     target, target_skips = read_examples(config.target, tokenizer, config.max_length,
                                          skip_bad=config.skip_bad_records)
-    engine_config = EngineConfig(
-        candidates_per_step=config.candidates_per_step,
-        budget_per_step=config.budget_per_step,
-        micro_batch_size=config.micro_batch_size,
-        target_batch_size=config.target_batch_size,
-        target_refresh=config.target_refresh,
-        eval_size=config.eval_size,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-        max_grad_norm=config.max_grad_norm,
-        total_steps=config.steps,
-        seed=config.seed,
-        keep_checkpoints=config.keep_checkpoints,
-        max_consecutive_skips=config.max_consecutive_skips,
-    )
-    trainer = OnlineTrainer(model, optimizer, selector, stream, target, engine_config, out_dir,
+    trainer = OnlineTrainer(model, optimizer, selector, stream, target, config.engine, out_dir,
                             scheduler=build_scheduler(config, optimizer),
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id, seed=config.seed,
+                            total_steps=config.steps)
     return Run(config=config, trainer=trainer, out_dir=out_dir,
                skipped_target_records=target_skips)
 
@@ -359,3 +353,66 @@ def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
             run.trainer.log_initial_eval()
         stopped = train(run, quiet=quiet, position=position, desc=desc)
         return write_summary(run, stopped)
+
+
+def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
+            quiet: bool = False) -> dict:
+    """One run per method and seed under ``out/<method>/seed_<seed>``, then the report.
+
+    Restartable: a finished run is reused and a stopped one resumed — but only when its
+    stored config is the requested one.
+
+    Raises:
+        ConfigError: a run folder was made with another config (the differing keys are named).
+        TrainingDiverged: after the report, when some runs diverged (the report includes them).
+    """
+    from gradsift.report import markdown_table, write_report
+    from gradsift.rundir import check_compare_dir, locked
+
+    for method in methods:
+        preflight(dataclasses.replace(config, method=method))  # every method, before any run
+    check_compare_dir(out)
+    diverged: list[str] = []
+    with locked(out):
+        jobs = [(m, s) for m in methods for s in seeds]
+        bar = tqdm(jobs, desc="runs", unit="run", disable=quiet, position=0, dynamic_ncols=True)
+        for method, seed in bar:
+            run_dir = out / method / f"seed_{seed}"
+            bar.set_postfix(method=method, seed=seed)
+            cfg = dataclasses.replace(config, method=method, seed=seed)
+            try:
+                if (run_dir / "config.yaml").is_file():
+                    _check_same_config(run_dir, cfg)
+                    if (run_dir / "summary.json").exists():
+                        continue  # finished earlier with this config: compare can be restarted
+                    resume_run(run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
+                else:
+                    run_config(cfg, run_dir, quiet=quiet, position=1,
+                               desc=f"{method} seed {seed}")
+            except Interrupted as e:
+                e.args = (f"interrupted in {run_dir} after step {e.step}; checkpoint written. "
+                          "Run the same compare command again to continue.",)
+                raise
+            except TrainingDiverged as e:
+                logger.error("%s diverged: %s", run_dir, e)
+                diverged.append(f"{method} seed {seed}")
+        report = write_report(out)  # also writes out/summary.json
+    summary = json.loads((out / "summary.json").read_text())
+    if not quiet:
+        print(markdown_table(summary))
+        print(f"\nreport: {report}")
+    if diverged:
+        raise TrainingDiverged(f"{len(diverged)} run(s) diverged ({', '.join(diverged)}); the "
+                               f"report {report} includes them, and each run's summary.json "
+                               "says how far it got")
+    return summary
+
+
+def _check_same_config(run_dir: Path, requested: RunConfig) -> None:
+    """Refuse to reuse or resume ``run_dir`` when it was made with another config."""
+    stored = load_config(run_dir / "config.yaml")
+    diff = config_differences(stored, requested)
+    if diff:
+        raise ConfigError(
+            f"{run_dir} was made with another config ({'; '.join(diff[:5])}"
+            f"{'; ...' if len(diff) > 5 else ''}): use a new --out, or the same config")

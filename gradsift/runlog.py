@@ -35,10 +35,11 @@ class RunLogError(ValueError):
 
 
 def _round(x: Any, digits: int) -> float | None:
+    """Rounded; NaN/inf stay (the writer turns them into null and names the key)."""
     if x is None:
         return None
     x = float(x)
-    return round(x, digits) if math.isfinite(x) else None
+    return round(x, digits) if math.isfinite(x) else x
 
 
 def selection_record(step: int, ids: Sequence[str], sources: Sequence[str], result: Any,

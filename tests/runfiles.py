@@ -24,6 +24,20 @@ def write_data(folder: Path, n_stream: int = 40, n_target: int = 12) -> Path:
     return folder
 
 
+ENGINE_KEYS = ("candidates_per_step", "budget_per_step", "micro_batch_size", "target_batch_size",
+               "target_refresh", "eval_size", "eval_every", "checkpoint_every", "max_grad_norm",
+               "keep_checkpoints", "max_consecutive_skips", "modules")
+
+
+def nest_engine(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Move the online loop's keys of a flat config into its ``engine`` section."""
+    out = {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}
+    engine = {**cfg.get("engine", {}), **{k: v for k, v in cfg.items() if k in ENGINE_KEYS}}
+    if engine:
+        out["engine"] = engine
+    return out
+
+
 def tiny_config(data: Path | None = None, **extra: Any) -> dict[str, Any]:
     """A config for the tiny random Llama: B=4, k=2, 3 steps, a checkpoint every step."""
     cfg: dict[str, Any] = {
@@ -34,12 +48,12 @@ def tiny_config(data: Path | None = None, **extra: Any) -> dict[str, Any]:
     if data is not None:
         cfg.update(stream=str(data / "stream.jsonl"), target=str(data / "target.jsonl"))
     cfg.update(extra)
-    return cfg
+    return nest_engine(cfg)
 
 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(nest_engine(cfg)))
     return path
 
 

@@ -56,8 +56,30 @@ class StubTrainer:
         self.state = _State()
         self.stream, self.selector = _Counter(), _Counter()
 
-    def trainer_state(self) -> dict:
-        return asdict(self.state)
+    def state_dict(self) -> dict:
+        return {"params": {n: p.detach().clone() for n, p in self.params.items()},
+                "target_grad": None,
+                "torch": {"optimizer": self.optimizer.state_dict(),
+                          "target_generator": self.target_generator.get_state(),
+                          "selector_generator": self.selector_generator.get_state()},
+                "info": {"trainer": asdict(self.state), "stream": self.stream.state_dict(),
+                         "selector": self.selector.state_dict()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.params) - set(state["params"])
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks trainable parameters {sorted(missing)}")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n])
+        self.optimizer.load_state_dict(state["torch"]["optimizer"])
+        self.target_generator.set_state(state["torch"]["target_generator"])
+        self.selector_generator.set_state(state["torch"]["selector_generator"])
+        for key, value in state["info"]["trainer"].items():
+            setattr(self.state, key, value)
+        self.stream.load_state_dict(state["info"]["stream"])
+        self.selector.load_state_dict(state["info"]["selector"])
+
 
     def advance(self) -> None:
         """One fake training step: parameters, optimizer state and counters all change."""
@@ -70,17 +92,25 @@ class StubTrainer:
         self.stream.n += 4
 
 
+def save(root: Path, trainer: StubTrainer, keep: int = 3) -> Path:
+    return save_checkpoint(root, trainer.state.step, trainer.state_dict(), keep=keep)
+
+
+def load(root: Path, trainer: StubTrainer, which: Path | None = None) -> Path:
+    return load_checkpoint(root, which, restore=trainer.load_state_dict)[0]
+
+
 def _run(root: Path, steps: int, keep: int = 5) -> StubTrainer:
     trainer = StubTrainer()
     for _ in range(steps):
         trainer.advance()
-        save_checkpoint(root, trainer, keep=keep)
+        save(root, trainer, keep=keep)
     return trainer
 
 
 def _restored(root: Path) -> StubTrainer:
     fresh = StubTrainer(seed=99)
-    load_checkpoint(root, fresh)
+    load(root, fresh)
     return fresh
 
 
@@ -119,14 +149,14 @@ def test_saving_the_same_step_again_never_loses_the_last_good_one(tmp_path, monk
 
     monkeypatch.setattr(ckpt.os, "replace", replace_fails_for_the_new_folder)
     with pytest.raises(OSError):
-        save_checkpoint(root, trainer)
+        save(root, trainer)
     monkeypatch.undo()
     found = latest_checkpoint(root)
     assert found.name.endswith("step_000003") and verify_checkpoint(found) is None
     assert _restored(root).state.step == 3
     assert not list(root.glob(".tmp-*"))  # a failed write cleans up after itself
     trainer.advance()
-    save_checkpoint(root, trainer)  # the next save tidies the aside copy away
+    save(root, trainer)  # the next save tidies the aside copy away
     assert not list(root.glob(".old-*"))
 
 
@@ -159,7 +189,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, caplog
     root = tmp_path / "ck"
     _run(root, 3)
     reference = StubTrainer(seed=99)
-    load_checkpoint(root, reference, root / "step_000002")
+    load(root, reference, root / "step_000002")
     _damage(root / "step_000003" / target, how)
     assert reason in verify_checkpoint(root / "step_000003")
     with caplog.at_level(logging.WARNING, logger="gradsift.checkpoint"):
@@ -194,7 +224,7 @@ def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
     assert "no intact checkpoint" in text and "step_000001: state.pt" in text
     assert "step_000002: trainable.safetensors" in text
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
-        load_checkpoint(tmp_path / "empty", StubTrainer())
+        load(tmp_path / "empty", StubTrainer())
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
@@ -203,4 +233,4 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     other = StubTrainer()
     other.params = {"extra.weight": torch.nn.Parameter(torch.zeros(2)), **other.params}
     with pytest.raises(CheckpointError, match="lacks trainable parameters"):
-        load_checkpoint(root, other)
+        load(root, other)

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import yaml
+from runfiles import nest_engine
 
 from gradsift.cli import main
 from gradsift.config import load_config
@@ -32,7 +33,7 @@ def write_config(path, data_dir, **extra):
            "candidates_per_step": 4, "budget_per_step": 2, "steps": 3, "lr": 0.01,
            "max_length": 48, "target_batch_size": 4, "eval_size": 4, "eval_every": 2,
            "checkpoint_every": 2, **extra}
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(nest_engine(cfg)))
     return path
 
 

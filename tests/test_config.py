@@ -24,21 +24,25 @@ from gradsift.config import (
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("max_grad_norm=0", "'max_grad_norm' must be > 0"),
-        ("max_grad_norm=-1", "'max_grad_norm' must be > 0"),
-        ("budget_per_step=5", "'budget_per_step' (5) must not exceed 'candidates_per_step' (4)"),
+        ("engine.max_grad_norm=0", "'engine.max_grad_norm' must be > 0"),
+        ("engine.max_grad_norm=-1", "'engine.max_grad_norm' must be > 0"),
+        ("engine.budget_per_step=5",
+         "'engine.budget_per_step' (5) must not exceed candidates_per_step (4)"),
         ("warmup_steps=-1", "'warmup_steps' must be >= 0"),
         ("lora.r=0", "'lora.r' must be >= 1"),
         ("lora.alpha=0", "'lora.alpha' must be > 0"),
         ("lora.dropout=1.0", "'lora.dropout'"),
         ("lora.target_modules=[]", "'lora.target_modules'"),
-        ("keep_checkpoints=0", "'keep_checkpoints' must be >= 1"),
-        ("max_consecutive_skips=-1", "'max_consecutive_skips' must be >= 0"),
+        ("engine.keep_checkpoints=0", "'engine.keep_checkpoints' must be an integer >= 1"),
+        ("engine.max_consecutive_skips=-1",
+         "'engine.max_consecutive_skips' must be an integer >= 0"),
         ("lr=.nan", "'lr' must be > 0"),
         ("lr=.inf", "'lr' must be > 0"),
         ("weight_decay=-0.1", "'weight_decay' must be >= 0"),
-        ("eval_every=-1", "'eval_every' must be >= 0"),
-        ("micro_batch_size=0", "'micro_batch_size' must be >= 1"),
+        ("engine.eval_every=-1", "'engine.eval_every' must be an integer >= 0"),
+        ("engine.micro_batch_size=0", "'engine.micro_batch_size' must be an integer >= 1"),
+        ("engine.target_refresh=0", "'engine.target_refresh' must be an integer >= 1"),
+        ("budget_per_step=2", "budget_per_step (it belongs in the engine section"),
         ("max_length=1", "'max_length' must be >= 2"),
         ("seed=-1", "'seed'"),
         ("device=gpu 0", "'device'"),
@@ -47,19 +51,20 @@ from gradsift.config import (
 )
 def test_values_that_corrupt_training_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["candidates_per_step=4", override])
+        load_config(None, ["engine.candidates_per_step=4", override])
     assert message in str(err.value)
 
 
 def test_clipping_off_is_null_not_zero():
-    assert load_config(None, ["max_grad_norm=null"]).max_grad_norm is None
+    assert load_config(None, ["engine.max_grad_norm=null"]).engine.max_grad_norm is None
 
 
 def test_exponent_floats_without_a_dot(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("lr: 1e-4\nweight_decay: 2E-2\nmax_grad_norm: 5e0\n")
+    cfg.write_text("lr: 1e-4\nweight_decay: 2E-2\nengine:\n  max_grad_norm: 5e0\n")
     config = load_config(cfg, ["method_options.min_cosine=1e-3"])
-    assert config.lr == 1e-4 and config.weight_decay == 0.02 and config.max_grad_norm == 5.0
+    assert config.lr == 1e-4 and config.weight_decay == 0.02
+    assert config.engine.max_grad_norm == 5.0
     assert config.method_options == {"min_cosine": 1e-3}
     assert load_config(None, ["lr=3e-5"]).lr == 3e-5
 
@@ -77,7 +82,7 @@ def test_duplicate_keys_name_the_key_and_line(tmp_path):
 
 def test_new_keys_have_their_defaults():
     config = RunConfig()
-    assert config.keep_checkpoints == 3 and config.max_consecutive_skips == 5
+    assert config.engine.keep_checkpoints == 3 and config.engine.max_consecutive_skips == 5
 
 
 def test_saved_config_holds_absolute_paths_that_work_from_anywhere(tmp_path, monkeypatch):

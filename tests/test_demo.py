@@ -35,7 +35,8 @@ def test_label_noise_shares_by_hand(tmp_path):
 
 def test_demo_config_is_valid():
     config = load_config(DEMO_CONFIG)
-    assert config.model == "smollm2-135m" and config.budget_per_step < config.candidates_per_step
+    assert config.model == "smollm2-135m"
+    assert config.engine.budget_per_step < config.engine.candidates_per_step
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -52,8 +53,8 @@ def test_demo_restarts_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(gradsift.sources, "build_stream", small_build)
     monkeypatch.chdir(tmp_path)
     overrides = ["model=tiny", "lora.r=2", "lora.target_modules=q_proj", "steps=2",
-                 "candidates_per_step=4", "max_length=32", "target_batch_size=4",
-                 "eval_size=4", "eval_every=2", "checkpoint_every=1"]
+                 "engine.candidates_per_step=4", "max_length=32", "engine.target_batch_size=4",
+                 "engine.eval_size=4", "engine.eval_every=2", "engine.checkpoint_every=1"]
     run_demo("runs/demo", overrides, quiet=True)
     greats = tmp_path / "runs" / "demo" / "greats" / "seed_0"
     first = selections(greats)

@@ -36,7 +36,8 @@ def _trainer(tmp_path, method: str = "random", **config) -> OnlineTrainer:
     model = tiny_llama(tie=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cfg = EngineConfig(candidates_per_step=4, budget_per_step=2, target_batch_size=3,
-                       eval_size=2, eval_every=1, checkpoint_every=1, **config)
+                       eval_size=2, eval_every=1, checkpoint_every=1, max_grad_norm=None,
+                       **config)
     return OnlineTrainer(model, optimizer, get_selector(method),
                          ListStream(make_examples(40, seed=1)), make_examples(8, seed=2), cfg,
                          tmp_path / "run")

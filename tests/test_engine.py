@@ -10,17 +10,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from reference import tiny_llama
 
+from gradsift.capture import capture
 from gradsift.config import load_config
 from gradsift.data import Example, collate
-from gradsift.engine import (
-    EngineConfig,
-    OnlineTrainer,
-    capture_batches,
-    set_weighted_gradients,
-)
+from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.factors import FactorizedGrads
 from gradsift.loss import per_sample_loss
 from gradsift.recipe import resume_run, run_config, setup
+from gradsift.step import set_weighted_gradients
 
 
 def make_examples(n: int, seed: int = 0, vocab: int = 64) -> list[Example]:
@@ -65,7 +62,7 @@ def test_weighted_update_from_factors_equals_plain_backward(kind):
     if kind == "full":
         assert others, "embeddings and norms must take the retained-graph path"
     batches = [collate(examples[:4], 0), collate(examples[4:], 0)]  # two micro-batches
-    captures = capture_batches(model, batches, names, retain_graph=bool(others))
+    captures = [capture(model, b, modules=names, retain_graph=bool(others)) for b in batches]
     candidates = FactorizedGrads.concat([c.grads for c in captures])
     set_weighted_gradients(captures, candidates, weights, params, others)
     got = {n: p.grad.clone() for n, p in params.items()}
@@ -104,10 +101,11 @@ def _trainer(tmp_path: Path, method_opts: dict | None = None, micro: int | None 
             self.pos = state["pos"]
 
     config = EngineConfig(candidates_per_step=6, budget_per_step=2, micro_batch_size=micro,
-                          target_batch_size=3, eval_size=2, eval_every=1, seed=0)
+                          target_batch_size=3, eval_size=2, eval_every=1, checkpoint_every=0,
+                          max_grad_norm=None)
     return OnlineTrainer(model, optimizer, get_selector("ftw", **(method_opts or {})),
                          ListStream(make_examples(30, seed=1)), make_examples(8, seed=2),
-                         config, tmp_path / name)
+                         config, tmp_path / name, seed=0)
 
 
 def test_micro_batching_selects_and_updates_like_one_batch(tmp_path):
@@ -161,8 +159,9 @@ def _selection_rows(path: Path) -> list[dict]:
 def test_exact_resume_matches_uninterrupted_run(tmp_path, stream_files):
     stream, target = stream_files
     overrides = [f"stream={stream}", f"target={target}", "model=tiny", "steps=6",
-                 "candidates_per_step=5", "budget_per_step=2", "target_batch_size=4",
-                 "eval_size=4", "eval_every=2", "checkpoint_every=3", "max_length=32",
+                 "engine.candidates_per_step=5", "engine.budget_per_step=2",
+                 "engine.target_batch_size=4", "engine.eval_size=4", "engine.eval_every=2",
+                 "engine.checkpoint_every=3", "max_length=32",
                  "lora.r=4", "lora.dropout=0.1", "lr=0.01", "scheduler=linear"]
     config = load_config(None, overrides)
     full = run_config(config, tmp_path / "full", quiet=True)

@@ -174,3 +174,31 @@ def test_requested_names_are_checked() -> None:
     assert isinstance(state, OptimizerState)
     assert set(state.preconditioner) == {"0.weight", "0.bias"}
     assert state.mean_lr() == pytest.approx(1e-3)
+
+
+def test_a_registered_optimizer_kind_is_read(monkeypatch) -> None:
+    """register_optimizer: RMSprop's P = 1/(√v + ε), checked against its own state by hand."""
+    from gradsift import optim_state
+
+    monkeypatch.setattr(optim_state, "_OPTIMIZERS", list(optim_state._OPTIMIZERS))
+
+    @optim_state.register_optimizer("torch.optim.RMSprop", torch.optim.RMSprop)
+    def _read(p, group, state):
+        if "square_avg" not in state:
+            return optim_state.ParamGeometry(None, None, 0.0, group["lr"])
+        return optim_state.ParamGeometry(1.0 / (state["square_avg"].sqrt() + group["eps"]),
+                                         None, 0.0, group["lr"])
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-3)
+    first = read_optimizer_state(opt, model)
+    assert sorted(first.uninitialized) == ["bias", "weight"]
+    model(torch.randn(4, 3)).square().sum().backward()
+    g = model.weight.grad.clone()
+    opt.step()
+    state = read_optimizer_state(opt, model, ["weight"])
+    expected = 1.0 / ((0.1 * g * g).sqrt() + 1e-3)  # v = (1 − α) g² after one step
+    torch.testing.assert_close(state.preconditioner["weight"], expected)
+    assert state.momentum is None and state.lr["weight"] == 0.01
+    with pytest.raises(ValueError, match="already registered"):
+        optim_state.register_optimizer("torch.optim.RMSprop", torch.optim.RMSprop)(_read)

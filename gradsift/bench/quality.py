@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from gradsift.capture import forward_losses
-from gradsift.data import ExampleStream, collate, load_examples
+from gradsift.data import ExampleStream, load_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
@@ -269,12 +269,12 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
                           budget_per_step=scenario.budget,
                           target_batch_size=suite.target_batch_size,
                           eval_size=suite.eval_size, eval_every=0, checkpoint_every=0,
-                          max_grad_norm=1.0, seed=seed)
+                          max_grad_norm=1.0)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("selections.jsonl", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
     trainer = OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id, seed=seed)
     wanted = eval_steps(suite)
     losses = [_initial_loss(trainer, run_dir.parent.parent)]
     calibration = []
@@ -333,7 +333,7 @@ def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Te
     was = model.training
     model.eval()
     after_params = {n: p.detach().clone() for n, p in trainer.params.items()}
-    b = trainer._to_device(collate(batch, trainer.pad_token_id))
+    (b,) = trainer.selection.batches(batch, len(batch))
     loss_after = float(forward_losses(model, b).mean())
     for n, p in trainer.params.items():
         p.copy_(before[n])

@@ -209,10 +209,10 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     overrides = [
         f"model={args.model}", f"device={args.device}", f"method={method}",
         f"stream={stream}", f"target={target}",
-        f"candidates_per_step={args.batch_size}", f"budget_per_step={args.budget}",
-        f"max_length={args.seq_len}", f"target_batch_size={args.target_batch_size}",
-        f"target_refresh={refresh}", "eval_every=0", "checkpoint_every=0",
-        "steps=1000000", f"seed={args.seed}",
+        f"engine.candidates_per_step={args.batch_size}", f"engine.budget_per_step={args.budget}",
+        f"max_length={args.seq_len}", f"engine.target_batch_size={args.target_batch_size}",
+        f"engine.target_refresh={refresh}", "engine.eval_every=0", "engine.checkpoint_every=0",
+        "engine.max_consecutive_skips=0", "steps=1000000", f"seed={args.seed}",
     ]
     if not args.lora:
         overrides.append("lora=false")

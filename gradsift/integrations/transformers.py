@@ -27,19 +27,24 @@ performed here (single-process training only for now); DeepSpeed is not supporte
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from gradsift.capture import forward_losses
 from gradsift.data import Example, collate
-from gradsift.runlog import SELECTIONS, RunLog, selection_record
+from gradsift.jsonio import write_json
+from gradsift.loss import trained_token_counts
+from gradsift.runlog import METRICS, SELECTIONS, RunLog, selection_record
 from gradsift.select import Selector, get_selector
 from gradsift.step import SelectionConfig, SelectionStep
 
@@ -182,9 +187,11 @@ class GradSiftTrainer(Trainer):
             modules=option(modules, "capture_modules", None),
         )
         self.target_examples = [_as_example(r, i) for i, r in enumerate(target_dataset)]
+        self.counters = {"trained_samples": 0, "trained_tokens": 0, "wall_seconds": 0.0}
         self._step: SelectionStep | None = None  # built on the unwrapped model, first step
         self._restored: dict[str, Any] | None = None  # state waiting for the step
         self._stats: list[dict[str, float]] = []
+        self._started = time.perf_counter()
         self.runlog = RunLog(self.args.output_dir, enabled=self.args.should_save)
         self.selection_log = Path(self.args.output_dir) / SELECTIONS
         self.add_callback(_SaveGradSiftState(self))
@@ -214,7 +221,7 @@ class GradSiftTrainer(Trainer):
         save_file(tensors, str(folder / STATE_TENSORS))
         (folder / STATE_JSON).write_text(json.dumps({
             "calls": state["calls"], "global_step": self.state.global_step,
-            "selector": state["selector"]}))
+            "selector": state["selector"], "counters": self.counters}))
 
     def load_gradsift_state(self, folder: str | Path) -> None:
         """Restore what ``save_gradsift_state`` wrote; drop log records after that step."""
@@ -233,17 +240,72 @@ class GradSiftTrainer(Trainer):
         if self._step is not None:
             self._step.load_state_dict(self._restored)
             self._restored = None
+        self.counters.update(info.get("counters", {}))
         self.runlog.drop_after(info["global_step"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> Any:
         """``Trainer.train``, restoring gradsift's state too when resuming."""
+        folder = None
         if resume_from_checkpoint:
             folder = (get_last_checkpoint(self.args.output_dir)
                       if resume_from_checkpoint is True else resume_from_checkpoint)
             if folder is not None:
                 self.load_gradsift_state(folder)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if folder is None:  # a fresh run: the run folder's config and the step-0 target loss
+            self._write_run_config()
+            self.runlog.append(METRICS, {"step": 0, "trained_samples": 0, "trained_tokens": 0,
+                                         "wall_seconds": 0.0, "target_loss": self.target_loss()})
+        self._started = time.perf_counter()
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._write_summary()
+        return output
+
+    @torch.no_grad()
+    def target_loss(self, limit: int = 64) -> float:
+        """Mean per-sample loss on (up to ``limit``) target examples, in eval mode."""
+        model = self.accelerator.unwrap_model(self.model)
+        examples = self.target_examples[:limit]
+        was = model.training
+        model.eval()
+        pad = getattr(self.processing_class, "pad_token_id", None) or 0
+        total = 0.0
+        for i in range(0, len(examples), 16):
+            batch = collate(examples[i : i + 16], pad)
+            batch = {k: v.to(self.args.device) for k, v in batch.items() if torch.is_tensor(v)}
+            total += float(forward_losses(model, batch).sum())
+        model.train(was)
+        return total / len(examples)
+
+    def _write_run_config(self) -> None:
+        """``config.yaml`` in the run-folder format ``gradsift report`` reads."""
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        cfg = self.selection_config
+        config = {
+            "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or
+                         type(model).__name__),
+            "method": self.selector.name, "seed": self.args.seed,
+            "steps": self.args.max_steps, "lr": self.args.learning_rate,
+            "engine": {"candidates_per_step": self.args.per_device_train_batch_size,
+                       "budget_per_step": cfg.budget_per_step,
+                       "target_batch_size": cfg.target_batch_size,
+                       "target_refresh": cfg.target_refresh},
+            "trainer": "transformers.Trainer (GradSiftTrainer)",
+        }
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "config.yaml").write_text(
+            yaml.safe_dump(config, sort_keys=False))
+
+    def _write_summary(self) -> None:
+        loss = self.target_loss()
+        step = self.state.global_step
+        self.runlog.append(METRICS, {"step": step, **self.counters, "target_loss": loss})
+        if self.args.should_save:
+            write_json(Path(self.args.output_dir) / "summary.json", {
+                "final_target_loss": loss, **self.counters, "steps": step,
+                "method": self.selector.name, "seed": self.args.seed, "stopped": "completed"})
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -266,6 +328,17 @@ class GradSiftTrainer(Trainer):
         scale = 1.0 / self.args.gradient_accumulation_steps
         result = step.run([batch], self.optimizer, grad_scale=scale, accumulate=True)
         self.runlog.append(SELECTIONS, selection_record(number, ids, sources, result))
+        chosen = result.selection.indices
+        self.counters["trained_samples"] += len(chosen)
+        self.counters["trained_tokens"] += int(trained_token_counts(
+            batch["labels"][chosen.to(batch["labels"].device)]).sum())
+        self.counters["wall_seconds"] = round(
+            self.counters["wall_seconds"] + time.perf_counter() - self._started, 3)
+        self._started = time.perf_counter()
+        self.runlog.append(METRICS, {
+            "step": number, **self.counters, "train_loss": result.train_loss,
+            "candidate_loss": float(result.candidates.losses.mean()),
+            "lr": self.optimizer.param_groups[0]["lr"]})
         rho = result.selection.diagnostics.get("rho")
         self._stats.append({"n_selected": float(len(result.selection.indices)),
                             "rho": float(rho) if rho is not None else float("nan")})

@@ -156,7 +156,7 @@ def _run_facts(run: Run) -> str:
     facts = [
         ("method", run.method), ("seed", run.seed), ("model", cfg.get("model", "–")),
         ("candidates / budget per step",
-         f"{cfg.get('candidates_per_step', '–')} / {cfg.get('budget_per_step', '–')}"),
+         f"{run.setting('candidates_per_step') or '–'} / {run.setting('budget_per_step') or '–'}"),
         ("steps", run.steps),
         ("final target loss", fmt_number(run.final_target_loss, ".4f")),
         ("trained samples", fmt_number(run.last_metric("trained_samples"), ",.0f")),

@@ -187,7 +187,7 @@ def plot_weights(runs: dict[str, list[Run]], colors: dict[str, str]) -> Figure |
     data = {m: d for m, d in data.items() if d[0]}
     if not data:
         return None
-    budgets = {r.config.get("budget_per_step") for m in data for r in runs[m]}
+    budgets = {r.setting("budget_per_step") for m in data for r in runs[m]}
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_w, ax_n = fig.subplots(1, 2, width_ratios=[3, 2])
     top = max(max(w) for w, _ in data.values())

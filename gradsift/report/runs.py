@@ -67,6 +67,13 @@ class Run:
                                             else isinstance(m.get("target_loss"), int | float))]
         return [p[0] for p in points], [p[1] for p in points]
 
+    def setting(self, key: str) -> Any:
+        """A config value, from the ``engine`` section or (older runs) the top level."""
+        engine = self.config.get("engine")
+        if isinstance(engine, dict) and key in engine:
+            return engine[key]
+        return self.config.get(key)
+
     @property
     def final_target_loss(self) -> float | None:
         """``summary.json``'s final target loss (NaN stays NaN: a diverged run is not hidden);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -145,3 +146,112 @@ def test_trainer_takes_its_options_from_gradsift_config(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(len(r["selected_ids"]) == 3 for r in records)
     assert trainer.selector.name == "cosine"
+
+
+def test_a_trainer_run_renders_in_gradsift_report(tmp_path):
+    """One log schema: the Trainer's output folder is a run folder ``gradsift report`` reads."""
+    from gradsift.cli import main
+    from gradsift.report.runs import load_run
+
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6,
+                             max_steps=3, learning_rate=1e-2, report_to=[], use_cpu=True,
+                             save_strategy="no", seed=0)
+    GradSiftTrainer(model=model, args=args, train_dataset=rows(24, 0, "train"),
+                    data_collator=GradSiftCollator(pad_token_id=0),
+                    target_dataset=rows(8, 1, "target"), budget_per_step=2).train()
+    run = load_run(tmp_path)
+    assert run.method == "ftw" and run.setting("budget_per_step") == 2
+    assert [r["step"] for r in run.selections] == [1, 2, 3]
+    steps, losses = run.eval_curve()
+    assert steps == [0.0, 3.0] and all(math.isfinite(v) for v in losses)
+    assert run.summary["trained_samples"] == sum(len(r["selected_ids"]) for r in run.selections)
+    assert main(["--quiet", "report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_trainer_and_engine_write_identical_selection_records(tmp_path):
+    """The same model, candidate batches, target set and seed through OnlineTrainer and
+    GradSiftTrainer: the same selections, weights, scores and losses, step by step."""
+    from gradsift.data import Example
+    from gradsift.engine import EngineConfig, OnlineTrainer
+    from gradsift.select import get_selector
+
+    train, target = rows(18, 0, "train"), rows(8, 1, "target")
+
+    class ListStream:
+        def __init__(self, examples):
+            self.examples, self.pos = examples, 0
+
+        def next_batch(self, n):
+            out = self.examples[self.pos : self.pos + n]
+            self.pos += len(out)
+            return out
+
+        def state_dict(self):
+            return {"pos": self.pos}
+
+        def load_state_dict(self, state):
+            self.pos = state["pos"]
+
+    def lora():
+        return get_peft_model(tiny_llama(tie=False), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+    as_examples = [Example(r["id"], r["source"], r["input_ids"], r["labels"]) for r in train]
+    model = lora()
+    engine = OnlineTrainer(
+        model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                 weight_decay=0.0),
+        get_selector("ftw"), ListStream(as_examples),
+        [Example(r["id"], r["source"], r["input_ids"], r["labels"]) for r in target],
+        EngineConfig(candidates_per_step=6, budget_per_step=2, target_batch_size=4,
+                     eval_size=0, eval_every=0, checkpoint_every=0, max_grad_norm=1.0),
+        tmp_path / "engine", seed=0)
+    for _ in range(3):
+        engine.step()
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=6,
+                             max_steps=3, learning_rate=1e-2, weight_decay=0.0, report_to=[],
+                             use_cpu=True, save_strategy="no", seed=0, max_grad_norm=1.0,
+                             lr_scheduler_type="constant", warmup_steps=0)
+
+    class InOrder(GradSiftTrainer):
+        def _get_train_sampler(self, *a, **k):  # the stream's order, as the engine reads it
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    InOrder(model=lora(), args=args, train_dataset=train,
+            data_collator=GradSiftCollator(pad_token_id=0), target_dataset=target,
+            selector="ftw", budget_per_step=2, target_batch_size=4).train()
+
+    def records(path):
+        keep = ("step", "candidate_ids", "selected_ids", "weights", "scores", "losses", "rho")
+        return [{k: r[k] for k in keep} for r in map(json.loads, path.read_text().splitlines())]
+
+    a = records(tmp_path / "engine" / "selections.jsonl")
+    b = records(tmp_path / "trainer" / "selections.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["candidate_ids"] == rb["candidate_ids"]
+        assert ra["selected_ids"] == rb["selected_ids"]
+        assert ra["weights"] == pytest.approx(rb["weights"], abs=1e-5)
+        assert ra["losses"] == pytest.approx(rb["losses"], abs=1e-5)
+        assert ra["scores"] == pytest.approx(rb["scores"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("entry", ["yaml", "engine", "trainer"])
+def test_a_config_error_names_the_key_at_every_entry_point(tmp_path, entry):
+    from gradsift.config import ConfigError, load_config
+    from gradsift.engine import EngineConfig
+    from gradsift.integrations.transformers import GradSiftConfig
+
+    with pytest.raises(ValueError, match="target_refresh") as err:
+        if entry == "yaml":
+            load_config(None, ["engine.target_refresh=0"])
+        elif entry == "engine":
+            EngineConfig(target_refresh=0)
+        else:
+            GradSiftConfig(output_dir=str(tmp_path), use_cpu=True, target_refresh=0)
+    assert "must be an integer >= 1, got 0" in str(err.value)
+    if entry == "yaml":
+        assert isinstance(err.value, ConfigError) and "'engine.target_refresh'" in str(err.value)

@@ -87,3 +87,21 @@ def reference_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """(B,) per-sample losses from the model's full logits (no gradsift capture involved)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return per_sample_loss(logits, batch["labels"])
+
+
+class ListStream:
+    """An in-memory stream with the engine's interface (position = records consumed)."""
+
+    def __init__(self, examples: list) -> None:
+        self.examples, self.pos = examples, 0
+
+    def next_batch(self, n: int) -> list:
+        out = self.examples[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]

@@ -7,29 +7,13 @@ import math
 
 import pytest
 import torch
-from reference import tiny_llama
+from reference import ListStream, tiny_llama
 from runfiles import read_jsonl
 from test_engine import make_examples
 
 from gradsift.engine import EngineConfig, OnlineTrainer, TrainingDiverged
 from gradsift.jsonio import dumps_line, json_safe, write_json
 from gradsift.select import get_selector
-
-
-class ListStream:
-    def __init__(self, examples):
-        self.examples, self.pos = examples, 0
-
-    def next_batch(self, n):
-        out = self.examples[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
 
 
 def _trainer(tmp_path, method: str = "random", **config) -> OnlineTrainer:

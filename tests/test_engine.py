@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import tiny_llama
+from reference import ListStream, tiny_llama
 
 from gradsift.capture import capture
 from gradsift.config import load_config
@@ -82,23 +82,6 @@ def _trainer(tmp_path: Path, method_opts: dict | None = None, micro: int | None 
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                              lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-
-    class ListStream:
-        """An in-memory stream with the engine's interface (position = records consumed)."""
-
-        def __init__(self, examples):
-            self.examples, self.pos = examples, 0
-
-        def next_batch(self, n):
-            out = self.examples[self.pos : self.pos + n]
-            self.pos += len(out)
-            return out
-
-        def state_dict(self):
-            return {"pos": self.pos}
-
-        def load_state_dict(self, state):
-            self.pos = state["pos"]
 
     config = EngineConfig(candidates_per_step=6, budget_per_step=2, micro_batch_size=micro,
                           target_batch_size=3, eval_size=2, eval_every=1, checkpoint_every=0,

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from gradsift.runlog import RunLogError, read_records
+
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "selections.jsonl", "summary.json")
@@ -104,19 +106,11 @@ def _finite(value: Any) -> bool:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RunDirError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or "step" not in record:
-                raise RunDirError(f"{path}:{lineno}: expected a JSON object with a 'step' key")
-            records.append(record)
-    return sorted(records, key=lambda r: r["step"])
+    """A log's records by step (``gradsift.runlog``, the schema every writer uses)."""
+    try:
+        return read_records(path)
+    except RunLogError as err:
+        raise RunDirError(str(err)) from err
 
 
 def _check_selection(path: Path, rec: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import tiny_llama
+from reference import ListStream, tiny_llama
 from transformers import TrainerCallback, TrainingArguments
 
 from gradsift.integrations.transformers import GradSiftCollator, GradSiftTrainer
@@ -179,21 +179,6 @@ def test_trainer_and_engine_write_identical_selection_records(tmp_path):
     from gradsift.select import get_selector
 
     train, target = rows(18, 0, "train"), rows(8, 1, "target")
-
-    class ListStream:
-        def __init__(self, examples):
-            self.examples, self.pos = examples, 0
-
-        def next_batch(self, n):
-            out = self.examples[self.pos : self.pos + n]
-            self.pos += len(out)
-            return out
-
-        def state_dict(self):
-            return {"pos": self.pos}
-
-        def load_state_dict(self, state):
-            self.pos = state["pos"]
 
     def lora():
         return get_peft_model(tiny_llama(tie=False), LoraConfig(

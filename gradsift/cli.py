@@ -25,7 +25,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Online, optimizer-aware data selection for LLM fine-tuning.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the same flags after the subcommand (`gradsift compare ... --quiet`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or tables")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("run", help="fine-tune on a stream with one selection method")
     _add_config_args(p)
@@ -34,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("compare", help="several methods and seeds under one budget, + report")
     _add_config_args(p)
-    p.add_argument("--methods", default="ftw,random,greats")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--methods", default="ftw,random,greats",
+                   help="comma-separated selection methods, each trained with the same budget "
+                        "(default: ftw,random,greats; all: " + ", ".join(_method_names()) + ")")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated seeds; a seed fixes the LoRA initialisation, the "
+                        "target draws and the selector's randomness, the same for every method "
+                        "(the stream is read in file order) (default: 0)")
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("report", help="rebuild the report of a run or compare directory")
@@ -44,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the make-demo job: build data, compare ftw/random/greats")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("config", help="the shipped example configs: list, copy, validate")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("ls", help="list the shipped configs")
+    c = config_sub.add_parser("cp", help="copy a shipped config to a file to edit")
+    c.add_argument("name", help="a name from `gradsift config ls`")
+    c.add_argument("dest", type=Path)
+    c = config_sub.add_parser("validate", help="check a config file (keys, types, ranges, "
+                              "method options, data files)")
+    c.add_argument("file", type=Path)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -133,6 +161,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         run_demo(args.out, overrides=args.overrides, quiet=args.quiet)
         return 0
+    if args.command == "config":
+        return _config_command(args)
     if args.command == "data":
         from gradsift.sources import build_stream
 
@@ -144,6 +174,53 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    """``gradsift config ls | cp NAME DEST | validate FILE`` (as ``tune ls/cp/validate``)."""
+    if args.config_command == "ls":
+        for path in sorted(CONFIGS.glob("*.yaml")):
+            first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+            print(f"{path.name:<12} {first}")
+        return 0
+    if args.config_command == "cp":
+        name = args.name if args.name.endswith(".yaml") else f"{args.name}.yaml"
+        source = CONFIGS / name
+        if not source.is_file():
+            raise ConfigError(f"no shipped config {args.name!r}; `gradsift config ls` lists them")
+        if args.dest.exists():
+            raise FileExistsError(f"{args.dest} exists: gradsift does not write over files")
+        args.dest.parent.mkdir(parents=True, exist_ok=True)
+        args.dest.write_bytes(source.read_bytes())
+        print(f"wrote {args.dest}; edit `stream` and `target`, then "
+              f"`gradsift config validate {args.dest}`")
+        return 0
+    from gradsift.select import get_selector
+
+    config = load_config(args.file, args.overrides)
+    from gradsift.recipe import method_options
+
+    get_selector(config.method, **method_options(config))  # names a bad method or option
+    missing = [f"{key}: {value}" for key, value in (("stream", config.stream),
+                                                   ("target", config.target))
+               if not value or not Path(value).is_file()]
+    if missing:
+        raise ConfigError(f"{args.file}: data file(s) not found: {'; '.join(missing)}")
+    e = config.engine
+    print(f"ok: {args.file}: model {config.model}, "
+          f"{'LoRA r=' + str(config.lora.r) if config.lora else 'full fine-tuning'}, method "
+          f"{config.method}, B={e.candidates_per_step}, k={e.budget_per_step}, "
+          f"{config.steps} steps")
+    return 0
+
+
+def _method_names() -> list[str]:
+    from gradsift.select import available_selectors
+
+    return available_selectors()
 
 
 def _split(text: str) -> list[str]:

@@ -195,3 +195,33 @@ def test_ctrl_c_stops_after_a_whole_step_with_a_checkpoint(tmp_path, data_dir):
     assert (out / "checkpoints" / "latest").read_text() == f"step_{done:06d}"
     assert main(["--quiet", "run", "--resume", str(out)]) == 0
     assert [r["step"] for r in read_jsonl(log)] == list(range(1, 13))
+
+
+def test_shipped_configs_list_copy_and_validate(tmp_path, data_dir, capsys):
+    assert main(["config", "ls"]) == 0
+    listed = capsys.readouterr().out
+    assert {"lora.yaml", "full.yaml", "demo.yaml"} <= {line.split()[0]
+                                                      for line in listed.splitlines()}
+    for name in ("lora", "full"):
+        dest = tmp_path / f"{name}.yaml"
+        assert main(["config", "cp", name, str(dest)]) == 0
+        # as shipped, the data files do not exist next to the copy: named, exit 2
+        assert main(["config", "validate", str(dest)]) == 2
+        assert "data file(s) not found" in capsys.readouterr().err
+        assert main(["config", "validate", str(dest), "--set",
+                     f"stream={data_dir / 'stream.jsonl'}", "--set",
+                     f"target={data_dir / 'target.jsonl'}"]) == 0
+        assert capsys.readouterr().out.startswith(f"ok: {dest}")
+        config = load_config(dest)
+        assert (config.lora is None) == (name == "full")
+    assert main(["config", "cp", "lora", str(tmp_path / "lora.yaml")]) == 2  # never overwrites
+    assert main(["config", "cp", "nope", str(tmp_path / "x.yaml")]) == 2
+    bad = write_config(tmp_path / "bad.yaml", data_dir, method_options={"min_cosine": 7})
+    assert main(["config", "validate", str(bad)]) == 2
+    assert "min_cosine" in capsys.readouterr().err
+
+
+def test_flags_after_the_subcommand(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path / "cfg.yaml", data_dir, steps=1)
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""

@@ -179,6 +179,8 @@ def _routes_chosen(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[
     grads = per_sample_grads(model, batch, route="auto")
     chosen: dict[str, set[str]] = {}
     for layer in grads.layers:
+        if getattr(layer, "kind", "linear") != "linear":
+            continue  # embeddings and norms have one way each; routes are for linear layers
         b, t = layer.inputs.shape[:2]
         kind = re.sub(r"^(model\.)?layers\.\d+\.", "", layer.module_name)
         route = choose_route(b, t, b, t, layer.d_in_aug, layer.d_out)

@@ -5,6 +5,14 @@ Framework-free, plain PyTorch. Every step ``B`` candidates arrive from the strea
 weights and puts ``Σ_i w_i g_i`` into ``.grad`` (from the factors: no second forward); this
 loop clips, steps the optimizer and the scheduler, counts, evaluates the held-out target loss,
 logs through ``gradsift.runlog`` and checkpoints through ``state_dict()``.
+
+Under ``torchrun``/``accelerate launch`` (DDP, one process group initialized before the
+trainer is built) every rank runs this same loop: each reads the same global batch of ``B``
+from its own copy of the stream (so the stream position is one number, identical everywhere,
+and a rank-0 checkpoint resumes every rank), captures only its contiguous slice
+(``gradsift.distributed.rank_slice``) and takes part in one global selection
+(``SelectionStep.run``). Every rank steps its optimizer on the same all-reduced gradient, so
+the replicas stay identical; rank 0 alone writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import nn
 from gradsift.capture import forward_losses
 from gradsift.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gradsift.data import Example
+from gradsift.distributed import DistributedConfig, is_main_process, rank_slice
 from gradsift.loss import trained_token_counts
 from gradsift.runlog import LOGS, METRICS, SELECTIONS, RunLog, selection_record
 from gradsift.select import Selector
@@ -123,6 +132,8 @@ class OnlineTrainer:
         pad_token_id: padding id for collation.
         seed: seeds the target draws and the selector's generator.
         total_steps: the run's last step, always evaluated (None: unknown).
+        distributed: how ranks share one selection under a launcher (``exchange``,
+            ``scope``, ``sketch_dim``; default exact, global). Ignored in one process.
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class OnlineTrainer:
         pad_token_id: int = 0,
         seed: int = 0,
         total_steps: int | None = None,
+        distributed: DistributedConfig | None = None,
     ):
         if len(target) == 0:
             raise ValueError("the target set is empty: nothing to select towards")
@@ -150,9 +162,11 @@ class OnlineTrainer:
                 "target set has %d examples, not more than eval_size=%d: target batches are "
                 "drawn from the held-out examples too", len(target), config.eval_size)
         self.selection = SelectionStep(model, selector, target_pool, config,
-                                       pad_token_id=pad_token_id, seed=seed)
+                                       pad_token_id=pad_token_id, seed=seed,
+                                       distributed=distributed)
+        self.model = self.selection.model  # the module inside a DDP wrapper
         self.run_dir = Path(run_dir)
-        self.runlog = RunLog(self.run_dir)
+        self.runlog = RunLog(self.run_dir, enabled=is_main_process())
         self.state = TrainerState()
         self.last_metrics: dict[str, Any] = {}
         self.last_skip_reason: str | None = None  # why the last step made no update
@@ -177,8 +191,11 @@ class OnlineTrainer:
         examples = self.stream.next_batch(cfg.candidates_per_step)
         if not examples:
             return None
-        # capture → g_V → select → Σ w_i g_i in .grad: the shared step
-        result = self.selection.run(self.selection.batches(examples), self.optimizer)
+        # every rank read the same global batch; it captures only its own slice of it
+        mine = examples[rank_slice(len(examples))]
+        # capture → g_V → select → Σ w_i g_i in .grad: the shared step (one global selection)
+        result = self.selection.run(self.selection.batches(mine) if mine else [],
+                                    self.optimizer)
         indices = result.selection.indices
 
         t0 = time.perf_counter()
@@ -367,6 +384,9 @@ class OnlineTrainer:
             logger.warning("step %d: parameters are not finite; no checkpoint written",
                            self.state.step)
             return None
+        if not is_main_process():  # the replicas are identical: rank 0 writes for all
+            self._checkpoint_step = self.state.step
+            return None
         offsets = {}
         for name in LOGS:
             path = self.run_dir / name
@@ -389,6 +409,10 @@ class OnlineTrainer:
         """
         folder, state = load_checkpoint(self.run_dir / "checkpoints", checkpoint,
                                         restore=self.load_state_dict)
+        if not is_main_process():  # every rank restores; rank 0 alone owns the logs
+            self._start = time.perf_counter()
+            self._checkpoint_step = self.state.step
+            return self.state.step
         sizes = {name: (self.run_dir / name).stat().st_size if (self.run_dir / name).exists()
                  else 0 for name in self.state.log_offsets}
         short = [f"{name} has {sizes[name]} bytes, {size} when {folder.name} was written"

@@ -13,10 +13,17 @@
 Stepping the optimizer, clipping and logging stay with the caller: ``OnlineTrainer`` (a plain
 loop) and ``GradSiftTrainer`` (inside ``transformers.Trainer``) both call this step and
 nothing else of capture, target or selection.
+
+Under a launcher (an initialized process group of N > 1 ranks) the same step runs on every
+rank over that rank's slice of the candidates, and the ranks share one selection
+(``gradsift.distributed``): ``g_V`` and the weighted gradient are all-reduced, the candidates'
+gradients exchanged (``exact`` or ``sketch``), and every rank selects the same indices and
+weights over the global batch. Without one, nothing changes.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradsift import distributed as ddp
 from gradsift.capture import Capture, capture, resolve_modules
 from gradsift.data import Example, collate
+from gradsift.distributed import DistributedConfig, Exchange
 from gradsift.factors import FactorizedGrads
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import Selection, SelectionContext, Selector
@@ -73,17 +82,25 @@ def check_positive(name: str, value: object) -> None:
 class StepResult:
     """What one selection step did.
 
+    Under a launcher every field is global: ``candidates`` are the B gathered candidates
+    (``scope: local``: their losses only) and ``indices`` count in the global batch, ranks in
+    order.
+
     Attributes:
         candidates: the candidates' factorized gradients (``candidates.losses``: (B,) losses).
         selection: the selector's indices, weights, scores and diagnostics.
         weights: (B,) float32 weight of every candidate (0 outside the selection).
         timing: seconds spent in ``capture``, ``target``, ``selection`` and ``update``.
+        local: this rank's slice of the global batch (``slice(0, B)`` in one process).
+        exchanged_bytes: bytes this rank sent in the step's collectives (0 in one process).
     """
 
     candidates: FactorizedGrads
     selection: Selection
     weights: torch.Tensor
     timing: dict[str, float]
+    local: slice | None = None
+    exchanged_bytes: int = 0
 
     @property
     def train_loss(self) -> float:
@@ -101,7 +118,9 @@ class SelectionStep:
         config: ``SelectionConfig`` (budget, target batch size and refresh, micro-batch size,
             captured modules).
         pad_token_id: padding id for collating target batches.
-        seed: seeds the target draws (``seed``) and the selector's generator (``seed + 1``).
+        seed: seeds the target draws (``seed``) and the selector's generator (``seed + 1``);
+            the same on every rank.
+        distributed: how ranks share the selection under a launcher (default: exact, global).
     """
 
     def __init__(
@@ -113,9 +132,16 @@ class SelectionStep:
         *,
         pad_token_id: int = 0,
         seed: int = 0,
+        distributed: DistributedConfig | None = None,
     ):
         if len(target_examples) == 0 and selector.needs_target:
             raise ValueError("the target set is empty: nothing to select towards")
+        model = ddp.unwrap(model)  # capture on the module: DDP's hooks never fire
+        ddp.check_supported(model)
+        self.distributed = distributed or DistributedConfig()
+        if ddp.is_distributed() and self.distributed.exchange == "sketch" and (
+                self.distributed.scope == "global"):
+            ddp.check_sketch_selector(selector)
         self.model, self.selector, self.config = model, selector, config
         self.target_examples = list(target_examples)
         self.pad_token_id = pad_token_id
@@ -127,6 +153,12 @@ class SelectionStep:
         self.target_grad: dict[str, torch.Tensor] | None = None
         self.target_samples: FactorizedGrads | None = None  # per-example factors behind g_V
         self.target_batch: list[Example] = []  # the target examples behind g_V
+        self._target_local: FactorizedGrads | None = None  # this rank's share of them
+        # captured parameters in capture order: the layout ranks exchange
+        self.captured_shapes = {n: self.params[n].shape for n in dict.fromkeys(
+            f"{m}.{a}" for m in self.module_names for a in ("weight", "bias"))
+            if n in self.params}
+        self.exchange = Exchange(self.distributed, self.captured_shapes, seed=seed + 2)
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +179,13 @@ class SelectionStep:
             optimizer: the optimizer whose state gives ``P`` (it is not stepped here).
             grad_scale: multiplies the weighted gradient (e.g. 1/accumulation steps).
             accumulate: add to existing ``.grad`` instead of replacing it.
+
+        Under a launcher ``batches`` are this rank's slice (possibly none) of the global
+        batch, and the result is global (``run_distributed``).
         """
+        if ddp.is_distributed():
+            return self.run_distributed(batches, optimizer, grad_scale=grad_scale,
+                                        accumulate=accumulate)
         self.model.train()
         timing: dict[str, float] = {}
 
@@ -194,12 +232,164 @@ class SelectionStep:
         n = min(self.config.target_batch_size, len(self.target_examples))
         picks = torch.randperm(len(self.target_examples), generator=self.target_generator)[:n]
         self.target_batch = [self.target_examples[i] for i in picks.tolist()]
+        if ddp.is_distributed():
+            return self._distributed_target_gradient()
         samples = FactorizedGrads.concat([
             capture(self.model, b, modules=self.module_names).grads
             for b in self.batches(self.target_batch)])
         # the per-example factors stay only for selectors that read them (noise of b)
         self.target_samples = samples if self.selector.needs_target_samples else None
         return samples.weighted_sum(torch.full((len(samples),), 1.0 / len(samples)))
+
+    # ------------------------------------------------------------ under a launcher
+    def _distributed_target_gradient(self) -> dict[str, torch.Tensor]:
+        """``g_V = Σ_r Σ_{t∈T_r} g_t / |T|``: every rank drew the same batch ``T`` (same
+        generator) and captures its slice ``T_r``; one all-reduce sums the shares."""
+        n = len(self.target_batch)
+        mine = self.target_batch[ddp.rank_slice(n)]
+        samples = FactorizedGrads.concat([
+            capture(self.model, b, modules=self.module_names).grads
+            for b in self.batches(mine)]) if mine else None
+        grad = {name: torch.zeros(shape, device=self.device)
+                for name, shape in self.captured_shapes.items()}
+        if samples is not None:
+            for name, g in samples.weighted_sum(torch.full((len(samples),), 1.0 / n)).items():
+                grad[name] += g
+        ddp.all_reduce_sum_(list(grad.values()))
+        self._target_local = samples  # gathered by the step when the selector reads them
+        self.target_samples = None
+        return grad
+
+    def run_distributed(self, batches: Sequence[dict[str, Any]],
+                        optimizer: torch.optim.Optimizer, *, grad_scale: float = 1.0,
+                        accumulate: bool = False) -> StepResult:
+        """``run`` on one rank of N: ``batches`` hold this rank's slice of the global batch
+        (ranks in order); indices, weights and losses of the result are global.
+
+        Collectives, in order: the target all-reduce (on refresh), the exchange all-gather
+        (``scope: global``) or a losses/selection all-gather (``local``), rank 0's selection
+        broadcast, and ONE all-reduce(SUM) of the weighted gradients.
+        """
+        self.model.train()
+        timing: dict[str, float] = {}
+        cfg = self.distributed
+        sent = 0
+
+        # 1. this rank's candidates: one forward+backward, factors kept.
+        t0 = time.perf_counter()
+        captures = [capture(self.model, b, modules=self.module_names,
+                            retain_graph=bool(self.other_params)) for b in batches]
+        local = FactorizedGrads.concat([c.grads for c in captures]) if captures else None
+        n_local = 0 if local is None else len(local)
+        timing["capture"] = time.perf_counter() - t0
+
+        # 2. g_V: every rank's share, all-reduced.
+        t0 = time.perf_counter()
+        needs_target = self.selector.needs_target
+        if needs_target and (self.target_grad is None or
+                             self.calls % self.config.target_refresh == 0):
+            self.target_grad = self._target_gradient()
+            sent += 4 * sum(math.prod(s) for s in self.captured_shapes.values())
+        timing["target"] = time.perf_counter() - t0
+
+        # 3. the exchange, then the same selection on every rank.
+        t0 = time.perf_counter()
+        names = list(self.captured_shapes)
+        state = read_optimizer_state(optimizer, self.model, names)
+        k = self.config.budget_per_step
+        if cfg.scope == "global":
+            target = self.target_grad if needs_target else None
+            if cfg.exchange == "exact":
+                everyone = self.exchange.gather_exact(local, self.device)
+                if needs_target and self.selector.needs_target_samples and (
+                        self.target_samples is None):  # gathered once per target refresh
+                    self.target_samples = self.exchange.gather_exact(self._target_local,
+                                                                     self.device)
+            else:
+                if local is None:
+                    raise ValueError("exchange: sketch needs candidates on every rank; "
+                                     "make candidates_per_step a multiple of the ranks")
+                everyone = self.exchange.gather_sketch(local, state)
+                self.target_samples = None  # the noise of b is not sketched (shrink: uniform)
+                target, state = self.exchange.geometry(local, target, state)
+            sent += self.exchange.sent_bytes
+            selection = self.selector.select(SelectionContext(
+                candidates=everyone, target_grad=target, optimizer_state=state, k=k,
+                generator=self.selector_generator,
+                target_samples=self.target_samples if needs_target else None))
+            losses = everyone.losses
+            # identical inputs give identical choices; broadcasting rank 0's makes it certain
+            chosen = ddp.broadcast_object((selection.indices, selection.weights))
+            selection.indices, selection.weights = chosen
+        else:
+            everyone, selection, losses = self._select_locally(local, state, k)
+        self.calls += 1
+        timing["selection"] = time.perf_counter() - t0
+
+        # 4. this rank's share Σ_{i local} w_i g_i, then ONE all-reduce(SUM) of every gradient.
+        t0 = time.perf_counter()
+        weights = torch.zeros(len(losses))
+        weights[selection.indices] = selection.weights.float().cpu()
+        offsets = ddp.gather_objects(n_local)
+        start = sum(offsets[: ddp.rank()])
+        mine = slice(start, start + n_local)
+        if len(selection.indices) > 0:
+            saved = {n: p.grad for n, p in self.params.items()} if accumulate else {}
+            for p in self.params.values():
+                p.grad = None
+            w_local = weights[mine] * grad_scale
+            if local is not None and bool((w_local != 0).any()):
+                set_weighted_gradients(captures, local, w_local, self.params, self.other_params)
+            grads = []
+            for p in self.params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            ddp.all_reduce_sum_(grads)
+            sent += 4 * sum(g.numel() for g in grads)
+            for n, p in self.params.items():
+                if saved.get(n) is not None:
+                    p.grad = saved[n] + p.grad
+        del captures
+        timing["update"] = time.perf_counter() - t0
+        return StepResult(everyone, selection, weights, timing, local=mine,
+                          exchanged_bytes=sent)
+
+    def _select_locally(self, local: FactorizedGrads | None, state: Any,
+                        k: int) -> tuple[FactorizedGrads, Selection, torch.Tensor]:
+        """``scope: local``: ``k_r`` (``k`` split over ranks) of this rank's own candidates;
+        the selections are gathered (every rank's weights times 1/#ranks that selected)."""
+        k_r = len(range(ddp.rank(), k, ddp.world_size()))
+        needs_target = self.selector.needs_target
+        if local is not None and k_r > 0:
+            if needs_target and self.selector.needs_target_samples:
+                self.target_samples = self._target_local
+            sel = self.selector.select(SelectionContext(
+                candidates=local, target_grad=self.target_grad if needs_target else None,
+                optimizer_state=state, k=k_r, generator=self.selector_generator,
+                target_samples=self.target_samples if needs_target else None))
+            part = (sel.indices, sel.weights, sel.scores, local.losses.detach().float().cpu(),
+                    sel.diagnostics)
+        else:
+            n = 0 if local is None else len(local)
+            losses = torch.zeros(0) if local is None else local.losses.detach().float().cpu()
+            part = (torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(n), losses,
+                    {"rho": None})
+        parts = ddp.gather_objects(part)
+        active = sum(1 for p in parts if len(p[0]) > 0)
+        indices, weights, offset = [], [], 0
+        for idx, w, _, losses, _ in parts:
+            indices.append(idx + offset)
+            weights.append(w / max(active, 1))
+            offset += len(losses)
+        rhos = [p[4].get("rho") for p in parts if p[4].get("rho") is not None]
+        diagnostics = {**parts[0][4], "scope": "local",
+                       "rho": sum(rhos) / len(rhos) if rhos else None,
+                       "rho_per_rank": [p[4].get("rho") for p in parts]}
+        selection = Selection(torch.cat(indices), torch.cat(weights),
+                              torch.cat([p[2] for p in parts]), diagnostics)
+        losses = torch.cat([p[3] for p in parts])
+        return FactorizedGrads([], losses), selection, losses
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,96 @@
+"""One rank of a test run (started by ``launch.py`` with the launcher's environment variables,
+or alone for the single-process reference). Writes ``rank<r>.pt`` with what the tests compare.
+
+    python ddp_worker.py SCENARIO OUT_DIR [key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: reference helpers
+
+torch.set_num_threads(1)
+
+
+def make_examples(n: int, seed: int = 0, vocab: int = 64):
+    from gradsift.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(5, 12, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        prompt = 1 + i % 3
+        out.append(Example(id=f"ex{seed}-{i}", source=f"s{i % 2}", input_ids=ids,
+                           labels=[-100] * prompt + ids[prompt:]))
+    return out
+
+
+def build_model(kind: str):
+    from peft import LoraConfig, get_peft_model
+    from reference import tiny_llama
+
+    model = tiny_llama(tie=False)
+    if kind == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+    return model
+
+
+def online(out: Path, opts: dict[str, str]) -> None:
+    """OnlineTrainer for ``steps`` steps; every rank records what it captured."""
+    from reference import ListStream
+
+    from gradsift import distributed as ddp
+    from gradsift.distributed import DistributedConfig
+    from gradsift.engine import EngineConfig, OnlineTrainer
+    from gradsift.select import get_selector
+
+    distributed = ddp.init_from_env()
+    steps = int(opts.get("steps", 3))
+    model = build_model(opts.get("model", "lora"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    config = EngineConfig(candidates_per_step=int(opts.get("B", 8)),
+                          budget_per_step=int(opts.get("k", 3)), target_batch_size=5,
+                          eval_size=2, eval_every=0, checkpoint_every=int(opts.get("ckpt", 0)),
+                          max_grad_norm=1.0)
+    dcfg = DistributedConfig(exchange=opts.get("exchange", "exact"),
+                             scope=opts.get("scope", "global"),
+                             sketch_dim=int(opts.get("sketch_dim", 256)))
+    model = model if not distributed else torch.nn.parallel.DistributedDataParallel(model)
+    trainer = OnlineTrainer(model, optimizer, get_selector(opts.get("method", "ftw")),
+                            ListStream(make_examples(60, seed=1)), make_examples(12, seed=2),
+                            config, out / "run", seed=0, distributed=dcfg)
+    if opts.get("resume") == "1":
+        trainer.resume()
+    captured: list[list[str]] = []
+    run = trainer.selection.run
+
+    def recording_run(batches, *args, **kwargs):
+        captured.append([i for b in batches for i in b["ids"]])
+        return run(batches, *args, **kwargs)
+
+    trainer.selection.run = recording_run
+    die_at = int(opts.get("die_at", 0))
+    records = []
+    while trainer.state.step < steps:
+        if die_at and trainer.state.step == die_at and ddp.rank() == int(opts.get("die_rank", 1)):
+            os._exit(3)  # a rank dies mid-run
+        records.append(trainer.step())
+    torch.save({"records": records, "captured": captured,
+                "params": {n: p.detach().clone() for n, p in trainer.params.items()}},
+               out / f"rank{ddp.rank()}.pt")
+    if distributed:
+        torch.distributed.destroy_process_group()
+
+
+SCENARIOS = {"online": online}
+
+if __name__ == "__main__":
+    name, folder, *rest = sys.argv[1:]
+    SCENARIOS[name](Path(folder), dict(r.split("=", 1) for r in rest))

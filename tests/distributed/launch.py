@@ -1,0 +1,64 @@
+"""Start N ranks of ``ddp_worker.py`` the way ``torchrun`` does (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` on a free port), wait with a timeout, and leave no process
+behind: when one rank fails or the time is up, the others are killed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, world: int, *options: str,
+           timeout: float = 90.0) -> list[int]:
+    """Run ``world`` ranks (one plain process when ``world`` is 0); their exit codes.
+
+    Raises:
+        TimeoutError: the ranks did not finish in ``timeout`` seconds (all were killed).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    env_base = {k: v for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env_base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    try:
+        for r in range(max(world, 1)):
+            env = dict(env_base)
+            if world:
+                env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), scenario, str(out), *options],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # a rank failed: the others would wait forever in a collective
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{scenario}: ranks still running after {timeout} s")
+            time.sleep(0.1)
+        return [p.poll() if p.poll() is not None else -9 for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(out.glob("*.log")))

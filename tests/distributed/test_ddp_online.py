@@ -1,0 +1,71 @@
+"""Two ranks (gloo, CPU) of ``OnlineTrainer`` against one process on the concatenated batch.
+
+Each rank is a real process started like ``torchrun`` does (``launch.py``, a free port); a
+failing rank takes the others down, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from launch import launch, logs
+
+
+def _load(out: Path, rank: int = 0) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "run" / "selections.jsonl").read_text()
+            .splitlines()]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """One process and two ranks, ``exchange: exact``, FTW (shrink weighting), 3 steps."""
+    root = tmp_path_factory.mktemp("ddp")
+    single, double = root / "single", root / "double"
+    assert launch("online", single, 0) == [0], logs(single)
+    assert launch("online", double, 2) == [0, 0], logs(double)
+    return single, double
+
+
+def test_two_ranks_select_and_train_like_one_process(lora_runs):
+    single, double = lora_runs
+    one, r0, r1 = _load(single), _load(double, 0), _load(double, 1)
+    assert len(one["records"]) == len(r0["records"]) == 3
+    for a, b in zip(one["records"], r0["records"], strict=True):
+        assert a["candidate_ids"] == b["candidate_ids"]
+        assert a["selected_ids"] == b["selected_ids"]
+        assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
+        assert sum(b["weights"]) == pytest.approx(1.0, abs=1e-6)
+    for name, p in one["params"].items():
+        assert (p - r0["params"][name]).abs().max() <= 1e-5, name
+        assert torch.equal(r0["params"][name], r1["params"][name]), name  # replicas identical
+    # rank 0 alone wrote the log, naming the global candidates
+    assert [r["selected_ids"] for r in _records(double)] == [
+        r["selected_ids"] for r in one["records"]]
+
+
+def test_ranks_read_disjoint_slices_whose_union_is_the_stream_prefix(lora_runs):
+    _, double = lora_runs
+    r0, r1 = _load(double, 0)["captured"], _load(double, 1)["captured"]
+    seen = [i for a, b in zip(r0, r1, strict=True) for i in a + b]
+    assert len(seen) == len(set(seen)) == 24  # 3 steps of B = 8, no duplicates
+    assert seen == [f"ex1-{i}" for i in range(24)]  # the stream's prefix, in order
+    assert all(len(a) == len(b) == 4 for a, b in zip(r0, r1, strict=True))
+
+
+def test_a_killed_rank_leaves_nothing_behind_and_the_run_resumes(tmp_path, lora_runs):
+    single, _ = lora_runs
+    out = tmp_path / "killed"
+    codes = launch("online", out, 2, "ckpt=1", "die_at=2", "die_rank=1")
+    assert codes[1] == 3 and codes[0] != 0, logs(out)  # rank 0 was stopped, not left waiting
+    assert launch("online", out, 2, "ckpt=1", "resume=1") == [0, 0], logs(out)
+    steps = [r["step"] for r in _records(out)]
+    assert steps == [1, 2, 3]  # no gap, no duplicate
+    assert [r["selected_ids"] for r in _records(out)] == [
+        r["selected_ids"] for r in _load(single)["records"]]

@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from gradsift.distributed import DistributedConfig
 from gradsift.engine import EngineConfig
 
 PATH_KEYS = ("stream", "target")
+DATASET_BUILDERS = ("json", "parquet", "csv", "arrow", "text")  # gradsift.hf_datasets
 
 
 class ConfigError(ValueError):
@@ -99,6 +101,9 @@ class RunConfig:
     method: str = "ftw"
     method_options: dict[str, Any] = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # under torchrun / accelerate launch: how ranks share one selection (exchange: exact |
+    # sketch, scope: global | local, sketch_dim); ignored in one process
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     steps: int = 20
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -266,7 +271,11 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _absolute(value: Any, base: Path) -> Any:
+    """A data path made absolute; in a ``json:PATH``-style dataset spec, the path part."""
     if isinstance(value, str) and value:
+        builder, sep, rest = value.partition(":")
+        if sep and builder in DATASET_BUILDERS and rest:
+            return f"{builder}:{_absolute(rest, base)}"
         return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
     return value
 

@@ -11,6 +11,7 @@ before anything is loaded or written; a run holds its folder's lock while it wri
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import random
@@ -37,6 +38,7 @@ from gradsift.config import (
 )
 from gradsift.data import DataError, ExampleStream, read_examples
 from gradsift.engine import OnlineTrainer, TrainingDiverged
+from gradsift.hf_datasets import DatasetStream, dataset_examples, is_dataset_spec, split_spec
 from gradsift.jsonio import write_json
 from gradsift.models import SMOLLM2_SPEC, TINY_SPEC, bundled_gguf, load_model_and_tokenizer
 from gradsift.rundir import check_new_run_dir, is_run_dir, locked
@@ -142,12 +144,34 @@ def preflight(config: RunConfig) -> str:
     for key in ("stream", "target"):
         path = getattr(config, key)
         if not path:
-            raise ConfigError(f"config key {key!r} is required: a JSONL or Parquet file")
-        if not Path(path).is_file():
+            raise ConfigError(f"config key {key!r} is required: a JSONL or Parquet file, a "
+                              "saved dataset folder, or a json:/parquet:/csv: dataset spec")
+        if is_dataset_spec(path):
+            builder, files = split_spec(path)
+            if builder is not None and not glob.glob(files):
+                raise ConfigError(f"config key {key!r}: {files}: no such file")
+        elif not Path(path).is_file():
             raise ConfigError(f"config key {key!r}: {path}: no such file")
     get_selector(config.method, **method_options(config))
     check_device(config.device)
     return resolve_model(config.model)
+
+
+def build_data(config: RunConfig, tokenizer: Any) -> tuple[Any, list, dict[str, int]]:
+    """The candidate stream, the target examples and the target's skip counts: files through
+    gradsift's reader, dataset specs and saved-dataset folders through 🤗 datasets."""
+    skip = config.skip_bad_records
+    if is_dataset_spec(config.stream):
+        stream: Any = DatasetStream(config.stream, tokenizer, config.max_length, skip_bad=skip)
+    else:
+        stream = ExampleStream(config.stream, tokenizer, config.max_length, skip_bad=skip)
+    if is_dataset_spec(config.target):
+        target, skips = dataset_examples(config.target, tokenizer, config.max_length,
+                                         skip_bad=skip, name=config.target)
+    else:
+        target, skips = read_examples(config.target, tokenizer, config.max_length,
+                                      skip_bad=skip)
+    return stream, target, skips
 
 
 def build_model(config: RunConfig, model_path: str | None = None) -> tuple[torch.nn.Module, Any]:
@@ -189,14 +213,11 @@ def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None)
     model, tokenizer = build_model(config, model_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    stream = ExampleStream(config.stream, tokenizer, config.max_length,
-                           skip_bad=config.skip_bad_records)
-    target, target_skips = read_examples(config.target, tokenizer, config.max_length,
-                                         skip_bad=config.skip_bad_records)
+    stream, target, target_skips = build_data(config, tokenizer)
     trainer = OnlineTrainer(model, optimizer, selector, stream, target, config.engine, out_dir,
                             scheduler=build_scheduler(config, optimizer),
                             pad_token_id=tokenizer.pad_token_id, seed=config.seed,
-                            total_steps=config.steps)
+                            total_steps=config.steps, distributed=config.distributed)
     return Run(config=config, trainer=trainer, out_dir=out_dir,
                skipped_target_records=target_skips)
 

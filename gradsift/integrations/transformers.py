@@ -20,8 +20,11 @@ generators, the cached target gradient, counters) as ``gradsift_state.safetensor
 selection-log records written after that checkpoint, so a resumed run selects exactly as an
 uninterrupted one.
 
-Limitations: ``.grad`` is written directly, so DDP/FSDP gradient synchronisation is not
-performed here (single-process training only for now); DeepSpeed is not supported.
+Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's batch is its slice of the global
+batch (``N × per_device_train_batch_size`` candidates) and the shared step makes one global
+selection of ``budget_per_step`` over it (``gradsift.distributed``): the weighted gradient is
+all-reduced once inside the step, on the unwrapped model, so DDP's own sync never runs and the
+replicas stay identical. FSDP and DeepSpeed are refused at start (``NotImplementedError``).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from gradsift import distributed as ddp
 from gradsift.capture import forward_losses
 from gradsift.data import Example, collate
+from gradsift.distributed import DistributedConfig
 from gradsift.jsonio import write_json
 from gradsift.loss import trained_token_counts
 from gradsift.runlog import METRICS, SELECTIONS, RunLog, selection_record
@@ -111,6 +116,9 @@ class GradSiftConfig(TrainingArguments):
         "help": "draw a fresh target batch every this many selections"})
     capture_modules: list[str] | None = field(default=None, metadata={
         "help": "module names to capture (default: every trainable module of a known kind)"})
+    distributed: dict | str | None = field(default=None, metadata={
+        "help": "under torchrun/accelerate: a JSON object with exchange (exact | sketch), "
+                "scope (global | local) and sketch_dim"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,8 +129,20 @@ class GradSiftConfig(TrainingArguments):
                 raise ValueError(f"selector_options must be a JSON object: {e}") from e
         if self.selector_options is not None and not isinstance(self.selector_options, dict):
             raise ValueError(f"selector_options must be a mapping, got {self.selector_options!r}")
+        if isinstance(self.distributed, str):
+            try:
+                self.distributed = json.loads(self.distributed)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"distributed must be a JSON object: {e}") from e
+        self.distributed_config()
         self.selection_config()
         get_selector(self.selector, **(self.selector_options or {}))  # names bad options
+
+    def distributed_config(self) -> DistributedConfig:
+        """The ``distributed`` options (validated: a bad key or value raises naming it)."""
+        if self.distributed is not None and not isinstance(self.distributed, dict):
+            raise ValueError(f"distributed must be a mapping, got {self.distributed!r}")
+        return DistributedConfig.from_dict(self.distributed)
 
     def selection_config(self) -> SelectionConfig:
         """The step's options (validated: a bad value raises naming its key)."""
@@ -152,6 +172,8 @@ class GradSiftTrainer(Trainer):
         target_batch_size: target examples per target gradient.
         target_refresh: draw a fresh target batch every this many selections.
         modules: module names to capture (default: every trainable module of a known kind).
+        distributed: under a launcher, ``DistributedConfig`` or its keys (``exchange``,
+            ``scope``, ``sketch_dim``).
     """
 
     def __init__(
@@ -164,9 +186,16 @@ class GradSiftTrainer(Trainer):
         target_batch_size: int | None = None,
         target_refresh: int | None = None,
         modules: list[str] | None = None,
+        distributed: DistributedConfig | dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+            raise NotImplementedError(
+                f"GradSiftTrainer does not support {engine}: the selection needs every "
+                "trainable parameter whole on every rank and writes "
+                ".grad itself. Use DDP (torchrun / accelerate launch without FSDP or DeepSpeed)")
         if len(target_dataset) == 0:
             raise ValueError("target_dataset is empty: nothing to select towards")
         base = self.args if isinstance(self.args, GradSiftConfig) else None
@@ -186,6 +215,10 @@ class GradSiftTrainer(Trainer):
             target_refresh=option(target_refresh, "target_refresh", _DEFAULTS.target_refresh),
             modules=option(modules, "capture_modules", None),
         )
+        if not isinstance(distributed, DistributedConfig):
+            distributed = DistributedConfig.from_dict(
+                distributed if distributed is not None else getattr(base, "distributed", None))
+        self.distributed = distributed
         self.target_examples = [_as_example(r, i) for i, r in enumerate(target_dataset)]
         self.counters = {"trained_samples": 0, "trained_tokens": 0, "wall_seconds": 0.0}
         self._step: SelectionStep | None = None  # built on the unwrapped model, first step
@@ -202,7 +235,7 @@ class GradSiftTrainer(Trainer):
             pad = getattr(self.processing_class, "pad_token_id", None) or 0
             self._step = SelectionStep(model, self.selector, self.target_examples,
                                        self.selection_config, pad_token_id=pad,
-                                       seed=self.args.seed)
+                                       seed=self.args.seed, distributed=self.distributed)
             if self._restored is not None:
                 self._step.load_state_dict(self._restored)
                 self._restored = None
@@ -288,7 +321,8 @@ class GradSiftTrainer(Trainer):
                          type(model).__name__),
             "method": self.selector.name, "seed": self.args.seed,
             "steps": self.args.max_steps, "lr": self.args.learning_rate,
-            "engine": {"candidates_per_step": self.args.per_device_train_batch_size,
+            "engine": {"candidates_per_step": self.args.per_device_train_batch_size *
+                       ddp.world_size(),
                        "budget_per_step": cfg.budget_per_step,
                        "target_batch_size": cfg.target_batch_size,
                        "target_refresh": cfg.target_refresh},
@@ -325,13 +359,17 @@ class GradSiftTrainer(Trainer):
         ids = [str(i) for i in ids] if ids is not None else [f"step{number}:{i}" for i in range(n)]
         sources = inputs.get("sources") or inputs.get("source")
         sources = [str(s) for s in sources] if sources is not None else ["train"] * n
+        tokens = trained_token_counts(batch["labels"]).cpu()
+        if ddp.is_distributed():  # this rank's batch is a slice: name the global candidates
+            parts = ddp.gather_objects((ids, sources, tokens))
+            ids, sources = [i for p in parts for i in p[0]], [s for p in parts for s in p[1]]
+            tokens = torch.cat([p[2] for p in parts])
         scale = 1.0 / self.args.gradient_accumulation_steps
         result = step.run([batch], self.optimizer, grad_scale=scale, accumulate=True)
         self.runlog.append(SELECTIONS, selection_record(number, ids, sources, result))
         chosen = result.selection.indices
         self.counters["trained_samples"] += len(chosen)
-        self.counters["trained_tokens"] += int(trained_token_counts(
-            batch["labels"][chosen.to(batch["labels"].device)]).sum())
+        self.counters["trained_tokens"] += int(tokens[chosen].sum())
         self.counters["wall_seconds"] = round(
             self.counters["wall_seconds"] + time.perf_counter() - self._started, 3)
         self._started = time.perf_counter()

@@ -89,7 +89,53 @@ def online(out: Path, opts: dict[str, str]) -> None:
         torch.distributed.destroy_process_group()
 
 
-SCENARIOS = {"online": online}
+def hf_rows(n: int, seed: int, prefix: str) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 64, (int(torch.randint(5, 10, (1,), generator=g)),),
+                            generator=g).tolist()
+        out.append({"id": f"{prefix}{i}", "source": prefix, "input_ids": ids,
+                    "labels": [-100, -100] + ids[2:]})
+    return out
+
+
+def trainer(out: Path, opts: dict[str, str]) -> None:
+    """GradSiftTrainer for ``steps`` steps, data in order (a sequential sampler), global batch
+    of 8: one process with a batch of 8, or each rank with 8 / WORLD_SIZE."""
+    from torch.utils.data import SequentialSampler
+
+    from gradsift.integrations.transformers import (
+        GradSiftCollator,
+        GradSiftConfig,
+        GradSiftTrainer,
+    )
+
+    class InOrder(GradSiftTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = GradSiftConfig(
+        output_dir=str(out / "run"), per_device_train_batch_size=8 // world,
+        max_steps=int(opts.get("steps", 3)), learning_rate=1e-2, report_to=[], use_cpu=True,
+        save_strategy="no", seed=0, dataloader_num_workers=0, logging_steps=1,
+        lr_scheduler_type="constant", ddp_backend="gloo" if world > 1 else None,
+        budget_per_step=3, target_batch_size=5, selector="ftw",
+        distributed={"exchange": opts.get("exchange", "exact")})
+    model = build_model("lora")
+    t = InOrder(model=model, args=args, train_dataset=hf_rows(40, 0, "train"),
+                data_collator=GradSiftCollator(pad_token_id=0),
+                target_dataset=hf_rows(12, 1, "target"))
+    t.train()
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()
+                           if p.requires_grad}}, out / f"rank{rank}.pt")
+
+
+SCENARIOS = {"online": online, "trainer": trainer}
 
 if __name__ == "__main__":
     name, folder, *rest = sys.argv[1:]

@@ -56,8 +56,9 @@ class DistributedConfig:
             (all-gather a seeded Kronecker projection of ``√P̃ ⊙ g_i``, built from factors).
         scope: ``global`` (one selection of ``k`` over the global ``B``) or ``local`` (each
             rank selects ``k/N`` of its ``B/N``, no exchange).
-        sketch_dim: numbers per linear layer and sample in the sketch (``⌈√sketch_dim⌉`` per
-            side of the Kronecker projection, at most the layer's own side).
+        sketch_dim: numbers per linear layer and sample in the sketch, ``k_o k_i ≤ sketch_dim``
+            (``√sketch_dim`` a side; a side narrower than that, LoRA's rank, is kept whole and
+            the other gets the rest of the budget).
     """
 
     exchange: str = "exact"
@@ -283,8 +284,13 @@ class Exchange:
         return self._proj[key, k, d].to(device)
 
     def _sides(self, layer: LayerFactors) -> tuple[int, int]:
-        side = math.isqrt(self.config.sketch_dim - 1) + 1  # ⌈√sketch_dim⌉
-        return min(side, layer.d_out), min(side, layer.d_in_aug)
+        """``(k_o, k_i)``, ``k_o k_i ≤ sketch_dim``: ``√sketch_dim`` a side, the budget a
+        narrow side (LoRA's rank) leaves going to the other."""
+        dim = self.config.sketch_dim
+        k_o = min(layer.d_out, math.isqrt(dim))
+        k_i = min(layer.d_in_aug, dim // k_o)
+        k_o = min(layer.d_out, dim // k_i)
+        return k_o, k_i
 
     def _rank1(self, layer: LayerFactors, state: OptimizerState) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:

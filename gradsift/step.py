@@ -352,6 +352,9 @@ class SelectionStep:
                     p.grad = saved[n] + p.grad
         del captures
         timing["update"] = time.perf_counter() - t0
+        selection.diagnostics["distributed"] = {
+            "ranks": ddp.world_size(), "exchange": cfg.exchange, "scope": cfg.scope,
+            "bytes_sent": sent}  # this rank's bytes in the step's collectives
         return StepResult(everyone, selection, weights, timing, local=mine,
                           exchanged_bytes=sent)
 

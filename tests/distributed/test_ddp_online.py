@@ -69,3 +69,21 @@ def test_a_killed_rank_leaves_nothing_behind_and_the_run_resumes(tmp_path, lora_
     assert steps == [1, 2, 3]  # no gap, no duplicate
     assert [r["selected_ids"] for r in _records(out)] == [
         r["selected_ids"] for r in _load(single)["records"]]
+
+
+@pytest.mark.parametrize("mode", ["exchange=sketch", "scope=local"])
+def test_sketch_and_local_scope_keep_the_replicas_identical(tmp_path, mode):
+    out = tmp_path / "run"
+    assert launch("online", out, 2, mode, "sketch_dim=64") == [0, 0], logs(out)
+    r0, r1 = _load(out, 0), _load(out, 1)
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    for record, first, second in zip(_records(out), r0["captured"], r1["captured"],
+                                     strict=True):
+        assert record["candidate_ids"] == first + second
+        assert 0 < len(record["selected_ids"]) <= 3
+        assert sum(record["weights"]) == pytest.approx(1.0, abs=1e-6)
+        assert record["diagnostics"]["distributed"]["ranks"] == 2
+        if mode == "scope=local":  # k = 3 split 2 + 1, each rank from its own slice
+            assert len(set(record["selected_ids"]) & set(first)) <= 2
+            assert len(set(record["selected_ids"]) & set(second)) <= 1

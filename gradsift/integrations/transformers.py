@@ -56,15 +56,41 @@ from gradsift.step import SelectionConfig, SelectionStep
 ID_COLUMNS = ("id", "source")
 
 
-def _as_example(row: Any, index: int) -> Example:
+def _as_example(row: Any, index: int, what: str = "target_dataset") -> Example:
     if isinstance(row, Example):
         return row
+    if not hasattr(row, "get") or row.get("input_ids") is None:
+        keys = sorted(row) if hasattr(row, "keys") else type(row).__name__
+        raise ValueError(
+            f"{what}[{index}] is not tokenized (keys: {keys}): give rows with 'input_ids' (and "
+            "'labels'), tokenized by the same pipeline as the training data — or use "
+            "GradSiftSFTTrainer, which tokenizes the target set with TRL's own pipeline")
     return Example(
         id=str(row.get("id", f"target:{index}")),
         source=str(row.get("source", "target")),
         input_ids=list(row["input_ids"]),
-        labels=list(row.get("labels", row["input_ids"])),
+        labels=list(row.get("labels") if row.get("labels") is not None else row["input_ids"]),
     )
+
+
+class KeepIds:
+    """Wraps any data collator: the ``id``/``source`` columns gradsift keeps for its log are
+    taken out before the user's collator sees the features and put back as lists, so
+    ``DataCollatorForLanguageModeling``, ``DataCollatorForSeq2Seq`` or TRL's work unchanged."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        kept = {c: [f.get(c) if hasattr(f, "get") else None for f in features]
+                for c in ID_COLUMNS}
+        stripped = [{k: v for k, v in f.items() if k not in ID_COLUMNS} if hasattr(f, "items")
+                    else f for f in features]
+        batch = self.collator(stripped)
+        for column, plural in (("id", "ids"), ("source", "sources")):
+            if any(v is not None for v in kept[column]):
+                batch[plural] = [str(v) if v is not None else "" for v in kept[column]]
+        return batch
 
 
 class GradSiftCollator:
@@ -219,7 +245,9 @@ class GradSiftTrainer(Trainer):
             distributed = DistributedConfig.from_dict(
                 distributed if distributed is not None else getattr(base, "distributed", None))
         self.distributed = distributed
-        self.target_examples = [_as_example(r, i) for i, r in enumerate(target_dataset)]
+        self.target_examples = self.prepare_target(target_dataset)
+        if not isinstance(self.data_collator, GradSiftCollator | KeepIds):
+            self.data_collator = KeepIds(self.data_collator)
         self.counters = {"trained_samples": 0, "trained_tokens": 0, "wall_seconds": 0.0}
         self._step: SelectionStep | None = None  # built on the unwrapped model, first step
         self._restored: dict[str, Any] | None = None  # state waiting for the step
@@ -228,6 +256,10 @@ class GradSiftTrainer(Trainer):
         self.runlog = RunLog(self.args.output_dir, enabled=self.args.should_save)
         self.selection_log = Path(self.args.output_dir) / SELECTIONS
         self.add_callback(_SaveGradSiftState(self))
+
+    def prepare_target(self, target_dataset: Sequence[Any]) -> list[Example]:
+        """The target rows as examples (tokenized rows; subclasses tokenize raw ones)."""
+        return [_as_example(r, i) for i, r in enumerate(target_dataset)]
 
     def selection_step(self, model: nn.Module) -> SelectionStep:
         """The shared step, on the unwrapped model (built once: parameters do not change)."""

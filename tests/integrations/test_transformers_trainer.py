@@ -240,3 +240,26 @@ def test_a_config_error_names_the_key_at_every_entry_point(tmp_path, entry):
     assert "must be an integer >= 1, got 0" in str(err.value)
     if entry == "yaml":
         assert isinstance(err.value, ConfigError) and "'engine.target_refresh'" in str(err.value)
+
+
+def test_the_usual_collators_work_and_keep_the_ids(tmp_path):
+    """DataCollatorForLanguageModeling / ForSeq2Seq never see the id/source columns."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
+
+    from gradsift.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    train = [{"id": f"t{i}", "source": "train", "input_ids": list(range(5, 12 + i % 3)),
+              "labels": [-100] * 3 + list(range(8, 12 + i % 3))} for i in range(12)]
+    no_labels = [{k: v for k, v in r.items() if k != "labels"} for r in train]
+    for collator, rows_ in ((DataCollatorForLanguageModeling(tokenizer, mlm=False), no_labels),
+                            (DataCollatorForSeq2Seq(tokenizer), train)):
+        out = tmp_path / type(collator).__name__
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=6,
+                                 max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                                 remove_unused_columns=False)
+        GradSiftTrainer(model=model, args=args, train_dataset=rows_, data_collator=collator,
+                        target_dataset=train[:4], budget_per_step=2).train()
+        (record,) = [json.loads(x) for x in (out / "selections.jsonl").read_text().splitlines()]
+        assert all(i.startswith("t") for i in record["candidate_ids"])
+        assert record["candidate_sources"] == ["train"] * 6

@@ -301,18 +301,20 @@ class SelectionStep:
             target = self.target_grad if needs_target else None
             if cfg.exchange == "exact":
                 everyone = self.exchange.gather_exact(local, self.device)
+                sent += self.exchange.sent_bytes
                 if needs_target and self.selector.needs_target_samples and (
                         self.target_samples is None):  # gathered once per target refresh
                     self.target_samples = self.exchange.gather_exact(self._target_local,
                                                                      self.device)
+                    sent += self.exchange.sent_bytes
             else:
                 if local is None:
                     raise ValueError("exchange: sketch needs candidates on every rank; "
                                      "make candidates_per_step a multiple of the ranks")
                 everyone = self.exchange.gather_sketch(local, state)
+                sent += self.exchange.sent_bytes
                 self.target_samples = None  # the noise of b is not sketched (shrink: uniform)
                 target, state = self.exchange.geometry(local, target, state)
-            sent += self.exchange.sent_bytes
             selection = self.selector.select(SelectionContext(
                 candidates=everyone, target_grad=target, optimizer_state=state, k=k,
                 generator=self.selector_generator,

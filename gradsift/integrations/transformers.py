@@ -252,10 +252,34 @@ class GradSiftTrainer(Trainer):
         self._step: SelectionStep | None = None  # built on the unwrapped model, first step
         self._restored: dict[str, Any] | None = None  # state waiting for the step
         self._stats: list[dict[str, float]] = []
+        self._pending: list[tuple[dict, list[str], list[str]]] = []  # micro-batches held
         self._started = time.perf_counter()
+        self._refuse_what_would_train_wrongly()
         self.runlog = RunLog(self.args.output_dir, enabled=self.args.should_save)
         self.selection_log = Path(self.args.output_dir) / SELECTIONS
         self.add_callback(_SaveGradSiftState(self))
+
+    def _refuse_what_would_train_wrongly(self) -> None:
+        """Options gradsift's per-sample losses would silently ignore stop here instead."""
+        if self.args.label_smoothing_factor:
+            raise ValueError(
+                "GradSiftTrainer does not support label_smoothing_factor > 0 yet: gradsift's "
+                "per-sample losses are plain token cross-entropy. Set label_smoothing_factor=0")
+        own = {Trainer, GradSiftTrainer}
+        try:
+            from trl import SFTTrainer
+
+            own.add(SFTTrainer)  # its compute_loss adds metrics; the loss is the same
+        except ImportError:  # pragma: no cover - trl is optional
+            pass
+        custom = [c.__name__ for c in type(self).__mro__
+                  if "compute_loss" in vars(c) and c not in own]
+        if custom:
+            raise TypeError(
+                f"{custom[0]} overrides compute_loss, which GradSiftTrainer does not call: the "
+                "selection computes each sample's loss itself (token cross-entropy over "
+                "labels != -100). Put custom logic in the model's forward or in "
+                "training_step, or use a plain Trainer")
 
     def prepare_target(self, target_dataset: Sequence[Any]) -> list[Example]:
         """The target rows as examples (tokenized rows; subclasses tokenize raw ones)."""
@@ -381,23 +405,38 @@ class GradSiftTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        """The shared selection step; its weighted gradient goes into ``.grad``."""
-        step = self.selection_step(self.accelerator.unwrap_model(model))
+        """The shared selection step; its weighted gradient goes into ``.grad``.
+
+        The budget is per optimizer step: with gradient accumulation the micro-batches of one
+        optimizer step are held until its last one, and a single selection of at most
+        ``budget_per_step`` spans all of them (B = per-device batch size x accumulation steps).
+        """
+        # eager modules, not a torch.compile wrapper: the capture hooks must fire
+        step = self.selection_step(self.accelerator.unwrap_model(model, keep_torch_compile=False))
         inputs = self._prepare_inputs(inputs)
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if k in inputs}
         n = batch["input_ids"].shape[0]
         number = self.state.global_step + 1  # the optimizer step this selection feeds
         ids = inputs.get("ids") or inputs.get("id")
-        ids = [str(i) for i in ids] if ids is not None else [f"step{number}:{i}" for i in range(n)]
+        offset = sum(len(p[1]) for p in self._pending)
+        ids = ([str(i) for i in ids] if ids is not None
+               else [f"step{number}:{offset + i}" for i in range(n)])
         sources = inputs.get("sources") or inputs.get("source")
         sources = [str(s) for s in sources] if sources is not None else ["train"] * n
-        tokens = trained_token_counts(batch["labels"]).cpu()
+        self._pending.append((batch, ids, sources))
+        if not self.accelerator.sync_gradients:  # not the optimizer step's last micro-batch
+            return torch.zeros((), device=self.args.device)
+        pending, self._pending = self._pending, []
+        batches = [p[0] for p in pending]
+        ids, sources = [i for p in pending for i in p[1]], [s for p in pending for s in p[2]]
+        tokens = torch.cat([trained_token_counts(b["labels"]).cpu() for b in batches])
         if ddp.is_distributed():  # this rank's batch is a slice: name the global candidates
             parts = ddp.gather_objects((ids, sources, tokens))
             ids, sources = [i for p in parts for i in p[0]], [s for p in parts for s in p[1]]
             tokens = torch.cat([p[2] for p in parts])
-        scale = 1.0 / self.args.gradient_accumulation_steps
-        result = step.run([batch], self.optimizer, grad_scale=scale, accumulate=True)
+        scale = 1.0
+        result = step.run(batches, self.optimizer, grad_scale=scale, accumulate=True)
+        self._check_gradient(step, result)
         self.runlog.append(SELECTIONS, selection_record(number, ids, sources, result))
         chosen = result.selection.indices
         self.counters["trained_samples"] += len(chosen)
@@ -413,6 +452,21 @@ class GradSiftTrainer(Trainer):
         self._stats.append({"n_selected": float(len(result.selection.indices)),
                             "rho": float(rho) if rho is not None else float("nan")})
         return torch.tensor(result.train_loss * scale, device=self.args.device)
+
+    @staticmethod
+    def _check_gradient(step: SelectionStep, result: Any) -> None:
+        """Selected samples with a finite, non-zero loss must give a non-zero gradient: all
+        zeros means the capture saw nothing (e.g. a compiled or otherwise wrapped forward)."""
+        chosen = result.selection.indices
+        losses = result.candidates.losses.detach().cpu()[chosen]
+        if len(chosen) == 0 or not bool(torch.isfinite(losses).all()) or not bool(
+                (losses > 0).any()):
+            return
+        if all(p.grad is None or not bool(p.grad.any()) for p in step.params.values()):
+            raise RuntimeError(
+                "every per-sample gradient of this step is zero while the losses are not: "
+                "gradsift's capture hooks did not see the forward pass (a compiled or wrapped "
+                "model?). Train without torch_compile, or report the model class")
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean selected count and ρ since the last log to the Trainer's logs."""

@@ -263,3 +263,39 @@ def test_the_usual_collators_work_and_keep_the_ids(tmp_path):
         (record,) = [json.loads(x) for x in (out / "selections.jsonl").read_text().splitlines()]
         assert all(i.startswith("t") for i in record["candidate_ids"])
         assert record["candidate_sources"] == ["train"] * 6
+
+
+def test_gradient_accumulation_selects_once_per_optimizer_step(tmp_path):
+    """budget_per_step is per optimizer step: 2 micro-batches of 3 make one selection of 2
+    among 6, and the log says what was trained."""
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3,
+                             gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", seed=0)
+    trainer = GradSiftTrainer(model=model, args=args, train_dataset=rows(24, 0, "train"),
+                              data_collator=GradSiftCollator(pad_token_id=0),
+                              target_dataset=rows(8, 1, "target"), budget_per_step=2)
+    trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "selections.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(len(r["candidate_ids"]) == 6 and len(r["selected_ids"]) == 2 for r in records)
+    assert len({i for r in records for i in r["candidate_ids"]}) == 12
+    assert trainer.counters["trained_samples"] == 4
+
+
+def test_what_would_train_wrongly_is_refused(tmp_path):
+    def make(cls, **extra):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **extra)
+        return cls(model=tiny_llama(tie=False), args=args, train_dataset=rows(4, 0, "t"),
+                   data_collator=GradSiftCollator(0), target_dataset=rows(2, 1, "v"))
+
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make(GradSiftTrainer, label_smoothing_factor=0.1)
+
+    class Custom(GradSiftTrainer):
+        def compute_loss(self, *a, **k):
+            return super().compute_loss(*a, **k)
+
+    with pytest.raises(TypeError, match="Custom overrides compute_loss"):
+        make(Custom)

@@ -183,6 +183,7 @@ class OnlineTrainer:
     target_grad = property(lambda self: self.selection.target_grad)
     target_batch = property(lambda self: self.selection.target_batch)
     device = property(lambda self: self.selection.device)
+    pad_token_id = property(lambda self: self.selection.pad_token_id)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> dict[str, Any] | None:

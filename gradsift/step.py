@@ -299,7 +299,12 @@ class SelectionStep:
         k = self.config.budget_per_step
         if cfg.scope == "global":
             target = self.target_grad if needs_target else None
-            if cfg.exchange == "exact":
+            if not self.selector.needs_grads:  # random, loss: the losses are all it reads
+                mine = (torch.zeros(0, device=self.device) if local is None
+                        else local.losses.detach().float())
+                everyone = FactorizedGrads([], ddp.all_gather_rows(mine))
+                sent += 4 * len(mine)
+            elif cfg.exchange == "exact":
                 everyone = self.exchange.gather_exact(local, self.device)
                 sent += self.exchange.sent_bytes
                 if needs_target and self.selector.needs_target_samples and (

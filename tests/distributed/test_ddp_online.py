@@ -71,8 +71,9 @@ def test_a_killed_rank_leaves_nothing_behind_and_the_run_resumes(tmp_path, lora_
         r["selected_ids"] for r in _load(single)["records"]]
 
 
-@pytest.mark.parametrize("mode", ["exchange=sketch", "scope=local"])
-def test_sketch_and_local_scope_keep_the_replicas_identical(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["exchange=sketch", "scope=local", "method=loss"])
+def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(tmp_path, mode):
+    """``method=loss`` reads no gradients: only the losses are exchanged."""
     out = tmp_path / "run"
     assert launch("online", out, 2, mode, "sketch_dim=64") == [0, 0], logs(out)
     r0, r1 = _load(out, 0), _load(out, 1)
@@ -84,6 +85,10 @@ def test_sketch_and_local_scope_keep_the_replicas_identical(tmp_path, mode):
         assert 0 < len(record["selected_ids"]) <= 3
         assert sum(record["weights"]) == pytest.approx(1.0, abs=1e-6)
         assert record["diagnostics"]["distributed"]["ranks"] == 2
+        if mode == "method=loss":
+            lora = sum(p.numel() for p in r0["params"].values())
+            # 4 losses, then the one all-reduce of the gradients: no gradient is exchanged
+            assert record["diagnostics"]["distributed"]["bytes_sent"] == 4 * 4 + 4 * lora
         if mode == "scope=local":  # k = 3 split 2 + 1, each rank from its own slice
             assert len(set(record["selected_ids"]) & set(first)) <= 2
             assert len(set(record["selected_ids"]) & set(second)) <= 1

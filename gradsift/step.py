@@ -267,8 +267,10 @@ class SelectionStep:
         (ranks in order); indices, weights and losses of the result are global.
 
         Collectives, in order: the target all-reduce (on refresh), the exchange all-gather
-        (``scope: global``) or a losses/selection all-gather (``local``), rank 0's selection
-        broadcast, and ONE all-reduce(SUM) of the weighted gradients.
+        (``scope: global``; only the losses for selectors that read no gradients) or a
+        losses/selection all-gather (``local``), rank 0's selection broadcast, the local
+        sizes, and ONE all-reduce(SUM) of the weighted gradients. ``.grad`` is written on
+        the unwrapped module and reduced here, so a DDP wrapper's own sync never runs.
         """
         self.model.train()
         timing: dict[str, float] = {}

@@ -349,7 +349,7 @@ class Exchange:
             for n, s in self.sketch_layer(layer, state).items():
                 parts[n] = parts[n] + s if n in parts else s
         flat = torch.cat([local.losses.float().reshape(-1, 1)] + [
-            parts[n].reshape(len(local), -1) for n in shapes], dim=1)
+            parts[n].reshape(len(local), math.prod(shapes[n])) for n in shapes], dim=1)
         self.sent_bytes = flat.numel() * flat.element_size()
         rows = all_gather_rows(flat)
         out, offset = {}, 1

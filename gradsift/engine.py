@@ -32,7 +32,7 @@ from torch import nn
 from gradsift.capture import forward_losses
 from gradsift.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gradsift.data import Example
-from gradsift.distributed import DistributedConfig, is_main_process, rank_slice
+from gradsift.distributed import DistributedConfig, is_main_process, rank_slice, world_size
 from gradsift.loss import trained_token_counts
 from gradsift.runlog import LOGS, METRICS, SELECTIONS, RunLog, selection_record
 from gradsift.select import Selector
@@ -153,6 +153,9 @@ class OnlineTrainer:
     ):
         if len(target) == 0:
             raise ValueError("the target set is empty: nothing to select towards")
+        if config.candidates_per_step < world_size():
+            raise ValueError(f"candidates_per_step ({config.candidates_per_step}) is less than "
+                             f"the {world_size()} ranks: give every rank at least one candidate")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.stream, self.config, self.total_steps = stream, config, total_steps
         self.eval_set = list(target[: config.eval_size])

@@ -154,6 +154,7 @@ class SelectionStep:
         self.target_samples: FactorizedGrads | None = None  # per-example factors behind g_V
         self.target_batch: list[Example] = []  # the target examples behind g_V
         self._target_local: FactorizedGrads | None = None  # this rank's share of them
+        self._layout: FactorizedGrads | None = None  # empty factors: the captured layers
         # captured parameters in capture order: the layout ranks exchange
         self.captured_shapes = {n: self.params[n].shape for n in dict.fromkeys(
             f"{m}.{a}" for m in self.module_names for a in ("weight", "bias"))
@@ -315,13 +316,18 @@ class SelectionStep:
                                                                      self.device)
                     sent += self.exchange.sent_bytes
             else:
-                if local is None:
-                    raise ValueError("exchange: sketch needs candidates on every rank; "
-                                     "make candidates_per_step a multiple of the ranks")
-                everyone = self.exchange.gather_sketch(local, state)
+                if local is not None:  # the layers' shapes, kept for a rank left without data
+                    self._layout = FactorizedGrads(
+                        [layer.select(torch.zeros(0, dtype=torch.long)) for layer in local.layers],
+                        local.losses[:0])
+                if self._layout is None:
+                    raise ValueError("exchange: sketch needs candidates on every rank at the "
+                                     "first step: give each rank at least one candidate")
+                shaped = local if local is not None else self._layout
+                everyone = self.exchange.gather_sketch(shaped, state)
                 sent += self.exchange.sent_bytes
                 self.target_samples = None  # the noise of b is not sketched (shrink: uniform)
-                target, state = self.exchange.geometry(local, target, state)
+                target, state = self.exchange.geometry(shaped, target, state)
             selection = self.selector.select(SelectionContext(
                 candidates=everyone, target_grad=target, optimizer_state=state, k=k,
                 generator=self.selector_generator,

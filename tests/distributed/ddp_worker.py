@@ -63,9 +63,10 @@ def online(out: Path, opts: dict[str, str]) -> None:
                              scope=opts.get("scope", "global"),
                              sketch_dim=int(opts.get("sketch_dim", 256)))
     model = model if not distributed else torch.nn.parallel.DistributedDataParallel(model)
-    trainer = OnlineTrainer(model, optimizer, get_selector(opts.get("method", "ftw")),
-                            ListStream(make_examples(60, seed=1)), make_examples(12, seed=2),
-                            config, out / "run", seed=0, distributed=dcfg)
+    stream = ListStream(make_examples(int(opts.get("n_stream", 60)), seed=1))
+    trainer = OnlineTrainer(model, optimizer, get_selector(opts.get("method", "ftw")), stream,
+                            make_examples(12, seed=2), config, out / "run", seed=0,
+                            distributed=dcfg)
     if opts.get("resume") == "1":
         trainer.resume()
     captured: list[list[str]] = []
@@ -81,7 +82,10 @@ def online(out: Path, opts: dict[str, str]) -> None:
     while trainer.state.step < steps:
         if die_at and trainer.state.step == die_at and ddp.rank() == int(opts.get("die_rank", 1)):
             os._exit(3)  # a rank dies mid-run
-        records.append(trainer.step())
+        record = trainer.step()
+        if record is None:  # the stream ended
+            break
+        records.append(record)
     torch.save({"records": records, "captured": captured,
                 "params": {n: p.detach().clone() for n, p in trainer.params.items()}},
                out / f"rank{ddp.rank()}.pt")

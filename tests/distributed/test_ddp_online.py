@@ -92,3 +92,24 @@ def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(tmp_path, 
         if mode == "scope=local":  # k = 3 split 2 + 1, each rank from its own slice
             assert len(set(record["selected_ids"]) & set(first)) <= 2
             assert len(set(record["selected_ids"]) & set(second)) <= 1
+
+
+@pytest.mark.parametrize("exchange", ["exact", "sketch"])
+def test_a_short_last_batch_leaves_a_rank_without_candidates(tmp_path, exchange):
+    """17 records, B = 8: the third global batch has one record, rank 1 captures nothing."""
+    out = tmp_path / "ragged"
+    options = ("n_stream=17", f"exchange={exchange}", "sketch_dim=64")
+    assert launch("online", out, 2, *options) == [0, 0], logs(out)
+    r0, r1 = _load(out, 0), _load(out, 1)
+    assert r1["captured"][-1] == [] and r0["captured"][-1] == ["ex1-16"]
+    assert _records(out)[-1]["candidate_ids"] == ["ex1-16"]
+    assert len(_records(out)) == 3
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    if exchange == "exact":
+        assert launch("online", tmp_path / "one", 0, *options) == [0], logs(tmp_path / "one")
+        one = _load(tmp_path / "one")
+        assert [r["selected_ids"] for r in one["records"]] == [
+            r["selected_ids"] for r in r0["records"]]
+        for name, p in one["params"].items():
+            assert (p - r0["params"][name]).abs().max() <= 1e-5, name

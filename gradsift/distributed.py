@@ -118,6 +118,23 @@ def init_from_env(device: str = "cpu") -> bool:
     return is_distributed()
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def agree_max(value: int) -> int:
+    """The largest ``value`` over the ranks (e.g. a stop request seen by any of them)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def rank_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous part of ``n`` items: sizes differ by at most one, the slices of
     ranks ``0..N-1`` tile ``range(n)`` in order (so the global order is the stream's)."""

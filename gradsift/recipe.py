@@ -14,12 +14,13 @@ import dataclasses
 import glob
 import json
 import logging
+import os
 import random
 import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradsift import distributed as ddp
 from gradsift.checkpoint import has_checkpoint
 from gradsift.config import (
     ConfigError,
@@ -296,7 +298,7 @@ def train(run: Run, quiet: bool = False, position: int = 0, desc: str | None = N
                 loss=f"{trainer.last_metrics.get('train_loss', float('nan')):.3f}",
                 target=f"{trainer.last_target_loss:.3f}",
                 selected=len(record["selected_ids"]))
-            if signum := stop_requested():
+            if signum := ddp.agree_max(stop_requested() or 0):  # every rank stops together
                 bar.close()
                 trainer.save_checkpoint()
                 raise Interrupted(run.out_dir, trainer.state.step, signum)
@@ -323,7 +325,8 @@ def write_summary(run: Run, stopped: str = "completed") -> dict[str, Any]:
         "skipped_records": run.trainer.stream.skipped_counts(),
         "skipped_target_records": run.skipped_target_records or {},
     }
-    write_json(run.out_dir / "summary.json", summary)
+    if ddp.is_main_process():
+        write_json(run.out_dir / "summary.json", summary)
     return summary
 
 
@@ -336,15 +339,30 @@ def run_config(config: RunConfig, out_dir: str | Path, quiet: bool = False,
         RunLockedError: another process writes into ``out_dir``.
     """
     out_dir = Path(out_dir)
+    config = join_launcher(config)
+    main = ddp.is_main_process()
     model_path = preflight(config)
-    check_new_run_dir(out_dir)
-    with locked(out_dir):
-        check_new_run_dir(out_dir)  # again, now that no other process can start one here
-        save_config(config, out_dir / "config.yaml")
+    if main:
+        check_new_run_dir(out_dir)
+    with locked(out_dir) if main else nullcontext():
+        if main:
+            check_new_run_dir(out_dir)  # again, now that no other process can start one here
+            save_config(config, out_dir / "config.yaml")
+        ddp.barrier()
         run = setup(config, out_dir, model_path)
         run.trainer.log_initial_eval()
-        stopped = train(run, quiet=quiet, position=position, desc=desc)
+        stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
         return write_summary(run, stopped)
+
+
+def join_launcher(config: RunConfig) -> RunConfig:
+    """Under ``torchrun``/``accelerate launch``: join the process group, and give each rank
+    its own GPU (``device: cuda`` → ``cuda:LOCAL_RANK``). Without a launcher: unchanged."""
+    if not ddp.init_from_env(config.device):
+        return config
+    if config.device == "cuda":
+        config = dataclasses.replace(config, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    return config
 
 
 def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
@@ -360,19 +378,22 @@ def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
     config_file = out_dir / "config.yaml"
     if not config_file.is_file() or not is_run_dir(out_dir):
         raise FileNotFoundError(f"{config_file} not found: is {out_dir} a gradsift run directory?")
-    config = load_config(config_file)
+    config = join_launcher(load_config(config_file))
+    main = ddp.is_main_process()
     model_path = preflight(config)
-    with locked(out_dir):
+    with locked(out_dir) if main else nullcontext():
         run = setup(config, out_dir, model_path)
         if has_checkpoint(out_dir / "checkpoints"):
-            step = run.trainer.resume()
+            step = run.trainer.resume()  # every rank reads rank 0's checkpoint
             logger.info("resumed %s at step %d of %d", out_dir, step, config.steps)
         else:
             logger.warning("%s has no checkpoint yet: starting it again from step 0", out_dir)
-            for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
-                (out_dir / name).unlink(missing_ok=True)
+            ddp.barrier()
+            if main:
+                for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
+                    (out_dir / name).unlink(missing_ok=True)
             run.trainer.log_initial_eval()
-        stopped = train(run, quiet=quiet, position=position, desc=desc)
+        stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
         return write_summary(run, stopped)
 
 

@@ -5,6 +5,7 @@ behind: when one rank fails or the time is up, the others are killed."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,18 +22,31 @@ def free_port() -> int:
 
 
 def launch(scenario: str, out: Path, world: int, *options: str,
-           timeout: float = 90.0) -> list[int]:
+           timeout: float = 60.0) -> list[int]:
     """Run ``world`` ranks (one plain process when ``world`` is 0); their exit codes.
 
+    Ranks that make no progress for ``timeout`` seconds are killed and started once more on
+    a fresh port (a rendezvous that never completes on a busy machine is not a result).
+
     Raises:
-        TimeoutError: the ranks did not finish in ``timeout`` seconds (all were killed).
+        TimeoutError: the ranks did not finish in ``timeout`` seconds, twice (all were killed).
     """
+    try:
+        return _launch(scenario, out, world, *options, timeout=timeout)
+    except TimeoutError:
+        shutil.rmtree(out, ignore_errors=True)  # what the stalled attempt wrote goes too
+        return _launch(scenario, out, world, *options, timeout=timeout)
+
+
+def _launch(scenario: str, out: Path, world: int, *options: str,
+            timeout: float = 60.0) -> list[int]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs: list[subprocess.Popen] = []
     env_base = {k: v for k, v in os.environ.items()
                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env_base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # the loopback interface for gloo: resolving the host name can pick one ranks cannot reach
+    env_base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
     try:
         for r in range(max(world, 1)):
             env = dict(env_base)

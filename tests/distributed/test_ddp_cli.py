@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,11 +15,21 @@ from launch import free_port
 from runfiles import tiny_config, write_config, write_data
 
 
-def _run(args: list[str], world: int, cwd: Path, timeout: float = 120.0) -> list[int]:
+def _run(args: list[str], world: int, cwd: Path, timeout: float = 90.0) -> list[int]:
+    """The command on ``world`` ranks; a launch that times out is tried once more."""
+    codes = _run_once(args, world, cwd, timeout)
+    if -9 not in codes:
+        return codes
+    if args[0] == "run" and "--out" in args:  # a fresh run: what the stalled attempt wrote goes
+        shutil.rmtree(cwd / args[args.index("--out") + 1], ignore_errors=True)
+    return _run_once(args, world, cwd, timeout)
+
+
+def _run_once(args: list[str], world: int, cwd: Path, timeout: float) -> list[int]:
     port = free_port()
     base = {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    base.update(OMP_NUM_THREADS="1")
+    base.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     procs = []
     try:
         for r in range(max(world, 1)):

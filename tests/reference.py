@@ -105,3 +105,30 @@ class ListStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.pos = state["pos"]
+
+
+def make_examples(n: int, seed: int = 0, vocab: int = 64) -> list:
+    """``n`` random ``Example``s (5–11 tokens, the first 1–3 without loss), deterministic."""
+    from gradsift.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(5, 12, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        prompt = 1 + i % 3
+        out.append(Example(id=f"ex{seed}-{i}", source=f"s{i % 2}", input_ids=ids,
+                           labels=[-100] * prompt + ids[prompt:]))
+    return out
+
+
+def token_rows(n: int, seed: int, prefix: str) -> list[dict]:
+    """``n`` tokenized dataset rows (``id``, ``source``, ``input_ids``, ``labels``)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 64, (int(torch.randint(5, 10, (1,), generator=g)),),
+                            generator=g).tolist()
+        out.append({"id": f"{prefix}{i}", "source": prefix, "input_ids": ids,
+                    "labels": [-100, -100] + ids[2:]})
+    return out

@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from reference import ListStream, tiny_llama
+from reference import ListStream, make_examples, tiny_llama
 from runfiles import read_jsonl
-from test_engine import make_examples
 
 from gradsift.engine import EngineConfig, OnlineTrainer, TrainingDiverged
 from gradsift.jsonio import dumps_line, json_safe, write_json

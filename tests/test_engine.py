@@ -8,28 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import ListStream, tiny_llama
+from reference import ListStream, make_examples, tiny_llama
 
 from gradsift.capture import capture
 from gradsift.config import load_config
-from gradsift.data import Example, collate
+from gradsift.data import collate
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.factors import FactorizedGrads
 from gradsift.loss import per_sample_loss
 from gradsift.recipe import resume_run, run_config, setup
 from gradsift.step import set_weighted_gradients
-
-
-def make_examples(n: int, seed: int = 0, vocab: int = 64) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(5, 12, (1,), generator=g))
-        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
-        prompt = 1 + i % 3
-        out.append(Example(id=f"ex{seed}-{i}", source=f"s{i % 2}", input_ids=ids,
-                           labels=[-100] * prompt + ids[prompt:]))
-    return out
 
 
 def plain_weighted_grads(model, examples, weights) -> dict[str, torch.Tensor]:

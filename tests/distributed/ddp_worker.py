@@ -14,21 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: reference helpers
 
+from reference import make_examples, token_rows  # noqa: E402
+
 torch.set_num_threads(1)
-
-
-def make_examples(n: int, seed: int = 0, vocab: int = 64):
-    from gradsift.data import Example
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(5, 12, (1,), generator=g))
-        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
-        prompt = 1 + i % 3
-        out.append(Example(id=f"ex{seed}-{i}", source=f"s{i % 2}", input_ids=ids,
-                           labels=[-100] * prompt + ids[prompt:]))
-    return out
 
 
 def build_model(kind: str):
@@ -93,17 +81,6 @@ def online(out: Path, opts: dict[str, str]) -> None:
         torch.distributed.destroy_process_group()
 
 
-def hf_rows(n: int, seed: int, prefix: str) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(1, 64, (int(torch.randint(5, 10, (1,), generator=g)),),
-                            generator=g).tolist()
-        out.append({"id": f"{prefix}{i}", "source": prefix, "input_ids": ids,
-                    "labels": [-100, -100] + ids[2:]})
-    return out
-
-
 def trainer(out: Path, opts: dict[str, str]) -> None:
     """GradSiftTrainer for ``steps`` steps, data in order (a sequential sampler), global batch
     of 8: one process with a batch of 8, or each rank with 8 / WORLD_SIZE."""
@@ -128,9 +105,9 @@ def trainer(out: Path, opts: dict[str, str]) -> None:
         budget_per_step=3, target_batch_size=5, selector="ftw",
         distributed={"exchange": opts.get("exchange", "exact")})
     model = build_model("lora")
-    t = InOrder(model=model, args=args, train_dataset=hf_rows(40, 0, "train"),
+    t = InOrder(model=model, args=args, train_dataset=token_rows(40, 0, "train"),
                 data_collator=GradSiftCollator(pad_token_id=0),
-                target_dataset=hf_rows(12, 1, "target"))
+                target_dataset=token_rows(12, 1, "target"))
     t.train()
     import torch.distributed as dist
 

@@ -41,6 +41,20 @@ def launch(scenario: str, out: Path, world: int, *options: str,
 def _launch(scenario: str, out: Path, world: int, *options: str,
             timeout: float = 60.0) -> list[int]:
     out.mkdir(parents=True, exist_ok=True)
+    return run_ranks([sys.executable, str(WORKER), scenario, str(out), *options], world, out,
+                     timeout=timeout, what=scenario)
+
+
+def run_ranks(argv: list[str], world: int, logs_dir: Path, cwd: Path | None = None,
+              timeout: float = 60.0, what: str = "ranks") -> list[int]:
+    """Start ``argv`` as ``world`` ranks with torchrun's environment on a free port (one plain
+    process when ``world`` is 0), logs in ``logs_dir/rank<r>.log``; their exit codes. A rank
+    that fails stops the wait (the others would wait forever in a collective); every process
+    left is killed on the way out.
+
+    Raises:
+        TimeoutError: the ranks did not finish in ``timeout`` seconds.
+    """
     port = free_port()
     procs: list[subprocess.Popen] = []
     env_base = {k: v for k, v in os.environ.items()
@@ -53,17 +67,16 @@ def _launch(scenario: str, out: Path, world: int, *options: str,
             if world:
                 env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(out), *options],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
+            log = open(logs_dir / f"rank{r}.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=log,
+                                          stderr=subprocess.STDOUT))
             log.close()
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):
-                break  # a rank failed: the others would wait forever in a collective
+                break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{scenario}: ranks still running after {timeout} s")
+                raise TimeoutError(f"{what}: ranks still running after {timeout} s")
             time.sleep(0.1)
         return [p.poll() if p.poll() is not None else -9 for p in procs]
     finally:

@@ -4,55 +4,23 @@ config and one summary, with the selections of the same run in one process; resu
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from launch import free_port
+from launch import run_ranks
 from runfiles import tiny_config, write_config, write_data
 
 
 def _run(args: list[str], world: int, cwd: Path, timeout: float = 90.0) -> list[int]:
-    """The command on ``world`` ranks; a launch that times out is tried once more."""
-    codes = _run_once(args, world, cwd, timeout)
-    if -9 not in codes:
-        return codes
-    if args[0] == "run" and "--out" in args:  # a fresh run: what the stalled attempt wrote goes
-        shutil.rmtree(cwd / args[args.index("--out") + 1], ignore_errors=True)
-    return _run_once(args, world, cwd, timeout)
-
-
-def _run_once(args: list[str], world: int, cwd: Path, timeout: float) -> list[int]:
-    port = free_port()
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    base.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    procs = []
+    """The command on ``world`` ranks; a launch that stalls is tried once more."""
+    argv = [sys.executable, "-m", "gradsift.cli", "--quiet", *args]
     try:
-        for r in range(max(world, 1)):
-            env = dict(base)
-            if world:
-                env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            log = open(cwd / f"rank{r}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen([sys.executable, "-m", "gradsift.cli", "--quiet",
-                                           *args], env=env, cwd=cwd, stdout=log,
-                                          stderr=subprocess.STDOUT))
-            log.close()
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        return [p.poll() if p.poll() is not None else -9 for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=30)
+        return run_ranks(argv, world, cwd, cwd=cwd, timeout=timeout, what=args[0])
+    except TimeoutError:
+        if args[0] == "run" and "--out" in args:  # a fresh run: what the stall wrote goes
+            shutil.rmtree(cwd / args[args.index("--out") + 1], ignore_errors=True)
+        return run_ranks(argv, world, cwd, cwd=cwd, timeout=timeout, what=args[0])
 
 
 def _selections(run: Path) -> list[tuple]:

@@ -9,20 +9,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from reference import ListStream, tiny_llama
+from reference import token_rows as rows
 from transformers import TrainerCallback, TrainingArguments
 
 from gradsift.integrations.transformers import GradSiftCollator, GradSiftTrainer
-
-
-def rows(n: int, seed: int, prefix: str) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(1, 64, (int(torch.randint(5, 10, (1,), generator=g)),),
-                            generator=g).tolist()
-        out.append({"id": f"{prefix}{i}", "source": prefix, "input_ids": ids,
-                    "labels": [-100, -100] + ids[2:]})
-    return out
 
 
 class StepCounter(TrainerCallback):

@@ -2,7 +2,9 @@
 
 Framework-free, plain PyTorch. Every step ``B`` candidates arrive from the stream;
 ``gradsift.step.SelectionStep`` captures their per-sample factors, selects at most ``k`` with
-weights and puts ``Σ_i w_i g_i`` into ``.grad`` (from the factors: no second forward); this
+weights and puts ``Σ_i w_i g_i`` into ``.grad`` (from the factors: no second forward; a
+selector that reads only indices or losses skips the capture and trains on its k with one
+forward+backward over them, ``SelectionStep.run_without_grads``); this
 loop clips, steps the optimizer and the scheduler, counts, evaluates the held-out target loss,
 logs through ``gradsift.runlog`` and checkpoints through ``state_dict()``.
 
@@ -228,7 +230,7 @@ class OnlineTrainer:
         record = selection_record(self.state.step, [e.id for e in examples],
                                   [e.source for e in examples], result, skip)
         self._append(SELECTIONS, record)
-        self._after_step(result.train_loss, float(result.candidates.losses.mean()))
+        self._after_step(result.train_loss, result.candidate_loss)
         self._check_progress()
         return record
 

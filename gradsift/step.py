@@ -3,6 +3,10 @@
 ``SelectionStep.run`` takes the collated micro-batches of the ``B`` candidates and
 
 1. captures every per-sample gradient in factorized form (one forward + one backward);
+   a selector that reads less pays less (``Selector.needs``): ``indices`` (random) selects
+   before any pass over the B, ``losses`` (loss) after a no-grad forward over them, and both
+   then train on the chosen k with one ordinary forward+backward over the k only
+   (``SelectionStep.run_without_grads``);
 2. computes the target gradient ``g_V`` on a fresh target batch every ``target_refresh`` calls
    (keeping the per-example factors for selectors that read them);
 3. builds the ``SelectionContext`` from the optimizer's state and lets the selector choose
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from gradsift import distributed as ddp
-from gradsift.capture import Capture, capture, resolve_modules
+from gradsift.capture import Capture, capture, forward_losses, resolve_modules
 from gradsift.data import Example, collate
 from gradsift.distributed import DistributedConfig, Exchange
 from gradsift.factors import FactorizedGrads
@@ -104,8 +108,19 @@ class StepResult:
 
     @property
     def train_loss(self) -> float:
-        """``Σ_i w_i ℓ_i``, the loss the update descends."""
-        return float((self.weights * self.candidates.losses.detach().float().cpu()).sum())
+        """``Σ_i w_i ℓ_i``, the loss the update descends (over the selected candidates: the
+        others' losses may not have been computed)."""
+        chosen = self.weights != 0
+        losses = self.candidates.losses.detach().float().cpu()
+        return float((self.weights[chosen] * losses[chosen]).sum())
+
+    @property
+    def candidate_loss(self) -> float:
+        """Mean loss of the candidates whose loss was computed (every one, unless the selector
+        reads only indices: then the selected ones, a uniform sample of the B for ``random``)."""
+        losses = self.candidates.losses.detach().float().cpu()
+        known = ~torch.isnan(losses)
+        return float(losses[known].mean()) if bool(known.any()) else float("nan")
 
 
 class SelectionStep:
@@ -184,6 +199,9 @@ class SelectionStep:
         Under a launcher ``batches`` are this rank's slice (possibly none) of the global
         batch, and the result is global (``run_distributed``).
         """
+        if self.selector.needs != "grads":
+            return self.run_without_grads(batches, optimizer, grad_scale=grad_scale,
+                                          accumulate=accumulate)
         if ddp.is_distributed():
             return self.run_distributed(batches, optimizer, grad_scale=grad_scale,
                                         accumulate=accumulate)
@@ -273,6 +291,9 @@ class SelectionStep:
         sizes, and ONE all-reduce(SUM) of the weighted gradients. ``.grad`` is written on
         the unwrapped module and reduced here, so a DDP wrapper's own sync never runs.
         """
+        if self.selector.needs != "grads":
+            return self.run_without_grads(batches, optimizer, grad_scale=grad_scale,
+                                          accumulate=accumulate)
         self.model.train()
         timing: dict[str, float] = {}
         cfg = self.distributed
@@ -302,12 +323,7 @@ class SelectionStep:
         k = self.config.budget_per_step
         if cfg.scope == "global":
             target = self.target_grad if needs_target else None
-            if not self.selector.needs_grads:  # random, loss: the losses are all it reads
-                mine = (torch.zeros(0, device=self.device) if local is None
-                        else local.losses.detach().float())
-                everyone = FactorizedGrads([], ddp.all_gather_rows(mine))
-                sent += 4 * len(mine)
-            elif cfg.exchange == "exact":
+            if cfg.exchange == "exact":
                 everyone = self.exchange.gather_exact(local, self.device)
                 sent += self.exchange.sent_bytes
                 if needs_target and self.selector.needs_target_samples and (
@@ -373,6 +389,120 @@ class SelectionStep:
         return StepResult(everyone, selection, weights, timing, local=mine,
                           exchanged_bytes=sent)
 
+    # ------------------------------------------------ selectors that read no gradients
+    def run_without_grads(self, batches: Sequence[dict[str, Any]],
+                          optimizer: torch.optim.Optimizer, *, grad_scale: float = 1.0,
+                          accumulate: bool = False) -> StepResult:
+        """``run`` for a selector that reads only indices or losses (``Selector.needs``).
+
+        No per-sample gradient is captured: ``losses`` runs one no-grad forward over the B,
+        ``indices`` none; the selector chooses, and ``.grad`` gets ``Σ_i w_i ∇ℓ_i`` from one
+        ordinary forward+backward over the chosen rows only (each micro-batch's chosen rows,
+        trailing all-pad columns dropped) — the same update as ``set_weighted_gradients``
+        writes from the factors. Losses the step never computed are NaN in the result.
+        Under a launcher every rank does this on its slice; the losses (or only the counts)
+        are gathered, rank 0's selection broadcast, and the gradients all-reduced once.
+        """
+        self.model.train()
+        timing: dict[str, float] = {}
+        distributed = ddp.is_distributed()
+        sent = 0
+
+        # 1. what the selector reads: the losses (no graph) or nothing but the count.
+        t0 = time.perf_counter()
+        n_local = sum(int(b["input_ids"].shape[0]) for b in batches)
+        if self.selector.needs == "losses" and batches:
+            with torch.no_grad():
+                local = torch.cat([forward_losses(self.model, b).float() for b in batches])
+        else:
+            local = torch.full((n_local,), math.nan, device=self.device)
+        timing["capture"] = time.perf_counter() - t0
+        timing["target"] = 0.0
+
+        # 2. select (the same choice on every rank).
+        t0 = time.perf_counter()
+        state = read_optimizer_state(optimizer, self.model, [])
+        k = self.config.budget_per_step
+        if distributed and self.distributed.scope == "local":
+            _, selection, losses = self._select_locally(
+                FactorizedGrads([], local) if n_local else None, state, k)
+        else:
+            losses = ddp.all_gather_rows(local)
+            sent += 4 * n_local if distributed else 0
+            selection = self.selector.select(SelectionContext(
+                candidates=FactorizedGrads([], losses), target_grad=None, optimizer_state=state,
+                k=k, generator=self.selector_generator))
+            if distributed:
+                chosen = ddp.broadcast_object((selection.indices, selection.weights))
+                selection.indices, selection.weights = chosen
+        losses = losses.detach().float().cpu()
+        self.calls += 1
+        timing["selection"] = time.perf_counter() - t0
+
+        # 3. one forward+backward over this rank's chosen rows, weighted: Σ_i w_i ∇ℓ_i.
+        t0 = time.perf_counter()
+        weights = torch.zeros(len(losses))
+        weights[selection.indices] = selection.weights.float().cpu()
+        chosen_mask = torch.zeros(len(losses), dtype=torch.bool)
+        chosen_mask[selection.indices] = True
+        start = sum(ddp.gather_objects(n_local)[: ddp.rank()]) if distributed else 0
+        mine = slice(start, start + n_local)
+        if len(selection.indices) > 0:
+            saved = {n: p.grad for n, p in self.params.items()} if (
+                accumulate and distributed) else {}
+            if distributed or not accumulate:
+                for p in self.params.values():
+                    p.grad = None
+            trained = self._train_on_rows(batches, weights[mine] * grad_scale,
+                                          chosen_mask[mine])
+            for name in self.captured_shapes:  # as from the factors: zeros, never None
+                if self.params[name].grad is None:
+                    self.params[name].grad = torch.zeros_like(self.params[name])
+            if distributed:
+                grads = []
+                for p in self.params.values():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+                ddp.all_reduce_sum_(grads)
+                sent += 4 * sum(g.numel() for g in grads)
+                for n, p in self.params.items():
+                    if saved.get(n) is not None:
+                        p.grad = saved[n] + p.grad
+            if self.selector.needs == "indices":  # the chosen rows' losses, now known
+                if distributed:
+                    trained = ddp.all_gather_rows(trained.to(self.device)).cpu()
+                    sent += 4 * n_local
+                    losses = trained
+                else:
+                    losses[mine] = trained
+        timing["update"] = time.perf_counter() - t0
+        if distributed:
+            selection.diagnostics["distributed"] = {
+                "ranks": ddp.world_size(), "exchange": "losses", "scope": self.distributed.scope,
+                "bytes_sent": sent}
+        return StepResult(FactorizedGrads([], losses), selection, weights, timing,
+                          local=mine if distributed else None, exchanged_bytes=sent)
+
+    def _train_on_rows(self, batches: Sequence[dict[str, Any]], weights: torch.Tensor,
+                       chosen: torch.Tensor) -> torch.Tensor:
+        """Backward of ``Σ_i w_i ℓ_i`` over the ``chosen`` rows of ``batches`` (rows in order),
+        accumulated into ``.grad``; returns the (n,) losses, NaN outside the chosen rows."""
+        params = list(self.params.values())
+        out = torch.full((len(weights),), math.nan)
+        offset = 0
+        for batch in batches:
+            n = int(batch["input_ids"].shape[0])
+            rows = chosen[offset : offset + n].nonzero().squeeze(1)
+            if rows.numel() > 0:
+                sub = chosen_rows(batch, rows.to(batch["input_ids"].device))
+                losses = forward_losses(self.model, sub)
+                w = weights[offset + rows].to(losses.device, losses.dtype)
+                torch.autograd.backward((w * losses).sum(), inputs=params)
+                out[offset + rows] = losses.detach().float().cpu()
+            offset += n
+        return out
+
     def _select_locally(self, local: FactorizedGrads | None, state: Any,
                         k: int) -> tuple[FactorizedGrads, Selection, torch.Tensor]:
         """``scope: local``: ``k_r`` (``k`` split over ranks) of this rank's own candidates;
@@ -436,6 +566,20 @@ class SelectionStep:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def chosen_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``rows`` of a collated batch (``input_ids``, ``attention_mask``, ``labels``), without
+    the trailing columns that are padding in every one of them (right padding: nothing
+    before them attends to them, and they carry no loss)."""
+    sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")
+           if batch.get(k) is not None}
+    mask = sub.get("attention_mask")
+    if mask is not None and mask.shape[1] > 0:
+        used = mask.bool().any(0).nonzero()
+        width = int(used[-1]) + 1 if used.numel() else 1
+        sub = {k: v[:, :width] for k, v in sub.items()}
+    return sub
 
 
 def split_parameters(

@@ -10,7 +10,9 @@ The loss is ``Σ_i w_i ℓ_i`` with ``ℓ_i`` each sample's mean token loss and 
 scale of a mean-loss step whatever the subset's token count, so the Trainer's
 ``num_items_in_batch`` (a token count for the whole batch) is not used.
 
-The step itself is ``gradsift.step.SelectionStep``, the same one ``OnlineTrainer`` runs, and
+The step itself is ``gradsift.step.SelectionStep``, the same one ``OnlineTrainer`` runs (so a
+selector that reads only indices or losses, ``random`` or ``loss``, skips the per-sample
+capture and trains on its k through one forward+backward over them), and
 ``selections.jsonl`` is written by ``gradsift.runlog`` in the same schema (steps numbered from
 1, the optimizer step the selection belongs to), so ``gradsift report`` reads both.
 
@@ -446,7 +448,7 @@ class GradSiftTrainer(Trainer):
         self._started = time.perf_counter()
         self.runlog.append(METRICS, {
             "step": number, **self.counters, "train_loss": result.train_loss,
-            "candidate_loss": float(result.candidates.losses.mean()),
+            "candidate_loss": result.candidate_loss,
             "lr": self.optimizer.param_groups[0]["lr"]})
         rho = result.selection.diagnostics.get("rho")
         self._stats.append({"n_selected": float(len(result.selection.indices)),

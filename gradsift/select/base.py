@@ -68,20 +68,40 @@ class SelectorConfig:
     """Base of every selector's options (none in common)."""
 
 
+NEEDS = ("indices", "losses", "grads")
+"""What a selector reads of the candidates, cheapest first: only their number (``indices``),
+their losses (``losses``: a no-grad forward over the B), or their per-sample gradients."""
+
+
 class Selector:
     """Base class: subclasses set the class attributes and implement ``_select``.
 
     Attributes:
         name: the registered name.
+        needs: what the method reads of the candidates (``NEEDS``). The step pays only for
+            that: ``indices`` selects before any pass over the B, ``losses`` after a no-grad
+            forward; both then train on the chosen k with one forward+backward over the k.
+            With ``indices`` the losses of the unchosen candidates are NaN (not computed).
         needs_target: ``ctx.target_grad`` must be given.
-        needs_grads: the method reads per-sample gradients (not only losses).
+        needs_grads: ``needs == "grads"`` (kept in step with ``needs`` for every subclass).
         config_class: the options dataclass.
     """
 
     name: ClassVar[str] = ""
+    needs: ClassVar[str] = "grads"
     needs_target: ClassVar[bool] = False
     needs_grads: ClassVar[bool] = True
     config_class: ClassVar[type[SelectorConfig]] = SelectorConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "needs" not in vars(cls) and vars(cls).get("needs_grads") is False:
+            cls.needs = "losses"  # a subclass written before ``needs``: losses are safe
+        if cls.needs not in NEEDS:
+            raise ValueError(f"{cls.__name__}.needs must be one of {NEEDS}, got {cls.needs!r}")
+        if cls.needs_target and cls.needs != "grads":
+            raise ValueError(f"{cls.__name__}: needs_target requires needs = 'grads'")
+        cls.needs_grads = cls.needs == "grads"
 
     @property
     def needs_target_samples(self) -> bool:

@@ -57,8 +57,7 @@ class RandomSelector(Selector):
     """
 
     name = "random"
-    needs_target = False
-    needs_grads = False
+    needs = "indices"
     config_class = NoOptions
 
     def _select(self, ctx: SelectionContext) -> Selection:
@@ -76,8 +75,7 @@ class LossSelector(Selector):
     "Online Batch Selection for Faster Training of Neural Networks", 2015), uniform weights."""
 
     name = "loss"
-    needs_target = False
-    needs_grads = False
+    needs = "losses"
     config_class = NoOptions
 
     def _select(self, ctx: SelectionContext) -> Selection:
@@ -275,8 +273,7 @@ class FullSelector(Selector):
     """
 
     name = "full"
-    needs_target = False
-    needs_grads = False
+    needs = "indices"
     config_class = NoOptions
 
     def _select(self, ctx: SelectionContext) -> Selection:

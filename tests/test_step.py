@@ -1,0 +1,163 @@
+"""The selection step's cheap path: selectors that read only indices or losses.
+
+``random`` (indices), ``loss`` (losses) and ``full`` (indices) skip the per-sample capture and
+train on their k through one forward+backward over the k. The update must be the one the
+gradient path writes from the factors, and the one a plain training step on the chosen rows
+gives (independent computation: the model's full logits, a fresh collate of the chosen
+examples, ``.backward()`` of their mean loss, the same clipping and AdamW).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from reference import make_examples, reference_losses, tiny_llama
+
+from gradsift.data import collate
+from gradsift.select import get_selector
+from gradsift.select.baselines import LossSelector, RandomSelector
+from gradsift.step import SelectionConfig, SelectionStep, chosen_rows
+
+
+class GradsRandom(RandomSelector):
+    """``random`` forced through the gradient path (capture over B, update from factors)."""
+
+    needs = "grads"
+
+
+class GradsLoss(LossSelector):
+    needs = "grads"
+
+
+def _step(model, selector, k=3, micro=3, seed=0):
+    cfg = SelectionConfig(budget_per_step=k, micro_batch_size=micro)
+    return SelectionStep(model, selector, make_examples(4, seed=9), cfg, seed=seed)
+
+
+def _grads(model):
+    return {n: None if p.grad is None else p.grad.clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_what_each_selector_reads():
+    needs = {n: get_selector(n).needs for n in ("random", "loss", "full", "greats", "ftw")}
+    assert needs == {"random": "indices", "loss": "losses", "full": "indices",
+                     "greats": "grads", "ftw": "grads"}
+    assert not RandomSelector.needs_grads and GradsRandom.needs_grads
+
+    class Legacy(RandomSelector):  # written before `needs`: losses are the safe reading
+        needs_grads = False
+
+    assert Legacy.needs == "losses"
+    with pytest.raises(ValueError, match="needs must be one of"):
+        type("Bad", (RandomSelector,), {"needs": "everything"})
+
+
+@pytest.mark.parametrize("cheap,dear", [(RandomSelector, GradsRandom),
+                                        (LossSelector, GradsLoss)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_the_cheap_path_writes_the_gradient_paths_update(cheap, dear, accumulate):
+    """Full fine-tuning of a tied Llama (embedding, norms, head): same indices, same .grad."""
+    examples = make_examples(7, seed=3)
+    grads, results = [], []
+    for selector_class in (cheap, dear):
+        model = tiny_llama(seed=1, tie=True)
+        step = _step(model, selector_class())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)  # what accumulate adds to (or replace overwrites)
+        results.append(step.run(step.batches(examples), opt, grad_scale=0.5,
+                                accumulate=accumulate))
+        grads.append(_grads(model))
+    cheap_result, dear_result = results
+    assert torch.equal(cheap_result.selection.indices, dear_result.selection.indices)
+    assert torch.equal(cheap_result.weights, dear_result.weights)
+    assert set(cheap_result.timing) == set(dear_result.timing) == {
+        "capture", "target", "selection", "update"}
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert cheap_result.train_loss == pytest.approx(dear_result.train_loss, rel=1e-5)
+    chosen = cheap_result.selection.indices
+    torch.testing.assert_close(cheap_result.candidates.losses[chosen],
+                               dear_result.candidates.losses[chosen], rtol=1e-5, atol=1e-6)
+    unknown = torch.isnan(cheap_result.candidates.losses)
+    if cheap is RandomSelector:  # indices only: the unchosen candidates were never run
+        assert unknown.sum() == 7 - len(chosen) and not unknown[chosen].any()
+    else:
+        assert not unknown.any()
+
+
+@pytest.mark.parametrize("method", ["random", "loss", "full"])
+def test_two_cheap_steps_equal_plain_training_on_the_chosen_rows(method):
+    """Two steps (AdamW state after the first), clipping at 1.0: the clipped gradients and the
+    parameters match a plain forward/backward of the chosen examples' mean loss to float
+    tolerance. (AdamW's ``eps`` is 1e-3 here: with 1e-8 a gradient entry within float noise of
+    0 moves by up to ``lr`` either way, on either side.)"""
+    examples = [make_examples(7, seed=s) for s in (4, 5)]
+    model = tiny_llama(seed=2, tie=True)
+    ref = copy.deepcopy(model)
+    step = _step(model, get_selector(method))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
+    for batch in examples:
+        result = step.run(step.batches(batch), opt)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        grads = _grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        chosen = result.selection.indices.tolist()
+        assert len(chosen) == (7 if method == "full" else 3)
+        ref.train()
+        rows = collate([batch[i] for i in chosen], 0)
+        losses = reference_losses(ref, rows)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
+        for name, g in _grads(ref).items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(result.candidates.losses[chosen], losses.detach(),
+                                   rtol=1e-5, atol=1e-6)
+        assert result.train_loss == pytest.approx(float(losses.detach().mean()), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_loss_ranks_by_the_losses_of_all_b():
+    examples = make_examples(7, seed=6)
+    model = tiny_llama(seed=3)
+    with torch.no_grad():
+        expected = reference_losses(model.train(), collate(examples, 0))
+    step = _step(model, get_selector("loss"), k=2)
+    result = step.run(step.batches(examples), torch.optim.AdamW(model.parameters()))
+    torch.testing.assert_close(result.candidates.losses, expected, rtol=1e-5, atol=1e-6)
+    assert set(result.selection.indices.tolist()) == set(torch.topk(expected, 2).indices.tolist())
+    assert result.candidate_loss == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_random_reports_the_mean_loss_of_what_it_ran():
+    examples = make_examples(7, seed=7)
+    model = tiny_llama(seed=3)
+    step = _step(model, get_selector("random"), k=2)
+    result = step.run(step.batches(examples), torch.optim.AdamW(model.parameters()))
+    chosen = result.selection.indices
+    assert result.candidate_loss == pytest.approx(
+        float(result.candidates.losses[chosen].mean()), rel=1e-6)
+    assert math.isfinite(result.train_loss)
+
+
+def test_chosen_rows_drop_only_columns_padded_in_every_chosen_row():
+    batch = collate(make_examples(5, seed=8), 0)
+    lengths = batch["attention_mask"].sum(1)
+    rows = torch.tensor([0, 3])
+    sub = chosen_rows(batch, rows)
+    width = int(lengths[rows].max())
+    assert sub["input_ids"].shape == (2, width)
+    assert torch.equal(sub["labels"], batch["labels"][rows, :width])
+    assert bool(sub["attention_mask"][:, -1].any())

@@ -27,6 +27,8 @@ import yaml
 
 from gradsift.distributed import DistributedConfig
 from gradsift.engine import EngineConfig
+from gradsift.reporting import ReportToError
+from gradsift.reporting import normalize as normalize_report_to
 
 PATH_KEYS = ("stream", "target")
 DATASET_BUILDERS = ("json", "parquet", "csv", "arrow", "text")  # gradsift.hf_datasets
@@ -115,9 +117,16 @@ class RunConfig:
     device: str = "cpu"
     trust_remote_code: bool = False
     seed: int = 0
+    # experiment trackers, as TrainingArguments.report_to: none | all | tensorboard | wandb |
+    # trackio, or a list; stored sorted, [] for none (gradsift.reporting)
+    report_to: list[str] | None = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Every range check, in one place; each message names its key."""
+        try:
+            self.report_to = normalize_report_to(self.report_to)
+        except ReportToError as e:
+            raise ConfigError(str(e)) from None
         if self.steps < 1:
             raise ConfigError(f"config key 'steps' must be >= 1, got {self.steps}")
         if self.warmup_steps < 0:

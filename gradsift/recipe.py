@@ -5,7 +5,9 @@ A run directory holds ``config.yaml`` (resolved, absolute data paths), ``metrics
 ``selections.jsonl``, ``checkpoints/`` and, once finished, ``summary.json``. ``resume_run``
 continues a stopped run from its newest intact checkpoint (or from step 0 when it has none)
 to the configured ``steps``. ``preflight`` checks the data files, the device and the model
-before anything is loaded or written; a run holds its folder's lock while it writes.
+before anything is loaded or written; a run holds its folder's lock while it writes. With
+``report_to``, rank 0 forwards the run log's scalars to TensorBoard, wandb or trackio
+(``gradsift.reporting``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from gradsift.config import (
     ConfigError,
     RunConfig,
     config_differences,
+    config_to_dict,
     load_config,
     save_config,
 )
@@ -43,6 +46,7 @@ from gradsift.engine import OnlineTrainer, TrainingDiverged
 from gradsift.hf_datasets import DatasetStream, dataset_examples, is_dataset_spec, split_spec
 from gradsift.jsonio import write_json
 from gradsift.models import SMOLLM2_SPEC, TINY_SPEC, bundled_gguf, load_model_and_tokenizer
+from gradsift.reporting import ReportToError, check_report_to, open_reporters
 from gradsift.rundir import check_new_run_dir, is_run_dir, locked
 from gradsift.select import available_selectors, get_selector
 
@@ -135,7 +139,8 @@ def resolve_model(spec: str) -> str:
 
 
 def preflight(config: RunConfig) -> str:
-    """Check what a run needs before any work: data files, selector, device, model.
+    """Check what a run needs before any work: data files, selector, device, the
+    ``report_to`` packages, model.
 
     Returns:
         The model to load (see :func:`resolve_model`).
@@ -156,7 +161,19 @@ def preflight(config: RunConfig) -> str:
             raise ConfigError(f"config key {key!r}: {path}: no such file")
     get_selector(config.method, **method_options(config))
     check_device(config.device)
+    try:
+        check_report_to(config.report_to or [])
+    except ReportToError as e:
+        raise ConfigError(str(e)) from None
     return resolve_model(config.model)
+
+
+def attach_reporters(run: Run, start_step: int = 0) -> None:
+    """On rank 0: send the run log's scalars to the ``report_to`` backends from
+    ``start_step`` on (what this process logs next: 0 for a fresh or restarted run)."""
+    if run.config.report_to and ddp.is_main_process():
+        run.trainer.runlog.attach(open_reporters(run.config.report_to, run.out_dir,
+                                                 config_to_dict(run.config), start_step))
 
 
 def build_data(config: RunConfig, tokenizer: Any) -> tuple[Any, list, dict[str, int]]:
@@ -350,9 +367,13 @@ def run_config(config: RunConfig, out_dir: str | Path, quiet: bool = False,
             save_config(config, out_dir / "config.yaml")
         ddp.barrier()
         run = setup(config, out_dir, model_path)
-        run.trainer.log_initial_eval()
-        stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
-        return write_summary(run, stopped)
+        attach_reporters(run)
+        try:
+            run.trainer.log_initial_eval()
+            stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
+            return write_summary(run, stopped)
+        finally:
+            run.trainer.runlog.close()
 
 
 def join_launcher(config: RunConfig) -> RunConfig:
@@ -383,18 +404,24 @@ def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
     model_path = preflight(config)
     with locked(out_dir) if main else nullcontext():
         run = setup(config, out_dir, model_path)
-        if has_checkpoint(out_dir / "checkpoints"):
-            step = run.trainer.resume()  # every rank reads rank 0's checkpoint
-            logger.info("resumed %s at step %d of %d", out_dir, step, config.steps)
-        else:
-            logger.warning("%s has no checkpoint yet: starting it again from step 0", out_dir)
-            ddp.barrier()
-            if main:
-                for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
-                    (out_dir / name).unlink(missing_ok=True)
-            run.trainer.log_initial_eval()
-        stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
-        return write_summary(run, stopped)
+        try:
+            if has_checkpoint(out_dir / "checkpoints"):
+                step = run.trainer.resume()  # every rank reads rank 0's checkpoint
+                logger.info("resumed %s at step %d of %d", out_dir, step, config.steps)
+                attach_reporters(run, start_step=step + 1)
+            else:
+                logger.warning("%s has no checkpoint yet: starting it again from step 0",
+                               out_dir)
+                ddp.barrier()
+                if main:
+                    for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
+                        (out_dir / name).unlink(missing_ok=True)
+                attach_reporters(run, start_step=0)
+                run.trainer.log_initial_eval()
+            stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
+            return write_summary(run, stopped)
+        finally:
+            run.trainer.runlog.close()
 
 
 def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,

@@ -73,14 +73,30 @@ class RunLog:
     def __init__(self, folder: str | Path, enabled: bool = True):
         self.folder = Path(folder)
         self.enabled = enabled
+        self.reporters: Any = None  # gradsift.reporting.Reporters, see attach()
         if enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
 
+    def attach(self, reporters: Any) -> None:
+        """Forward every record written from now on to ``reporters``
+        (``gradsift.reporting.Reporters``: tensorboard, wandb, ...), which :meth:`close` closes."""
+        self.close()
+        self.reporters = reporters
+
     def append(self, name: str, record: dict[str, Any]) -> None:
-        """One strict-JSON line at the end of ``folder/name``."""
+        """One strict-JSON line at the end of ``folder/name`` (and its scalars to the
+        attached reporters)."""
         if self.enabled:
             with open(self.folder / name, "a", encoding="utf-8") as f:
                 f.write(dumps_line(record))
+            if self.reporters is not None:
+                self.reporters.record(name, record)
+
+    def close(self) -> None:
+        """Close the attached reporters (flushing their files); the log files need nothing."""
+        if self.reporters is not None:
+            reporters, self.reporters = self.reporters, None
+            reporters.close()
 
     def drop_after(self, step: int) -> None:
         """Remove the records of steps after ``step`` (resume from that step's checkpoint)."""

@@ -1,5 +1,6 @@
 """`gradsift run` under a launcher: 2 ranks (torchrun's environment, gloo) give one log, one
-config and one summary, with the selections of the same run in one process; resume works."""
+config, one summary and one TensorBoard writer, with the selections of the same run in one
+process; resume works."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _selections(run: Path) -> list[tuple]:
 
 def test_gradsift_run_under_a_launcher(tmp_path):
     data = write_data(tmp_path / "data")
-    config = write_config(tmp_path / "c.yaml", tiny_config(data, steps=3, checkpoint_every=1))
+    config = write_config(tmp_path / "c.yaml", tiny_config(data, steps=3, checkpoint_every=1,
+                                                            report_to="tensorboard"))
     assert _run(["run", "--config", str(config), "--out", "one"], 0, tmp_path) == [0]
     codes = _run(["run", "--config", str(config), "--out", "two"], 2, tmp_path)
     assert codes == [0, 0], (tmp_path / "rank1.log").read_text()[-2000:]
@@ -40,7 +42,9 @@ def test_gradsift_run_under_a_launcher(tmp_path):
     assert [r["step"] for r in map(json.loads, (two / "metrics.jsonl").read_text()
                                    .splitlines())] == [0, 1, 2, 3]
     assert json.loads((two / "summary.json").read_text())["trained_samples"] == 6
+    assert len(list((two / "tensorboard").glob("events.*"))) == 1  # rank 0 reports, alone
     # a resumed launcher run: the summary gone, the run continues from its last checkpoint
     (two / "summary.json").unlink()
     assert _run(["run", "--resume", "two"], 2, tmp_path) == [0, 0]
     assert _selections(two) == _selections(one)
+    assert len(list((two / "tensorboard").glob("events.*"))) == 2

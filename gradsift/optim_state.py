@@ -44,6 +44,7 @@ class OptimizerState:
         lr: the learning rate ``η`` of each parameter's group.
         uninitialized: parameters for which ``P`` fell back to ones (no state yet).
         optimizer: class name of the optimizer the state was read from.
+        moments: Adam's second moments per parameter (None for other optimizers).
     """
 
     preconditioner: dict[str, torch.Tensor]
@@ -52,6 +53,7 @@ class OptimizerState:
     lr: dict[str, float]
     uninitialized: list[str] = field(default_factory=list)
     optimizer: str = ""
+    moments: dict[str, AdamMoments] | None = None
 
     def mean_lr(self, names: Iterable[str] | None = None) -> float:
         """Mean learning rate over ``names`` (default: every parameter)."""
@@ -60,14 +62,38 @@ class OptimizerState:
 
 
 @dataclass(frozen=True)
+class AdamMoments:
+    """What Adam's *next* step needs beyond ``m``: the second moment and its constants.
+
+    The next update for a gradient ``g`` is ``−η m̂'/(√v̂' + ε)`` with
+    ``v' = β₂ v + (1−β₂) g²`` (``max(v_max, v')`` with amsgrad), ``v̂' = v'/(1 − β₂^(t+1))``.
+
+    Attributes:
+        exp_avg_sq: ``v`` (zeros before the first step), float32.
+        max_exp_avg_sq: amsgrad's running maximum of ``v`` (None without amsgrad).
+        beta2: ``β₂``.
+        step: ``t``, the steps taken so far.
+        eps: ``ε``.
+    """
+
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None
+    beta2: float
+    step: int
+    eps: float
+
+
+@dataclass(frozen=True)
 class ParamGeometry:
     """What one parameter's optimizer state gives: ``P`` (None before its first step),
-    ``m`` (None for optimizers without Adam-style momentum), ``β₁`` and ``η``."""
+    ``m`` (None for optimizers without Adam-style momentum), ``β₁``, ``η`` and, for Adam, the
+    second moment that its next step will update."""
 
     preconditioner: torch.Tensor | None
     momentum: torch.Tensor | None
     beta1: float
     lr: float
+    moments: AdamMoments | None = None
 
 
 Reader = Callable[[torch.Tensor, dict, dict], ParamGeometry]
@@ -180,10 +206,18 @@ def _adafactor_lr(group: dict, state: dict, param: torch.Tensor) -> float:
                     has_momentum=True)
 def _read_adam(p: torch.Tensor, group: dict, state: dict) -> ParamGeometry:
     m = state.get("exp_avg")
+    v = state.get("exp_avg_sq")
+    v_max = state.get("max_exp_avg_sq") if group.get("amsgrad", False) else None
+    zeros = torch.zeros_like(p, dtype=torch.float32)
+    moments = AdamMoments(
+        v.detach().float() if v is not None else zeros,
+        (v_max.detach().float() if v_max is not None else zeros)
+        if group.get("amsgrad", False) else None,
+        _as_float(group["betas"][1]), int(_as_float(state.get("step", 0))),
+        _as_float(group["eps"]))
     return ParamGeometry(_adam_p(group, state),
-                         m.detach().float() if m is not None
-                         else torch.zeros_like(p, dtype=torch.float32),
-                         _as_float(group["betas"][0]), _as_float(group["lr"]))
+                         m.detach().float() if m is not None else zeros,
+                         _as_float(group["betas"][0]), _as_float(group["lr"]), moments)
 
 
 @register_optimizer("torch.optim.SGD", torch.optim.SGD)
@@ -251,10 +285,13 @@ def read_optimizer_state(
     beta1: dict[str, float] = {}
     lr: dict[str, float] = {}
     uninitialized: list[str] = []
+    moments: dict[str, AdamMoments] = {}
     for name in wanted:
         p, group = found[name]
         geo = kind.read(p, group, optimizer.state.get(p, {}))
         beta1[name], lr[name] = geo.beta1, geo.lr
+        if geo.moments is not None:
+            moments[name] = geo.moments
         if momentum is not None and geo.momentum is not None:
             momentum[name] = geo.momentum
         pc = geo.preconditioner
@@ -277,6 +314,7 @@ def read_optimizer_state(
         lr=lr,
         uninitialized=uninitialized,
         optimizer=type(optimizer).__name__,
+        moments=moments if len(moments) == len(wanted) else None,
     )
 
 

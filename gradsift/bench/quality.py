@@ -62,9 +62,11 @@ logger = logging.getLogger(__name__)
 
 CORE_METHODS = ("ftw", "greats", "cosine", "random")
 # the order runs are made in: what decides first (so a stopped suite has complete pairs)
-PHASES = (("ftw", "greats", "random"), ("cosine", "ftw-filter-only", "ftw-nnls"))
-EXTRA_METHODS = ("ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd", "opus", "loss",
-                 "gradnorm", "full")
+PHASES = (("ftw", "greats", "random"),
+          ("ftw-next-step", "cosine", "ftw-filter-only", "ftw-nnls"))
+EXTRA_METHODS = ("ftw-next-step", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd",
+                 "opus", "loss", "gradnorm", "full")
+MAX_GRAD_NORM = 1.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ class _Probe(Selector):
 
     def select(self, ctx: SelectionContext) -> Selection:
         from gradsift.objective import alignment, interaction
+        from gradsift.select.next_step import NextStep
 
         sel = self.inner.select(ctx)
         self.last = {}
@@ -219,6 +222,11 @@ class _Probe(Selector):
             idx, w = sel.indices, sel.weights.double()
             self.last = {"btw": float(b[idx] @ w),
                          "wkw": float(w @ kmat[idx][:, idx] @ w)}
+            if ctx.optimizer_state.moments is not None:  # Adam's exact next step
+                step = NextStep(ctx.candidates.select(idx).materialize(), ctx.optimizer_state,
+                                max_grad_norm=MAX_GRAD_NORM)
+                with torch.no_grad():
+                    self.last["next"] = float(step.decrease(w, ctx.target_grad))
         return sel
 
     def state_dict(self) -> dict[str, Any]:
@@ -269,7 +277,7 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
                           budget_per_step=scenario.budget,
                           target_batch_size=suite.target_batch_size,
                           eval_size=suite.eval_size, eval_every=0, checkpoint_every=0,
-                          max_grad_norm=1.0)
+                          max_grad_norm=MAX_GRAD_NORM)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("selections.jsonl", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
@@ -356,6 +364,8 @@ def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Te
     if probe.last:
         out["pred_selection"] = eta_t * probe.last["btw"]
         out["wkw"] = probe.last["wkw"]
+        if "next" in probe.last:
+            out["pred_next"] = probe.last["next"]
     return out
 
 
@@ -503,13 +513,16 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
                 "calibration": _calibration_fit(cal),
             }
         pairs = {}
-        for other in ("random", "greats"):
-            common = [s for s in seeds if ("ftw", s) in runs and (other, s) in runs]
-            if common:
-                diffs = [primary(runs[("ftw", s)], suite) - primary(runs[(other, s)], suite)
+        for mine in [m for m in methods if m.startswith("ftw")]:
+            for other in ("random", "greats", "ftw"):
+                common = [s for s in seeds if (mine, s) in runs and (other, s) in runs]
+                if other == mine or len(common) < 2:
+                    continue
+                diffs = [primary(runs[(mine, s)], suite) - primary(runs[(other, s)], suite)
                          for s in common]
                 mean, lo, hi = paired_interval(diffs)
-                pairs[f"ftw-{other}"] = {"mean": mean, "lo": lo, "hi": hi, "n": len(common)}
+                pairs[f"{mine} − {other}"] = {"mean": mean, "lo": lo, "hi": hi,
+                                              "n": len(common)}
         out[sc] = {"methods": table, "paired": pairs}
     return out
 
@@ -531,6 +544,12 @@ def _calibration_fit(rows: list[dict[str, float]]) -> dict[str, float] | None:
     if len(sel) >= 3:
         fit["corr_selection"] = _corr(np.array([r["realized"] for r in sel]),
                                       np.array([r["pred_selection"] for r in sel]))
+    nxt = [r for r in rows if "pred_next" in r]
+    if len(nxt) >= 3:
+        real_n = np.array([r["realized"] for r in nxt])
+        pred_n = np.array([r["pred_next"] for r in nxt])
+        fit["corr_next"] = _corr(real_n, pred_n)
+        fit["ratio_next"] = float(np.dot(real_n, pred_n) / max(np.dot(pred_n, pred_n), 1e-300))
     return fit
 
 
@@ -546,13 +565,15 @@ def markdown(summary: dict[str, Any]) -> str:
     for sc, block in summary.items():
         lines += [f"\n**{sc}**\n",
                   "| method | seeds | primary (last 20 %) | ± sd | final | AUC | steps to "
-                  "random's final | accuracy | wrong answers trained | calib. corr |",
+                  "random's final | accuracy | wrong answers trained | calib. corr (update / "
+                  "selection / next step) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         ranked = sorted(block["methods"].items(), key=lambda kv: kv[1]["primary"])
         for m, r in ranked:
             acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "–"
             cal = r["calibration"]
-            corr = f"{cal['corr_pred']:.2f}" if cal else "–"
+            corr = " / ".join(f"{cal[k]:.2f}" if cal and k in cal else "–"
+                              for k in ("corr_pred", "corr_selection", "corr_next"))
             lines.append(f"| {m} | {r['n_seeds']} | {r['primary']:.4f} | {r['primary_sd']:.4f} "
                          f"| {r['final']:.4f} | {r['auc']:.4f} | {r['steps_to_random_final']:g} "
                          f"| {acc} | {r['wrong_answers_trained']:.1f} | {corr} |")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from gradsift.objective import CURVATURES, alignment, interaction, target_direction, target_sq_norm
 from gradsift.select.base import (
     Selection,
@@ -18,9 +20,13 @@ from gradsift.select.base import (
     SelectorConfig,
     register_selector,
 )
-from gradsift.select.ftw import SUBSETS, WEIGHTINGS, ftw_solve
+from gradsift.select.ftw import SUBSETS, WEIGHTINGS, alignment_ratio, ftw_solve
+from gradsift.select.next_step import NextStep, best_weights, shrink_weights
 
 GEOMETRIES = ("adam", "sgd")
+# "next-step": the weights that maximize the decrease predicted from Adam's exact next
+# update (gradsift.select.next_step), shrunk towards uniform by the target batch's evidence.
+SELECTOR_WEIGHTINGS = (*WEIGHTINGS, "next-step")
 
 
 @dataclass
@@ -33,8 +39,11 @@ class FTWConfig(SelectorConfig):
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
         geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
         subset: ``"greedy"`` (redundancy-aware) or ``"topk"`` by alignment.
-        weighting: ``"nnls"`` (maximize ``ρ``), ``"uniform"``, or ``"shrink"`` (uniform moved
-            towards NNLS by the evidence of the target batch; ``gradsift.select.ftw``).
+        weighting: ``"nnls"`` (maximize ``ρ``), ``"uniform"``, ``"shrink"`` (uniform moved
+            towards NNLS by the evidence of the target batch; ``gradsift.select.ftw``), or
+            ``"next-step"`` (maximize the target loss decrease predicted from Adam's exact next
+            update, ``gradsift.select.next_step``, shrunk the same way; Adam/AdamW only, others
+            fall back to ``shrink``; materializes the ``k`` selected per-sample gradients).
         fill: top a subset smaller than ``k`` up with the next candidates by alignment
             (``uniform`` and ``shrink`` only: NNLS gives them no weight).
         ridge: relative ridge of the NNLS Cholesky factor.
@@ -60,8 +69,9 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
         if self.subset not in SUBSETS:
             raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.weighting not in SELECTOR_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {SELECTOR_WEIGHTINGS}, "
+                             f"got {self.weighting!r}")
         if not isinstance(self.fill, bool):
             raise ValueError(f"fill must be a bool, got {self.fill!r}")
         if not isinstance(self.momentum_correction, bool):
@@ -94,7 +104,7 @@ class FTWSelector(Selector):
 
     @property
     def needs_target_samples(self) -> bool:
-        return self.config.weighting == "shrink"  # type: ignore[attr-defined]
+        return self.config.weighting in ("shrink", "next-step")  # type: ignore[attr-defined]
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -117,8 +127,13 @@ class FTWSelector(Selector):
             if cfg.min_cosine > 0.0
             else None
         )
+        weighting = cfg.weighting
+        next_step = weighting == "next-step" and cfg.geometry == "adam" and (
+            state.moments is not None and state.momentum is not None)
+        if weighting == "next-step":
+            weighting = "uniform" if next_step else "shrink"
         per_target = None
-        if cfg.weighting == "shrink" and ctx.target_samples is not None:
+        if weighting == "shrink" and ctx.target_samples is not None:
             # B_ti = ⟨g_i, P g_t⟩ per target example t; their mean is (up to the momentum
             # shift common to every t) b, their spread is the noise of b.
             cross = cands.gram(other=ctx.target_samples, precondition=precondition).T
@@ -134,7 +149,7 @@ class FTWSelector(Selector):
             min_cosine=cfg.min_cosine,
             target_sq_norm=tsq,
             subset=cfg.subset,
-            weighting=cfg.weighting,
+            weighting=weighting,
             ridge=cfg.ridge,
             tol=cfg.tol,
             swap_evals=cfg.swap_evals,
@@ -150,16 +165,39 @@ class FTWSelector(Selector):
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
         }
+        weights = res.weights
+        if next_step and res.indices.numel() > 1:
+            weights, extra = _next_step_weights(ctx, res.indices)
+            diagnostics.update(extra, rho=alignment_ratio(b, kmat, res.indices, weights))
+        elif cfg.weighting == "next-step" and not next_step:
+            diagnostics["weighting"] = "shrink (next-step needs Adam's moments)"
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
         if res.note:
             diagnostics["note"] = res.note
         return Selection(
             indices=res.indices,
-            weights=res.weights,
+            weights=weights,
             scores=b.detach().float(),
             diagnostics=diagnostics,
         )
+
+
+def _next_step_weights(ctx: SelectionContext,
+                       indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weights on ``indices`` from Adam's exact next step (``gradsift.select.next_step``)."""
+    assert ctx.target_grad is not None
+    model = NextStep(ctx.candidates.select(indices).materialize(), ctx.optimizer_state)
+    names = ctx.candidates.param_names
+    direction = {n: ctx.target_grad[n] for n in names}
+    w_best, _ = best_weights(model, direction)
+    s = 0.0
+    w = torch.full_like(w_best, 1.0 / len(w_best))
+    if ctx.target_samples is not None and len(ctx.target_samples) > 1:
+        w, s = shrink_weights(model, w_best, ctx.target_samples.dot_dense)
+    with torch.no_grad():
+        predicted = float(model.decrease(w, direction))
+    return w.float(), {"next_step_shrink": s, "predicted_decrease": predicted}
 
 
 # The ablations are configurations of the one selector (Wang et al., 2026): each fixes one
@@ -169,3 +207,4 @@ register_selector("ftw-nnls", FTWSelector, weighting="nnls")  # ρ-maximizing we
 register_selector("ftw-filter-only", FTWSelector, weighting="uniform")  # the subset alone
 register_selector("ftw-weight-only", FTWSelector, subset="topk")  # top-k by b, FTW's weights
 register_selector("ftw-sgd", FTWSelector, geometry="sgd")  # P = 1
+register_selector("ftw-next-step", FTWSelector, weighting="next-step")  # Adam's exact step

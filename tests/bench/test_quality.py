@@ -62,11 +62,12 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
     assert set(summary) == {"label-noise", "redundancy"}
     for block in summary.values():
         assert set(block["methods"]) == {"ftw", "random"}
-        assert block["paired"]["ftw-random"]["n"] == 2
+        assert block["paired"]["ftw − random"]["n"] == 2
     ftw = summary["label-noise"]["methods"]["ftw"]
     assert ftw["calibration"]["n"] >= 3 and 0.0 <= ftw["accuracy"] <= 1.0
+    assert -1.0 <= ftw["calibration"]["corr_next"] <= 1.0  # Adam's exact next step, probed
     assert (tmp_path / "plots" / "quality_label-noise.png").stat().st_size > 0
-    assert "paired ftw-random" in (tmp_path / "quality.md").read_text()
+    assert "paired ftw − random" in (tmp_path / "quality.md").read_text()
     # restart: every run is finished, nothing runs again
     before = {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
     quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",

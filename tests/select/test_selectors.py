@@ -27,7 +27,7 @@ from gradsift.select import (
 from gradsift.select.baselines import RandomSelector
 
 B = 8
-FTW_NAMES = {"ftw", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd"}
+FTW_NAMES = {"ftw", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd", "ftw-next-step"}
 
 
 def _batch(b: int, seed: int) -> dict[str, torch.Tensor]:

@@ -64,7 +64,9 @@ CORE_METHODS = ("ftw", "greats", "cosine", "random")
 # the order runs are made in: what decides first (so a stopped suite has complete pairs)
 PHASES = (("ftw", "greats", "random"),
           ("ftw-next-step", "cosine", "ftw-filter-only", "ftw-nnls"))
-EXTRA_METHODS = ("ftw-next-step", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd",
+# candidates for FTW's default weighting run on every scenario, like the core methods
+DEFAULT_CANDIDATES = ("ftw-next-step",)
+EXTRA_METHODS = ("ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd",
                  "opus", "loss", "gradnorm", "full")
 MAX_GRAD_NORM = 1.0
 
@@ -399,7 +401,8 @@ def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
 
 # --------------------------------------------------------------------- the suite
 def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
-    chosen = list(CORE_METHODS) + (list(EXTRA_METHODS) if scenario.extra_methods else [])
+    chosen = list(CORE_METHODS) + list(DEFAULT_CANDIDATES) + (
+        list(EXTRA_METHODS) if scenario.extra_methods else [])
     return [m for m in chosen if methods is None or m in methods]
 
 

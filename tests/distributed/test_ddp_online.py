@@ -113,3 +113,29 @@ def test_a_short_last_batch_leaves_a_rank_without_candidates(tmp_path, exchange)
             r["selected_ids"] for r in r0["records"]]
         for name, p in one["params"].items():
             assert (p - r0["params"][name]).abs().max() <= 1e-5, name
+
+
+def test_selectors_without_gradients_train_on_their_k_like_one_process(tmp_path):
+    """``random`` reads only indices: no rank captures anything, each runs forward+backward
+    over its own chosen rows, then one all-reduce (``loss`` takes the same path after a
+    no-grad forward: its replicas are checked above). Full fine-tuning, and a last global
+    batch of one record that leaves rank 1 without candidates."""
+    method = "random"
+    options = (f"method={method}", "model=full", "n_stream=17")
+    assert launch("online", tmp_path / "one", 0, *options) == [0], logs(tmp_path / "one")
+    assert launch("online", tmp_path / "two", 2, *options) == [0, 0], logs(tmp_path / "two")
+    one, r0, r1 = _load(tmp_path / "one"), _load(tmp_path / "two", 0), _load(tmp_path / "two", 1)
+    assert r1["captured"][-1] == []
+    for a, b in zip(one["records"], r0["records"], strict=True):
+        assert a["selected_ids"] == b["selected_ids"]
+        assert a["weights"] == pytest.approx(b["weights"], abs=1e-6)
+        assert len(a["losses"]) == len(b["losses"]) == len(a["candidate_ids"])
+        torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]),
+                                   atol=1e-5, rtol=0, equal_nan=True)
+        chosen = [a["candidate_ids"].index(i) for i in a["selected_ids"]]
+        unknown = {i for i, v in enumerate(b["losses"]) if v != v}  # NaN: never computed
+        assert chosen and not unknown & set(chosen)  # the trained rows' losses are known
+        assert len(unknown) == len(a["candidate_ids"]) - len(chosen)
+    for name, p in one["params"].items():
+        assert (p - r0["params"][name]).abs().max() <= 1e-5, name
+        assert torch.equal(r0["params"][name], r1["params"][name]), name

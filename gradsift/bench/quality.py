@@ -63,11 +63,11 @@ logger = logging.getLogger(__name__)
 CORE_METHODS = ("ftw", "greats", "cosine", "random")
 # the order runs are made in: what decides first (so a stopped suite has complete pairs)
 PHASES = (("ftw", "greats", "random"),
-          ("ftw-next-step", "cosine", "ftw-filter-only", "ftw-nnls"))
+          ("ftw-next-step", "cosine", "ftw-filter-only", "ftw-nnls", "ftw-next-step-weights"))
 # candidates for FTW's default weighting run on every scenario, like the core methods
 DEFAULT_CANDIDATES = ("ftw-next-step",)
-EXTRA_METHODS = ("ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd",
-                 "opus", "loss", "gradnorm", "full")
+EXTRA_METHODS = ("ftw-next-step-weights", "ftw-nnls", "ftw-filter-only", "ftw-weight-only",
+                 "ftw-sgd", "opus", "loss", "gradnorm", "full")
 MAX_GRAD_NORM = 1.0
 
 
@@ -419,7 +419,8 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     seeds = list(seeds or suite.seeds)
     jobs = sorted(((seed, sc, m) for seed in seeds for sc in chosen
                    for m in methods_for(sc, methods)
-                   if m in CORE_METHODS or seed in seeds[: suite.extra_seeds]), key=_job_order)
+                   if m in CORE_METHODS + DEFAULT_CANDIDATES
+                   or seed in seeds[: suite.extra_seeds]), key=_job_order)
     todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
     todo = todo[shard[0]::shard[1]]
     if todo:

@@ -8,6 +8,7 @@ Models", 2026, arXiv 2604.00001; the objective is DESIGN.md §3: ``b_i = ⟨g_i,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ GEOMETRIES = ("adam", "sgd")
 # "next-step": the weights that maximize the decrease predicted from Adam's exact next
 # update (gradsift.select.next_step), shrunk towards uniform by the target batch's evidence.
 SELECTOR_WEIGHTINGS = (*WEIGHTINGS, "next-step")
+# "next-step": greedy forward selection on the same predicted decrease (uniform weights)
+SELECTOR_SUBSETS = (*SUBSETS, "next-step")
 
 
 @dataclass
@@ -38,7 +41,10 @@ class FTWConfig(SelectorConfig):
         momentum_correction: target ``ĝ = (g_V − β₁ m)/(1−β₁)`` instead of ``g_V``.
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
         geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
-        subset: ``"greedy"`` (redundancy-aware) or ``"topk"`` by alignment.
+        subset: ``"greedy"`` (redundancy-aware), ``"topk"`` by alignment, or ``"next-step"``
+            (greedy on the decrease predicted from Adam's exact next update, among the
+            candidates with ``b_i > 0``; materializes all ``B`` per-sample gradients; Adam/AdamW
+            only, others fall back to ``greedy``).
         weighting: ``"nnls"`` (maximize ``ρ``), ``"uniform"``, ``"shrink"`` (uniform moved
             towards NNLS by the evidence of the target batch; ``gradsift.select.ftw``), or
             ``"next-step"`` (maximize the target loss decrease predicted from Adam's exact next
@@ -67,8 +73,8 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
-        if self.subset not in SUBSETS:
-            raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
+        if self.subset not in SELECTOR_SUBSETS:
+            raise ValueError(f"subset must be one of {SELECTOR_SUBSETS}, got {self.subset!r}")
         if self.weighting not in SELECTOR_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {SELECTOR_WEIGHTINGS}, "
                              f"got {self.weighting!r}")
@@ -128,10 +134,12 @@ class FTWSelector(Selector):
             else None
         )
         weighting = cfg.weighting
-        next_step = weighting == "next-step" and cfg.geometry == "adam" and (
-            state.moments is not None and state.momentum is not None)
+        exact = cfg.geometry == "adam" and state.moments is not None and (
+            state.momentum is not None)
+        next_step = weighting == "next-step" and exact
         if weighting == "next-step":
             weighting = "uniform" if next_step else "shrink"
+        subset = "greedy" if cfg.subset == "next-step" else cfg.subset
         per_target = None
         if weighting == "shrink" and ctx.target_samples is not None:
             # B_ti = ⟨g_i, P g_t⟩ per target example t; their mean is (up to the momentum
@@ -148,7 +156,7 @@ class FTWSelector(Selector):
             ctx.k,
             min_cosine=cfg.min_cosine,
             target_sq_norm=tsq,
-            subset=cfg.subset,
+            subset=subset,
             weighting=weighting,
             ridge=cfg.ridge,
             tol=cfg.tol,
@@ -165,31 +173,45 @@ class FTWSelector(Selector):
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
         }
-        weights = res.weights
-        if next_step and res.indices.numel() > 1:
-            weights, extra = _next_step_weights(ctx, res.indices)
-            diagnostics.update(extra, rho=alignment_ratio(b, kmat, res.indices, weights))
-        elif cfg.weighting == "next-step" and not next_step:
-            diagnostics["weighting"] = "shrink (next-step needs Adam's moments)"
+        indices, weights = res.indices, res.weights
+        model = None
+        if cfg.subset == "next-step" and exact:
+            eligible = [i for i, v in enumerate(b.tolist()) if v > 0.0 and math.isfinite(v)]
+            if eligible:
+                model = NextStep(cands.materialize(), state)
+                chosen = sorted(model.greedy_subset(_direction(ctx), eligible, ctx.k))
+                indices = torch.as_tensor(chosen, dtype=torch.int64)
+                model = NextStep({n: g[indices.to(g.device)]
+                                  for n, g in model.per_sample.items()}, state)
+                weights = torch.full((len(chosen),), 1.0 / len(chosen))
+        if next_step and indices.numel() > 1:
+            weights, extra = _next_step_weights(ctx, indices, model)
+            diagnostics.update(extra, rho=alignment_ratio(b, kmat, indices, weights))
+        elif "next-step" in (cfg.weighting, cfg.subset) and not exact:
+            diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
         if res.note:
             diagnostics["note"] = res.note
         return Selection(
-            indices=res.indices,
+            indices=indices,
             weights=weights,
             scores=b.detach().float(),
             diagnostics=diagnostics,
         )
 
 
-def _next_step_weights(ctx: SelectionContext,
-                       indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weights on ``indices`` from Adam's exact next step (``gradsift.select.next_step``)."""
+def _direction(ctx: SelectionContext) -> dict[str, torch.Tensor]:
     assert ctx.target_grad is not None
-    model = NextStep(ctx.candidates.select(indices).materialize(), ctx.optimizer_state)
-    names = ctx.candidates.param_names
-    direction = {n: ctx.target_grad[n] for n in names}
+    return {n: ctx.target_grad[n] for n in ctx.candidates.param_names}
+
+
+def _next_step_weights(ctx: SelectionContext, indices: torch.Tensor, model: NextStep | None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weights on ``indices`` from Adam's exact next step (``gradsift.select.next_step``)."""
+    if model is None:
+        model = NextStep(ctx.candidates.select(indices).materialize(), ctx.optimizer_state)
+    direction = _direction(ctx)
     w_best, _ = best_weights(model, direction)
     s = 0.0
     w = torch.full_like(w_best, 1.0 / len(w_best))
@@ -207,4 +229,6 @@ register_selector("ftw-nnls", FTWSelector, weighting="nnls")  # ρ-maximizing we
 register_selector("ftw-filter-only", FTWSelector, weighting="uniform")  # the subset alone
 register_selector("ftw-weight-only", FTWSelector, subset="topk")  # top-k by b, FTW's weights
 register_selector("ftw-sgd", FTWSelector, geometry="sgd")  # P = 1
-register_selector("ftw-next-step", FTWSelector, weighting="next-step")  # Adam's exact step
+# Adam's exact next step: for the weights alone, and for the subset and the weights
+register_selector("ftw-next-step-weights", FTWSelector, weighting="next-step")
+register_selector("ftw-next-step", FTWSelector, subset="next-step", weighting="next-step")

@@ -47,22 +47,22 @@ class NextStep:
         self.max_grad_norm = max_grad_norm
         self.n = next(iter(self.per_sample.values())).shape[0] if self.per_sample else 0
 
-    def gradient(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``g(w)``, after clipping."""
+    def combine(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``g(w) = Σ_i w_i g_i`` as a batch of one, before clipping."""
         w = w.double()
-        grads = {n: torch.tensordot(w.to(g.device), g, dims=1) for n, g in
-                 self.per_sample.items()}
-        if self.max_grad_norm is not None:
-            norm = torch.sqrt(sum((g * g).sum().cpu() for g in grads.values()))
-            scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            grads = {n: g * scale.to(g.device) for n, g in grads.items()}
-        return grads
+        return {n: torch.tensordot(w.to(g.device), g, dims=1)[None] for n, g in
+                self.per_sample.items()}
 
-    def update(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Δ(w)`` per parameter (float64, differentiable in ``w``)."""
+    def updates(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``Δ`` for each of ``J`` gradients (name → (J, *shape)), each clipped on its own."""
+        if self.max_grad_norm is not None:
+            sq = sum((g * g).flatten(1).sum(1).cpu() for g in grads.values())
+            scale = torch.clamp(self.max_grad_norm / (torch.sqrt(sq) + 1e-6), max=1.0)
+            grads = {n: g * scale.to(g.device).view(-1, *[1] * (g.dim() - 1))
+                     for n, g in grads.items()}
         out = {}
         st = self.state
-        for name, g in self.gradient(w).items():
+        for name, g in grads.items():
             mom = st.moments[name]  # type: ignore[index]
             beta1, beta2, t = st.beta1[name], mom.beta2, mom.step + 1
             m = beta1 * st.momentum[name].double() + (1.0 - beta1) * g  # type: ignore[index]
@@ -73,12 +73,39 @@ class NextStep:
             out[name] = -st.lr[name] * (m / (1.0 - beta1**t)) / denom
         return out
 
+    def update(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Δ(w)`` per parameter (float64, differentiable in ``w``)."""
+        return {n: d[0] for n, d in self.updates(self.combine(w)).items()}
+
+    def decreases(self, grads: Mapping[str, torch.Tensor],
+                  direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``−⟨ĝ, Δ⟩`` for each of ``J`` gradients (name → (J, *shape)): (J,) float64."""
+        total = None
+        for name, d in self.updates(grads).items():
+            dot = (direction[name].double().to(d.device) * d).flatten(1).sum(1).cpu()
+            total = -dot if total is None else total - dot
+        assert total is not None
+        return total
+
     def decrease(self, w: torch.Tensor, direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``u(w) = −⟨ĝ, Δ(w)⟩`` for ``direction = ĝ`` (a 0-d float64 tensor)."""
-        total = torch.zeros((), dtype=torch.float64)
-        for name, d in self.update(w).items():
-            total = total - (direction[name].double().to(d.device) * d).sum().cpu()
-        return total
+        return self.decreases(self.combine(w), direction)[0]
+
+    def greedy_subset(self, direction: Mapping[str, torch.Tensor], eligible: list[int],
+                      k: int) -> list[int]:
+        """Forward selection of ``k`` of the ``eligible`` samples: each round adds the one
+        whose uniform mean with the chosen gives the largest ``u`` (all tried at once)."""
+        chosen: list[int] = []
+        total = {n: torch.zeros_like(g[0]) for n, g in self.per_sample.items()}
+        for m in range(min(k, len(eligible))):
+            rest = [j for j in eligible if j not in chosen]
+            index = torch.as_tensor(rest)
+            trial = {n: (total[n] + g[index.to(g.device)]) / (m + 1)
+                     for n, g in self.per_sample.items()}
+            j = rest[int(torch.argmax(self.decreases(trial, direction)))]
+            chosen.append(j)
+            total = {n: total[n] + g[j] for n, g in self.per_sample.items()}
+        return chosen
 
 
 def _ascend(f: Callable[[torch.Tensor], torch.Tensor], w0: torch.Tensor,

@@ -91,6 +91,41 @@ def test_shrink_is_the_signal_to_noise_share_of_the_gain() -> None:
                                rtol=1e-6)
 
 
+def _real_step_decrease(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        grad: dict[str, torch.Tensor], direction: dict[str, torch.Tensor]
+                        ) -> float:
+    """−⟨ĝ, Δθ⟩ of a real AdamW step on copies of the model and optimizer."""
+    import copy
+
+    model2 = copy.deepcopy(model)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=opt.defaults["lr"], weight_decay=0.0)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before = {n: p.detach().clone() for n, p in model2.named_parameters()}
+    for n, p in model2.named_parameters():
+        p.grad = grad[n].float().clone()
+    opt2.step()
+    return -sum(float((direction[n].double() * (p.detach() - before[n]).double()).sum())
+                for n, p in model2.named_parameters())
+
+
+def test_greedy_subset_takes_the_best_real_step_each_round() -> None:
+    model, per_sample = _model_and_grads(6, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    _warm(model, opt, 2, seed=8)
+    direction = {n: torch.randn(p.shape) + per_sample[n][2] for n, p in model.named_parameters()}
+    step = NextStep(per_sample, read_optimizer_state(opt, model))
+    eligible = [0, 1, 2, 4, 5]
+    chosen = step.greedy_subset(direction, eligible, 3)
+    # brute force: each round, the real AdamW step on the uniform mean of chosen + j
+    expect: list[int] = []
+    for _ in range(3):
+        gains = {j: _real_step_decrease(model, opt, {n: per_sample[n][expect + [j]].mean(0)
+                                                     for n in per_sample}, direction)
+                 for j in eligible if j not in expect}
+        expect.append(max(gains, key=gains.get))
+    assert chosen == expect
+
+
 def test_other_optimizers_are_refused() -> None:
     model, per_sample = _model_and_grads(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -98,7 +133,8 @@ def test_other_optimizers_are_refused() -> None:
         NextStep(per_sample, read_optimizer_state(opt, model))
 
 
-def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path) -> None:
+@pytest.mark.parametrize("method", ["ftw-next-step", "ftw-next-step-weights"])
+def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path, method: str) -> None:
     """Through the engine: the logged prediction against the target batch's loss change."""
     from gradsift.capture import forward_losses
     from gradsift.engine import EngineConfig, OnlineTrainer
@@ -108,7 +144,7 @@ def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     config = EngineConfig(candidates_per_step=6, budget_per_step=3, target_batch_size=4,
                           eval_size=0, eval_every=0, checkpoint_every=0, max_grad_norm=None)
-    trainer = OnlineTrainer(model, opt, get_selector("ftw-next-step"),
+    trainer = OnlineTrainer(model, opt, get_selector(method),
                             ListStream(make_examples(40, seed=1)), make_examples(8, seed=2),
                             config, tmp_path / "run", pad_token_id=0, seed=0)
 

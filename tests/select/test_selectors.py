@@ -27,7 +27,8 @@ from gradsift.select import (
 from gradsift.select.baselines import RandomSelector
 
 B = 8
-FTW_NAMES = {"ftw", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd", "ftw-next-step"}
+FTW_NAMES = {"ftw", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ftw-sgd", "ftw-next-step",
+             "ftw-next-step-weights"}
 
 
 def _batch(b: int, seed: int) -> dict[str, torch.Tensor]:

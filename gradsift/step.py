@@ -175,6 +175,10 @@ class SelectionStep:
             f"{m}.{a}" for m in self.module_names for a in ("weight", "bias"))
             if n in self.params}
         self.exchange = Exchange(self.distributed, self.captured_shapes, seed=seed + 2)
+        # True: after selecting, train on the chosen rows with a second forward+backward over
+        # them instead of assembling Σ w_i g_i from the factors — the same update, the way
+        # GREATS' reference code works; kept to measure against (gradsift.bench.step).
+        self.second_pass = False
 
     @property
     def device(self) -> torch.device:
@@ -210,8 +214,9 @@ class SelectionStep:
 
         # 1. one forward+backward over all B candidates, in micro-batches, keeping factors.
         t0 = time.perf_counter()
-        captures = [capture(self.model, b, modules=self.module_names,
-                            retain_graph=bool(self.other_params)) for b in batches]
+        retain = bool(self.other_params) and not self.second_pass
+        captures = [capture(self.model, b, modules=self.module_names, retain_graph=retain)
+                    for b in batches]
         candidates = FactorizedGrads.concat([c.grads for c in captures])
         timing["capture"] = time.perf_counter() - t0
 
@@ -240,7 +245,15 @@ class SelectionStep:
         t0 = time.perf_counter()
         weights = torch.zeros(len(candidates))
         weights[selection.indices] = selection.weights.float().cpu()
-        if len(selection.indices) > 0:
+        if len(selection.indices) > 0 and self.second_pass:
+            captures = None  # the factors' activations go before the second pass
+            if not accumulate:
+                for p in self.params.values():
+                    p.grad = None
+            chosen = torch.zeros(len(weights), dtype=torch.bool)
+            chosen[selection.indices] = True
+            self._train_on_rows(batches, weights * grad_scale, chosen)
+        elif len(selection.indices) > 0:
             set_weighted_gradients(captures, candidates, weights * grad_scale, self.params,
                                    self.other_params, accumulate=accumulate)
         del captures

@@ -161,3 +161,23 @@ def test_chosen_rows_drop_only_columns_padded_in_every_chosen_row():
     assert sub["input_ids"].shape == (2, width)
     assert torch.equal(sub["labels"], batch["labels"][rows, :width])
     assert bool(sub["attention_mask"][:, -1].any())
+
+
+@pytest.mark.parametrize("method", ["ftw", "greats"])
+def test_a_second_pass_over_the_chosen_rows_writes_the_factors_update(method):
+    """``second_pass`` (the two-pass route the benchmark measures): same selection, and the
+    forward+backward over the chosen rows gives the gradient assembled from the factors."""
+    examples = make_examples(7, seed=11)
+    grads, results = [], []
+    for second_pass in (False, True):
+        model = tiny_llama(seed=4, tie=True)
+        step = _step(model, get_selector(method), seed=2)
+        step.second_pass = second_pass
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        results.append(step.run(step.batches(examples), opt))
+        grads.append(_grads(model))
+    assert torch.equal(results[0].selection.indices, results[1].selection.indices)
+    torch.testing.assert_close(results[0].weights, results[1].weights)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -17,9 +17,13 @@ configuration sees the same B records):
   forward + one backward to the layer outputs), ``target`` (forward + backward over
   ``target_batch_size`` target examples, every ``target_refresh`` steps), ``selection``
   (optimizer state read, ``b``, ``K``, the solver), ``update`` (``Σ w_i g_i`` from the factors,
-  clipping, AdamW step; plus a second backward through the retained graph for trainable
-  parameters outside the captured linear layers, e.g. embeddings and norms in full fine-tuning)
-  and ``other`` (the rest: reading and tokenizing the stream, writing the logs).
+  clipping, AdamW step) and ``other`` (the rest: reading and tokenizing the stream, writing the
+  logs). Selectors that read no gradients (``random``: indices; ``loss``: losses) skip the
+  capture: ``capture`` is then their no-grad forward over B (``loss``) or nothing
+  (``random``), and ``update`` the forward+backward over the k chosen.
+* ``gradsift two-pass`` -- ``ftw``'s step with the update from a second pass: score with the
+  one forward+backward over B of the capture, then train with a separate forward+backward over
+  the k selected (the way GREATS' reference code trains; ``SelectionStep.second_pass``).
 
 Every trainer (plain ones included) is built by ``gradsift.recipe.setup`` from a ``RunConfig``
 (``eval_every=0``, ``checkpoint_every=0``: no evaluation or checkpoint inside the timings),
@@ -31,7 +35,14 @@ Timing: ``--warmup`` steps per configuration first (so that AdamW's state exists
 Adam-geometry path runs), then ``--repeats`` timed steps, all configurations interleaved
 round-robin in one process (the starting configuration rotates every round) so that load from
 other processes falls on all of them alike. Wall-clock median (min), and median process CPU
-time. Reported at ``target_refresh=1``; the step at ``target_refresh=R`` (``--refresh``) is
+time. On cpu the default is one intra-op thread (``--threads``): on a shared machine a
+descheduled second OpenMP thread stalls every parallel region.
+
+The defaults (tiny model, full fine-tuning, B=16, k=4, T=128) take about a minute and a half on
+a 2-core CPU. The output ends with one line per method, ``ratio METHOD VALUE``: the median
+step over the median plain-B step of the same run (scripts read these lines).
+
+Reported at ``target_refresh=1``; the step at ``target_refresh=R`` (``--refresh``) is
 derived per step as ``total - target * (1 - 1/R)``; with ``--measure-refresh`` an ``ftw``
 trainer at ``target_refresh=R`` also runs, and its mean over the timed steps is given (a
 median would hide the refresh steps).
@@ -39,9 +50,9 @@ median would hide the refresh steps).
 Usage::
 
     python -m gradsift.bench.step [--model tiny|smollm2-135m] [--device cpu|cuda]
-        [--batch-size 16] [--budget 4] [--seq-len 128] [--lora|--full]
-        [--methods ftw,random,greats] [--repeats 5] [--warmup 2] [--refresh 4]
-        [--measure-refresh] [--threads N] [--markdown FILE]
+        [--batch-size 16] [--budget 4] [--seq-len 128] [--full|--lora]
+        [--methods ftw,greats,cosine,loss,two-pass,random] [--repeats 3] [--warmup 1]
+        [--refresh 4] [--measure-refresh] [--threads N] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -63,6 +74,8 @@ import torch
 from gradsift.bench import emit
 
 SPLIT = ("capture", "target", "selection", "update", "other")
+TWO_PASS = "two-pass"  # ftw's selection, then a separate forward+backward over the k
+DEFAULT_METHODS = "ftw,greats,cosine,loss,two-pass,random"
 PLAIN_SPLIT = ("data", "compute")
 
 
@@ -247,8 +260,10 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         gradsift_configs.append(("ftw", args.refresh))
     for method, refresh in gradsift_configs:
         name = f"gradsift {method}" + (f" (refresh {refresh})" if refresh != 1 else "")
-        run = setup(make_config(args, stream, target, method, refresh),
+        selector = "ftw" if method == TWO_PASS else method
+        run = setup(make_config(args, stream, target, selector, refresh),
                     tmp / name.replace(" ", "-").replace("(", "").replace(")", ""))
+        run.trainer.selection.second_pass = method == TWO_PASS
         runners.append(GradsiftRunner(name, run))
         results.append(Measured(name, "gradsift", refresh=refresh))
     facts["setup_s"] = time.perf_counter() - t_setup
@@ -376,13 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=4, help="k, the data budget per step")
     parser.add_argument("--seq-len", type=int, default=128, help="max_length (truncation)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--lora", dest="lora", action="store_true", default=True,
-                       help="LoRA r 8 on q/k/v/o (default)")
-    group.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
-    parser.add_argument("--methods", default="ftw,random,greats",
-                        help="comma-separated selectors to time")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    group.add_argument("--full", dest="lora", action="store_false", default=False,
+                       help="full fine-tuning (default)")
+    group.add_argument("--lora", dest="lora", action="store_true", help="LoRA r 8 on q/k/v/o")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated selectors to time, and {TWO_PASS!r} "
+                             f"(default: {DEFAULT_METHODS})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     parser.add_argument("--target-batch-size", type=int, default=8)
     parser.add_argument("--n-target", type=int, default=200, help="target records built")
     parser.add_argument("--refresh", type=int, default=4,
@@ -390,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-refresh", action="store_true",
                         help="also time an ftw trainer at target_refresh=R")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default: torch's default, the core count)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 on cpu, torch's own on cuda)")
     parser.add_argument("--markdown", help="also write the markdown report to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args(argv)
@@ -402,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --refresh must be >= 1")
     if args.budget > args.batch_size:
         parser.error("--budget must not exceed --batch-size")
-    if args.threads > 0:
+    if args.threads is None and not args.device.startswith("cuda"):
+        args.threads = 1
+    if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("gradsift").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -412,7 +430,25 @@ def main(argv: list[str] | None = None) -> int:
         results, facts = run_benchmark(args, Path(tmp))
     report = markdown(results, facts, args)
     emit(report, args.markdown)
+    print("\n".join(ratio_lines(results)))
     return 0
+
+
+def ratio_lines(results: list[Measured]) -> list[str]:
+    """``ratio METHOD VALUE`` per method at refresh 1: median step / median plain-B step."""
+    base = next(r for r in results if r.name == "plain B")
+    return [f"ratio {r.name.removeprefix('gradsift ')} {r.median / base.median:.3f}"
+            for r in results if r.kind == "gradsift" and r.refresh == 1]
+
+
+def read_ratios(text: str) -> dict[str, float]:
+    """The ``ratio METHOD VALUE`` lines of this benchmark's output, as a dict."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "ratio":
+            out[parts[1]] = float(parts[2])
+    return out
 
 
 if __name__ == "__main__":

@@ -167,9 +167,16 @@ class FactorizedGrads:
         return out
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Σ_i w_i g_i`` per parameter (linear: ``(w ⊙ D)ᵀ A``, one GEMM; no copies)."""
+        """``Σ_i w_i g_i`` per parameter (linear: ``(w ⊙ D)ᵀ A``, one GEMM).
+
+        Only the samples with ``w_i ≠ 0`` enter it (a selection of k of B: k/B of the GEMMs).
+        """
         w = weights.float().to(self.losses.device)
-        return _sum_dicts(layer.weighted_sum(w) for layer in self.layers)
+        layers = self.layers
+        used = (w != 0).nonzero().squeeze(1)
+        if 0 < len(used) < len(w):
+            layers, w = [layer.select(used) for layer in layers], w[used]
+        return _sum_dicts(layer.weighted_sum(w) for layer in layers)
 
     def materialize(self) -> dict[str, torch.Tensor]:
         """Parameter name → (B, *param.shape) per-sample gradients (memory ``B`` × params)."""

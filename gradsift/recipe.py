@@ -1,10 +1,12 @@
 """The ``gradsift run`` recipe: preflight → setup → train → summary, each an explicit step
 (torchtune style).
 
-A run directory holds ``config.yaml`` (resolved, absolute data paths), ``metrics.jsonl``,
-``selections.jsonl``, ``checkpoints/`` and, once finished, ``summary.json``. ``resume_run``
-continues a stopped run from its newest intact checkpoint (or from step 0 when it has none)
-to the configured ``steps``. ``preflight`` checks the data files, the device and the model
+A run directory holds ``config.yaml`` (resolved, absolute data paths), ``tokenizer.json``
+(the tokenizer's identity), ``metrics.jsonl``, ``selections.jsonl``, ``checkpoints/`` and, once
+finished, ``summary.json``. ``resume_run`` continues a stopped run from its newest intact
+checkpoint (or from step 0 when it has none) to the configured ``steps``, and refuses a
+tokenizer other than the one the run started with (``model: tiny`` picks one by what is
+installed). ``preflight`` checks the data files, the device and the model
 before anything is loaded or written; a run holds its folder's lock while it writes. With
 ``report_to``, rank 0 forwards the run log's scalars to TensorBoard, wandb or trackio
 (``gradsift.reporting``).
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from gradsift import distributed as ddp
 from gradsift.checkpoint import has_checkpoint
 from gradsift.config import (
+    LOGGING_KEYS,
     ConfigError,
     RunConfig,
     config_differences,
@@ -45,13 +48,21 @@ from gradsift.data import DataError, ExampleStream, read_examples
 from gradsift.engine import OnlineTrainer, TrainingDiverged
 from gradsift.hf_datasets import DatasetStream, dataset_examples, is_dataset_spec, split_spec
 from gradsift.jsonio import write_json
-from gradsift.models import SMOLLM2_SPEC, TINY_SPEC, bundled_gguf, load_model_and_tokenizer
+from gradsift.models import (
+    SMOLLM2_SPEC,
+    TINY_SPEC,
+    bundled_gguf,
+    check_same_tokenizer,
+    load_model_and_tokenizer,
+    tokenizer_identity,
+)
 from gradsift.reporting import ReportToError, check_report_to, open_reporters
 from gradsift.rundir import check_new_run_dir, is_run_dir, locked
 from gradsift.select import available_selectors, get_selector
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -62,6 +73,7 @@ class Run:
     trainer: OnlineTrainer
     out_dir: Path
     skipped_target_records: dict[str, int] | None = None
+    tokenizer: Any = None
 
 
 def seed_everything(seed: int) -> None:
@@ -240,7 +252,29 @@ def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None)
                             pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                             total_steps=config.steps, distributed=config.distributed)
     return Run(config=config, trainer=trainer, out_dir=out_dir,
-               skipped_target_records=target_skips)
+               skipped_target_records=target_skips, tokenizer=tokenizer)
+
+
+def record_tokenizer(run: Run) -> None:
+    """On rank 0: write the run's tokenizer identity (:func:`tokenizer_identity`) to
+    ``tokenizer.json``, before the first checkpoint, for :func:`check_tokenizer`."""
+    if ddp.is_main_process():
+        write_json(run.out_dir / TOKENIZER_FILE, tokenizer_identity(run.tokenizer))
+
+
+def check_tokenizer(run: Run) -> None:
+    """Refuse to resume ``run`` with a tokenizer other than the one it was started with.
+
+    Raises:
+        TokenizerMismatch: the vocabularies differ (the message names both tokenizers).
+    """
+    path = run.out_dir / TOKENIZER_FILE
+    if not path.is_file():  # started by a gradsift that did not record it
+        logger.warning("%s has no %s: its tokenizer cannot be checked; recording the one "
+                       "loaded now", run.out_dir, TOKENIZER_FILE)
+        record_tokenizer(run)
+        return
+    check_same_tokenizer(json.loads(path.read_text()), run.tokenizer)
 
 
 class Interrupted(Exception):
@@ -369,6 +403,7 @@ def run_config(config: RunConfig, out_dir: str | Path, quiet: bool = False,
             save_config(config, out_dir / "config.yaml")
         ddp.barrier()
         run = setup(config, out_dir, model_path)
+        record_tokenizer(run)
         attach_reporters(run)
         try:
             run.trainer.log_initial_eval()
@@ -396,6 +431,7 @@ def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
     Raises:
         RunFolderError: ``out_dir`` is not a gradsift run.
         CheckpointError: it has checkpoints, but none is intact (each reason is listed).
+        TokenizerMismatch: the tokenizer loaded now is not the one the run started with.
     """
     out_dir = Path(out_dir)
     config_file = out_dir / "config.yaml"
@@ -408,6 +444,7 @@ def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
         run = setup(config, out_dir, model_path)
         try:
             if has_checkpoint(out_dir / "checkpoints"):
+                check_tokenizer(run)
                 step = run.trainer.resume()  # every rank reads rank 0's checkpoint
                 logger.info("resumed %s at step %d of %d", out_dir, step, config.steps)
                 attach_reporters(run, start_step=step + 1)
@@ -418,6 +455,7 @@ def resume_run(out_dir: str | Path, quiet: bool = False, position: int = 0,
                 if main:
                     for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
                         (out_dir / name).unlink(missing_ok=True)
+                record_tokenizer(run)  # a fresh start: whichever tokenizer is loaded now
                 attach_reporters(run, start_step=0)
                 run.trainer.log_initial_eval()
             stopped = train(run, quiet=quiet or not main, position=position, desc=desc)
@@ -431,7 +469,8 @@ def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
     """One run per method and seed under ``out/<method>/seed_<seed>``, then the report.
 
     Restartable: a finished run is reused and a stopped one resumed — but only when its
-    stored config is the requested one.
+    stored config is the requested one, up to the keys that only choose where the run is
+    logged (``LOGGING_KEYS``: ``report_to``); a resumed run logs to the requested ones.
 
     Raises:
         ConfigError: a run folder was made with another config (the differing keys are named).
@@ -453,9 +492,12 @@ def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
             cfg = dataclasses.replace(config, method=method, seed=seed)
             try:
                 if (run_dir / "config.yaml").is_file():
-                    _check_same_config(run_dir, cfg)
+                    stored = _check_same_config(run_dir, cfg)
                     if (run_dir / "summary.json").exists():
                         continue  # finished earlier with this config: compare can be restarted
+                    if config_differences(stored, cfg):  # only in LOGGING_KEYS: log as asked
+                        with locked(run_dir):
+                            save_config(_with_logging_keys(stored, cfg), run_dir / "config.yaml")
                     resume_run(run_dir, quiet=quiet, position=1, desc=f"{method} seed {seed}")
                 else:
                     run_config(cfg, run_dir, quiet=quiet, position=1,
@@ -479,11 +521,18 @@ def compare(config: RunConfig, methods: list[str], seeds: list[int], out: Path,
     return summary
 
 
-def _check_same_config(run_dir: Path, requested: RunConfig) -> None:
-    """Refuse to reuse or resume ``run_dir`` when it was made with another config."""
+def _check_same_config(run_dir: Path, requested: RunConfig) -> RunConfig:
+    """Refuse to reuse or resume ``run_dir`` when it was made with another config (keys that
+    only choose where the run is logged do not count). Returns the stored config."""
     stored = load_config(run_dir / "config.yaml")
-    diff = config_differences(stored, requested)
+    diff = config_differences(stored, requested, ignore=LOGGING_KEYS)
     if diff:
         raise ConfigError(
             f"{run_dir} was made with another config ({'; '.join(diff[:5])}"
             f"{'; ...' if len(diff) > 5 else ''}): use a new --out, or the same config")
+    return stored
+
+
+def _with_logging_keys(stored: RunConfig, requested: RunConfig) -> RunConfig:
+    """``stored`` with the ``LOGGING_KEYS`` of ``requested``."""
+    return dataclasses.replace(stored, **{k: getattr(requested, k) for k in LOGGING_KEYS})

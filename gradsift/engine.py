@@ -169,6 +169,7 @@ class OnlineTrainer:
         self.selection = SelectionStep(model, selector, target_pool, config,
                                        pad_token_id=pad_token_id, seed=seed,
                                        distributed=distributed)
+        self.selection.max_grad_norm = config.max_grad_norm
         self.model = self.selection.model  # the module inside a DDP wrapper
         self.run_dir = Path(run_dir)
         self.runlog = RunLog(self.run_dir, enabled=is_main_process())

@@ -165,6 +165,9 @@ class SelectionStep:
         self.target_generator = torch.Generator().manual_seed(seed)
         self.selector_generator = torch.Generator().manual_seed(seed + 1)
         self.calls = 0
+        # the clipping the caller applies to the weighted gradient (the selection context
+        # passes it on to selectors that model the optimizer step exactly)
+        self.max_grad_norm: float | None = None
         self.target_grad: dict[str, torch.Tensor] | None = None
         self.target_samples: FactorizedGrads | None = None  # per-example factors behind g_V
         self.target_batch: list[Example] = []  # the target examples behind g_V
@@ -237,6 +240,7 @@ class SelectionStep:
             k=self.config.budget_per_step,
             generator=self.selector_generator,
             target_samples=self.target_samples if needs_target else None,
+            max_grad_norm=self.max_grad_norm,
         ))
         self.calls += 1
         timing["selection"] = time.perf_counter() - t0
@@ -360,7 +364,8 @@ class SelectionStep:
             selection = self.selector.select(SelectionContext(
                 candidates=everyone, target_grad=target, optimizer_state=state, k=k,
                 generator=self.selector_generator,
-                target_samples=self.target_samples if needs_target else None))
+                target_samples=self.target_samples if needs_target else None,
+                max_grad_norm=self.max_grad_norm))
             losses = everyone.losses
             # identical inputs give identical choices; broadcasting rank 0's makes it certain
             chosen = ddp.broadcast_object((selection.indices, selection.weights))
@@ -528,7 +533,8 @@ class SelectionStep:
             sel = self.selector.select(SelectionContext(
                 candidates=local, target_grad=self.target_grad if needs_target else None,
                 optimizer_state=state, k=k_r, generator=self.selector_generator,
-                target_samples=self.target_samples if needs_target else None))
+                target_samples=self.target_samples if needs_target else None,
+                max_grad_norm=self.max_grad_norm))
             part = (sel.indices, sel.weights, sel.scores, local.losses.detach().float().cpu(),
                     sel.diagnostics)
         else:

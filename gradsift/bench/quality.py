@@ -203,7 +203,7 @@ class _Probe(Selector):
     def __init__(self, inner: Selector):
         self.inner, self.config = inner, inner.config
         self.name, self.needs_target = inner.name, inner.needs_target
-        self.needs_grads = inner.needs_grads
+        self.needs_grads, self.needs = inner.needs_grads, inner.needs
         self.last: dict[str, float] = {}
 
     @property

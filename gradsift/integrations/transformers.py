@@ -294,6 +294,7 @@ class GradSiftTrainer(Trainer):
             self._step = SelectionStep(model, self.selector, self.target_examples,
                                        self.selection_config, pad_token_id=pad,
                                        seed=self.args.seed, distributed=self.distributed)
+            self._step.max_grad_norm = self.args.max_grad_norm or None
             if self._restored is not None:
                 self._step.load_state_dict(self._restored)
                 self._restored = None

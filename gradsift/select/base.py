@@ -35,6 +35,8 @@ class SelectionContext:
         target_samples: the per-example factors of the target batch behind ``target_grad``
             (given when ``selector.needs_target_samples``): ``⟨g_i, P g_t⟩`` per target
             example ``t`` measures how noisy each alignment ``b_i`` is.
+        max_grad_norm: the clipping the weighted gradient will get before the optimizer
+            step (None: none), for selectors that model the step exactly.
     """
 
     candidates: FactorizedGrads
@@ -43,6 +45,7 @@ class SelectionContext:
     k: int
     generator: torch.Generator
     target_samples: FactorizedGrads | None = None
+    max_grad_norm: float | None = None
 
 
 @dataclass

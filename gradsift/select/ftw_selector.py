@@ -178,11 +178,12 @@ class FTWSelector(Selector):
         if cfg.subset == "next-step" and exact:
             eligible = [i for i, v in enumerate(b.tolist()) if v > 0.0 and math.isfinite(v)]
             if eligible:
-                model = NextStep(cands.materialize(), state)
+                model = NextStep(cands.materialize(), state, ctx.max_grad_norm)
                 chosen = sorted(model.greedy_subset(_direction(ctx), eligible, ctx.k))
                 indices = torch.as_tensor(chosen, dtype=torch.int64)
                 model = NextStep({n: g[indices.to(g.device)]
-                                  for n, g in model.per_sample.items()}, state)
+                                  for n, g in model.per_sample.items()}, state,
+                                 ctx.max_grad_norm)
                 weights = torch.full((len(chosen),), 1.0 / len(chosen))
         if next_step and indices.numel() > 1:
             weights, extra = _next_step_weights(ctx, indices, model)
@@ -210,7 +211,8 @@ def _next_step_weights(ctx: SelectionContext, indices: torch.Tensor, model: Next
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weights on ``indices`` from Adam's exact next step (``gradsift.select.next_step``)."""
     if model is None:
-        model = NextStep(ctx.candidates.select(indices).materialize(), ctx.optimizer_state)
+        model = NextStep(ctx.candidates.select(indices).materialize(), ctx.optimizer_state,
+                         ctx.max_grad_norm)
     direction = _direction(ctx)
     w_best, _ = best_weights(model, direction)
     s = 0.0

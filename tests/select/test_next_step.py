@@ -133,8 +133,10 @@ def test_other_optimizers_are_refused() -> None:
         NextStep(per_sample, read_optimizer_state(opt, model))
 
 
-@pytest.mark.parametrize("method", ["ftw-next-step", "ftw-next-step-weights"])
-def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path, method: str) -> None:
+@pytest.mark.parametrize("method,clip", [("ftw-next-step", None), ("ftw-next-step", 0.05),
+                                         ("ftw-next-step-weights", None)])
+def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path, method: str,
+                                                            clip: float | None) -> None:
     """Through the engine: the logged prediction against the target batch's loss change."""
     from gradsift.capture import forward_losses
     from gradsift.engine import EngineConfig, OnlineTrainer
@@ -143,7 +145,7 @@ def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path, method: s
     model = tiny_llama(seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     config = EngineConfig(candidates_per_step=6, budget_per_step=3, target_batch_size=4,
-                          eval_size=0, eval_every=0, checkpoint_every=0, max_grad_norm=None)
+                          eval_size=0, eval_every=0, checkpoint_every=0, max_grad_norm=clip)
     trainer = OnlineTrainer(model, opt, get_selector(method),
                             ListStream(make_examples(40, seed=1)), make_examples(8, seed=2),
                             config, tmp_path / "run", pad_token_id=0, seed=0)

@@ -55,6 +55,9 @@ class FTWConfig(SelectorConfig):
         ridge: relative ridge of the NNLS Cholesky factor.
         tol: relative gain in ``ρ²`` below which no further candidate is added.
         swap_evals: NNLS fits spent on 1-swap polishing (None: automatic, small problems).
+        next_step_max_bytes: the dense per-sample gradients the ``next-step`` options may hold
+            (float32; ``B`` × trainable parameters for the subset, ``k`` × for the weights);
+            above it they fall back to ``greedy`` / ``shrink``, with a note.
     """
 
     curvature: str = "adam"
@@ -66,6 +69,7 @@ class FTWConfig(SelectorConfig):
     ridge: float = 1e-9
     tol: float = 1e-6
     swap_evals: int | None = None
+    next_step_max_bytes: int = 4 << 30
     fill: bool = True
 
     def __post_init__(self) -> None:
@@ -90,6 +94,9 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"ridge must be in [0, 1), got {self.ridge}")
         if not 0.0 <= self.tol < 1.0:
             raise ValueError(f"tol must be in [0, 1), got {self.tol}")
+        if not isinstance(self.next_step_max_bytes, int) or self.next_step_max_bytes < 0:
+            raise ValueError(f"next_step_max_bytes must be an int >= 0, "
+                             f"got {self.next_step_max_bytes!r}")
         if self.swap_evals is not None and self.swap_evals < 0:
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
 
@@ -136,6 +143,18 @@ class FTWSelector(Selector):
         weighting = cfg.weighting
         exact = cfg.geometry == "adam" and state.moments is not None and (
             state.momentum is not None)
+        dense = 4 * sum(ctx.target_grad[n].numel() for n in names)  # bytes per sample
+        fits = {"subset": len(cands) * dense <= cfg.next_step_max_bytes,
+                "weighting": ctx.k * dense <= cfg.next_step_max_bytes}
+        too_big = [o for o in ("subset", "weighting")
+                   if getattr(cfg, o) == "next-step" and exact and not fits[o]]
+        if too_big:
+            diagnostics_note = (f"next-step {'/'.join(too_big)} would hold "
+                                f"{len(cands) * dense / 2**30:.1f} GiB of dense gradients "
+                                f"(next_step_max_bytes {cfg.next_step_max_bytes / 2**30:.1f} "
+                                f"GiB): used greedy/shrink")
+        exact_subset = exact and fits["subset"]
+        exact = exact and fits["weighting"]
         next_step = weighting == "next-step" and exact
         if weighting == "next-step":
             weighting = "uniform" if next_step else "shrink"
@@ -175,7 +194,7 @@ class FTWSelector(Selector):
         }
         indices, weights = res.indices, res.weights
         model = None
-        if cfg.subset == "next-step" and exact:
+        if cfg.subset == "next-step" and exact_subset:
             eligible = [i for i, v in enumerate(b.tolist()) if v > 0.0 and math.isfinite(v)]
             if eligible:
                 model = NextStep(cands.materialize(), state, ctx.max_grad_norm)
@@ -188,6 +207,8 @@ class FTWSelector(Selector):
         if next_step and indices.numel() > 1:
             weights, extra = _next_step_weights(ctx, indices, model)
             diagnostics.update(extra, rho=alignment_ratio(b, kmat, indices, weights))
+        if too_big:
+            diagnostics["note_next_step"] = diagnostics_note
         elif "next-step" in (cfg.weighting, cfg.subset) and not exact:
             diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
         if res.shrink is not None:

@@ -42,7 +42,7 @@ class NextStep:
         if state.moments is None or state.momentum is None:
             raise ValueError(f"the next-step model needs Adam's moments; "
                              f"{state.optimizer or 'this optimizer'} has none")
-        self.per_sample = {n: g.double() for n, g in per_sample.items()}
+        self.per_sample = {n: g.float() for n, g in per_sample.items()}  # float64 per use
         self.state = state
         self.max_grad_norm = max_grad_norm
         self.n = next(iter(self.per_sample.values())).shape[0] if self.per_sample else 0
@@ -50,11 +50,12 @@ class NextStep:
     def combine(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """``g(w) = Σ_i w_i g_i`` as a batch of one, before clipping."""
         w = w.double()
-        return {n: torch.tensordot(w.to(g.device), g, dims=1)[None] for n, g in
+        return {n: torch.tensordot(w.to(g.device), g.double(), dims=1)[None] for n, g in
                 self.per_sample.items()}
 
     def updates(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``Δ`` for each of ``J`` gradients (name → (J, *shape)), each clipped on its own."""
+        grads = {n: g.double() for n, g in grads.items()}
         if self.max_grad_norm is not None:
             sq = sum((g * g).flatten(1).sum(1).cpu() for g in grads.values())
             scale = torch.clamp(self.max_grad_norm / (torch.sqrt(sq) + 1e-6), max=1.0)
@@ -96,11 +97,12 @@ class NextStep:
         """Forward selection of ``k`` of the ``eligible`` samples: each round adds the one
         whose uniform mean with the chosen gives the largest ``u`` (all tried at once)."""
         chosen: list[int] = []
-        total = {n: torch.zeros_like(g[0]) for n, g in self.per_sample.items()}
+        total = {n: torch.zeros_like(g[0], dtype=torch.float64)
+                 for n, g in self.per_sample.items()}
         for m in range(min(k, len(eligible))):
             rest = [j for j in eligible if j not in chosen]
             index = torch.as_tensor(rest)
-            trial = {n: (total[n] + g[index.to(g.device)]) / (m + 1)
+            trial = {n: (total[n] + g[index.to(g.device)].double()) / (m + 1)
                      for n, g in self.per_sample.items()}
             j = rest[int(torch.argmax(self.decreases(trial, direction)))]
             chosen.append(j)

@@ -176,3 +176,39 @@ def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path, method: s
         assert sum(record["weights"]) == pytest.approx(1.0, abs=1e-5)
         checked += 1
     assert checked >= 2
+
+
+def test_over_the_memory_limit_it_falls_back_to_ftw_and_says_so() -> None:
+    """next_step_max_bytes=0: the subset and weights of plain ftw (greedy, shrink)."""
+    from gradsift.capture import capture
+    from gradsift.factors import FactorizedGrads
+    from gradsift.select import SelectionContext, get_selector
+
+    model = tiny_llama(seed=1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    from gradsift.data import collate
+
+    batch = collate(make_examples(6, seed=3), pad_token_id=0)
+    target = collate(make_examples(4, seed=4), pad_token_id=0)
+    cands = capture(model, batch).grads
+    samples = capture(model, target).grads
+    target_grad = samples.weighted_sum(torch.full((4,), 0.25))
+    for p in model.parameters():  # one real step, so Adam has state
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = read_optimizer_state(opt, model, cands.param_names)
+
+    def pick(name: str, **options: object):
+        ctx = SelectionContext(cands, target_grad, state, 3, torch.Generator().manual_seed(0),
+                               target_samples=samples)
+        return get_selector(name, **options).select(ctx)
+
+    assert isinstance(cands, FactorizedGrads)
+    fallback = pick("ftw-next-step", next_step_max_bytes=0)
+    plain = pick("ftw")
+    assert fallback.indices.tolist() == plain.indices.tolist()
+    torch.testing.assert_close(fallback.weights, plain.weights)
+    assert "next_step_max_bytes" in fallback.diagnostics["note_next_step"]
+    exact = pick("ftw-next-step")
+    assert "note_next_step" not in exact.diagnostics
+    assert "predicted_decrease" in exact.diagnostics

@@ -30,7 +30,7 @@ from gradsift.layers import (  # noqa: F401  (re-exported: the registry's public
     register_layer_matcher,
     resolve_modules,
 )
-from gradsift.loss import loss_positions, per_sample_loss
+from gradsift.loss import logit_rows_with_loss, loss_positions, per_sample_loss
 
 
 class _Recorder:
@@ -108,12 +108,14 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def forward_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def forward_losses(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                   _logits: list | None = None) -> torch.Tensor:
     """(B,) per-sample losses of a causal LM on ``batch`` (no KV cache).
 
     When the model takes ``logits_to_keep`` (transformers' causal LMs do), the vocabulary
     projection runs only at positions that carry loss in some sample (``loss_positions``);
     the losses are the same, the prompt and padding positions just cost nothing there.
+    ``_logits`` (internal): a list that receives the logits and their rows with loss.
     """
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
@@ -125,7 +127,10 @@ def forward_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
         positions = None
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return per_sample_loss(logits, batch["labels"], positions)
+    losses = per_sample_loss(logits, batch["labels"], positions)
+    if _logits is not None:
+        _logits.extend([logits, logit_rows_with_loss(batch["labels"], positions)])
+    return losses
 
 
 def capture(
@@ -147,9 +152,14 @@ def capture(
     specs = {n: layer_spec(module_map[n]) for n in names}
     recorder = _Recorder(model, names, batch["input_ids"].shape[0],
                          expand=[n for n in names if specs[n].kind == "embedding"])
+    logits: list[torch.Tensor] = []
     with recorder.attached():
-        losses = forward_losses(model, batch)
+        losses = forward_losses(model, batch, logits)
     batch_size = losses.shape[0]
+    # the module whose output *is* the logits (the head): D is exactly zero at its rows
+    # without loss, and every product skips them
+    heads = {n for n in names if specs[n].kind == "linear" and len(recorder.outputs[n]) == 1
+             and recorder.outputs[n][0] is logits[0]}
 
     keys = [(n, i) for n in names for i in range(len(recorder.outputs[n]))]
     outputs = [recorder.outputs[n][i] for n, i in keys]
@@ -169,6 +179,8 @@ def capture(
         build = _FACTOR_BUILDERS[specs[n].kind]
         layers.append(build(n, module_map[n], specs[n], recorder.inputs.pop(n),
                             grads_by_name.pop(n), batch_size, param_names))
+        if n in heads and layers[-1].output_grads.shape[:2] == logits[1].shape:
+            layers[-1].token_mask = logits[1]
     return Capture(
         grads=FactorizedGrads(layers, losses.detach().float(), route=route), losses=losses
     )

@@ -27,6 +27,7 @@ from gradsift.linear_factors import (  # noqa: F401  (re-exported)
     linear_route,
     row_chunks,
 )
+from gradsift.products import Products, products
 
 
 class FactorizedGrads:
@@ -95,8 +96,20 @@ class FactorizedGrads:
         ``⟨g_i, M⟩`` from them, ``B·numel`` instead of a pass as costly as a forward of the
         layer (``B T d_in d_out``): for a large output head, the larger part of ``dot_dense``.
         """
-        dots = torch.zeros(len(self), device=self.losses.device)
-        return self._gram(self, precondition, dense, dots), dots
+        out = self.products(dense, precondition)
+        return out.gram, out.dots
+
+    def products(self, dense: Mapping[str, torch.Tensor],
+                 precondition: Mapping[str, torch.Tensor] | None = None,
+                 other: FactorizedGrads | None = None,
+                 other_precondition: Mapping[str, torch.Tensor] | None = None) -> Products:
+        """``K = ⟨g_i, Q ⊙ g_j⟩``, ``b = ⟨g_i, M⟩`` and ``C = ⟨g_i, R ⊙ h_t⟩`` in one pass.
+
+        Each large weight's per-sample gradients are formed once, a block of rows at a time,
+        for all three (``gradsift.products``). ``Q`` = ``precondition``, ``M`` = ``dense``,
+        ``R`` = ``other_precondition`` (None: 1); ``C`` only with ``other`` (another batch).
+        """
+        return products(self, dense, precondition, other, other_precondition)
 
     def _gram(self, other: FactorizedGrads, precondition: Mapping[str, torch.Tensor] | None,
               dense: Mapping[str, torch.Tensor] | None = None,

@@ -54,3 +54,16 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     there alone skips prompts and padding (``logits_to_keep`` in transformers).
     """
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def logit_rows_with_loss(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """(B, P) bool: which rows of the logits (all T positions, or ``positions``) carry loss.
+
+    The gradient of ``per_sample_loss`` w.r.t. every other row is exactly zero (an ignored
+    target, the last position, a sample without labels).
+    """
+    if positions is None:
+        rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        rows[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        return rows
+    return labels[:, positions.to(labels.device) + 1] != IGNORE_INDEX

@@ -103,6 +103,37 @@ def interaction(
     return cands.gram(precondition={n: precondition[n].float() ** 2 for n in cands.param_names})
 
 
+def alignment_and_interaction(
+    cands: FactorizedGrads,
+    target_dir: Mapping[str, torch.Tensor],
+    precondition: Mapping[str, torch.Tensor] | None,
+    curvature: str = "adam",
+    target_samples: FactorizedGrads | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(alignment, interaction, cross)`` from one pass over the candidates' factors.
+
+    ``cross`` is (B, n_t) ``⟨g_i, P h_t⟩`` against the per-example gradients ``h_t`` of
+    ``target_samples`` (None without them). The same numbers as ``alignment``,
+    ``interaction`` and ``cands.gram(other=target_samples, precondition=P)``, but each large
+    per-sample gradient is formed once for all three (``FactorizedGrads.products``).
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    names = cands.param_names
+    missing = [n for n in names if n not in target_dir]
+    if missing:
+        raise KeyError(f"target direction has no entry for parameter {missing[0]!r}")
+    if precondition is None:
+        dense, gram_p = {n: target_dir[n].float() for n in names}, None
+    else:
+        p = {n: precondition[n].float() for n in names}
+        dense = {n: target_dir[n].float() * p[n].to(target_dir[n].device) for n in names}
+        gram_p = p if curvature == "adam" else {n: p[n] ** 2 for n in names}
+    out = cands.products(dense, gram_p, other=target_samples,
+                         other_precondition=None if precondition is None else p)
+    return out.dots, out.gram, out.cross
+
+
 def target_sq_norm(
     target_dir: Mapping[str, torch.Tensor],
     precondition: Mapping[str, torch.Tensor] | None,

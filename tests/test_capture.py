@@ -53,6 +53,10 @@ def check_against_brute_force(model, batch, grads, routes=("ghost", "materialize
             kmat, dots = g.gram_and_dot(dense, precondition=p)
             assert rel_err(kmat, (ref * p_ref) @ ref.T) <= TOL, route
             assert rel_err(dots, ref @ dense_flat) <= TOL, route
+            out = g.products(dense, p, other=g, other_precondition=precond)
+            assert rel_err(out.gram, (ref * p_ref) @ ref.T) <= TOL, route
+            assert rel_err(out.dots, ref @ dense_flat) <= TOL, route
+            assert rel_err(out.cross, (ref * p_flat) @ ref.T) <= TOL, route
     w = torch.rand(len(grads), generator=gen)
     summed = grads.weighted_sum(w)
     assert rel_err(torch.cat([summed[n].flatten() for n in names]), w @ ref) <= TOL

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradsift.objective import alignment
+from gradsift.objective import alignment_and_interaction
 from gradsift.select.base import (
     Selection,
     SelectionContext,
@@ -131,8 +131,8 @@ class GreatsSelector(Selector):
         cands = ctx.candidates
         assert ctx.target_grad is not None
         eta = cfg.lr if cfg.lr is not None else ctx.optimizer_state.mean_lr(cands.param_names)
-        b = alignment(cands, ctx.target_grad, None).double()
-        kmat = cands.gram().double()
+        b, kmat, _ = alignment_and_interaction(cands, ctx.target_grad, None)  # one pass
+        b, kmat = b.double(), kmat.double()
         n = b.numel()
         bad = ~(torch.isfinite(b) & torch.isfinite(kmat).all(0) & torch.isfinite(kmat).all(1))
         b_ok = torch.where(bad, torch.zeros_like(b), b)
@@ -181,10 +181,9 @@ class CosineSelector(Selector):
         names = cands.param_names
         assert ctx.target_grad is not None
         p = {n: state.preconditioner[n] for n in names}
-        b = alignment(cands, ctx.target_grad, p)
-        norms = (
-            cands.sq_norms(precondition={n: p[n].float() ** 2 for n in names}).clamp(min=0).sqrt()
-        )
+        # b = ⟨g_i, P g_V⟩ and ‖P g_i‖² (the diagonal of the identity-curvature K), one pass
+        b, kmat, _ = alignment_and_interaction(cands, ctx.target_grad, p, "identity")
+        norms = kmat.diagonal().clamp(min=0).sqrt()
         target_norm = sum(float(ctx.target_grad[n].float().pow(2).sum()) for n in names) ** 0.5
         cos = b / (norms * target_norm)
         return _ranked(cos, ctx.k)
@@ -234,8 +233,8 @@ class OpusSelector(Selector):
         assert ctx.target_grad is not None
         eta = cfg.lr if cfg.lr is not None else state.mean_lr(names)
         p = {n: state.preconditioner[n] for n in names}
-        u0 = alignment(cands, ctx.target_grad, p).double().cpu()
-        kmat = cands.gram(precondition={n: p[n].float() ** 2 for n in names}).double().cpu()
+        u0, kmat, _ = alignment_and_interaction(cands, ctx.target_grad, p, "identity")
+        u0, kmat = u0.double().cpu(), kmat.double().cpu()
         idx, n_ok = boltzmann_draws(u0, kmat, ctx.k, eta, cfg.temperature, ctx.generator)
         diag = {"n_filtered": n_ok, "temperature": cfg.temperature, "lr": eta}
         return Selection(idx, _uniform(idx.numel()), u0.float(), diag)

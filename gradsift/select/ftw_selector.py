@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gradsift.objective import CURVATURES, alignment, interaction, target_direction, target_sq_norm
+from gradsift.objective import (
+    CURVATURES,
+    alignment_and_interaction,
+    target_direction,
+    target_sq_norm,
+)
 from gradsift.select.base import (
     Selection,
     SelectionContext,
@@ -133,8 +138,6 @@ class FTWSelector(Selector):
         g_hat = target_direction(
             {n: ctx.target_grad[n] for n in names}, state, cfg.momentum_correction
         )
-        b = alignment(cands, g_hat, precondition)
-        kmat = interaction(cands, precondition, cfg.curvature)
         tsq = (
             target_sq_norm(g_hat, precondition, names, cfg.curvature)
             if cfg.min_cosine > 0.0
@@ -159,11 +162,16 @@ class FTWSelector(Selector):
         if weighting == "next-step":
             weighting = "uniform" if next_step else "shrink"
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
+        # b, K and (for shrink) the cross Gram with the target examples, in one pass
+        b, kmat, cross = alignment_and_interaction(
+            cands, g_hat, precondition, cfg.curvature,
+            ctx.target_samples if weighting == "shrink" else None)
         per_target = None
         if weighting == "shrink" and ctx.target_samples is not None:
             # B_ti = ⟨g_i, P g_t⟩ per target example t; their mean is (up to the momentum
             # shift common to every t) b, their spread is the noise of b.
-            cross = cands.gram(other=ctx.target_samples, precondition=precondition).T
+            assert cross is not None
+            cross = cross.T
             scale = 1.0
             if cfg.momentum_correction and state.momentum is not None:
                 beta1 = max((state.beta1.get(n, 0.0) for n in names), default=0.0)

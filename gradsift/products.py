@@ -1,0 +1,232 @@
+"""``K``, ``b`` and a cross Gram from one materialization of each large per-sample gradient.
+
+A selection step needs three inner products of the candidates' per-sample gradients ``g_i``:
+
+    K_ij = ⟨g_i, Q ⊙ g_j⟩,   b_i = ⟨g_i, M⟩,   C_it = ⟨g_i, R ⊙ h_t⟩   (h_t: another batch)
+
+With an elementwise preconditioner each of them forms ``g_i`` of every linear layer (the
+materialize route, DESIGN.md §3), so computing them one by one forms the largest layer's
+per-sample gradients (a vocabulary head: ``B T V d`` multiply-adds, as much as the head's
+weight gradient) two or three times. Here each large weight is formed once, a block of weight
+rows at a time, and all three products are read from the block while it is in cache:
+
+* memory: ``B × INNER_BLOCK`` floats per block, never ``B ×`` the weight;
+* accuracy: one GEMM per block of at most ``INNER_BLOCK`` columns, summed in float32, as
+  ``blocked_inner`` does;
+* tokens whose output gradient is known to be zero (``LayerFactors.token_mask``: a head at
+  positions without a label) are skipped: one GEMM per sample over its own tokens.
+
+Weights formed this way: every linear layer whose Gram materializes (any ``Q``, or the
+materialize route), in the layout ``(d_out, d_in[+1])`` of ``LayerFactors.dense``, and every
+weight tied between uses that are weight-only (an input embedding and an output head), in the
+parameter's own layout. Everything else (norms, untied embeddings, ghost-route layers) takes
+its own ``gram`` and ``dot_dense``, which are cheap for those kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradsift.factor_kinds import EmbeddingFactors
+from gradsift.linear_factors import INNER_BLOCK, LayerFactors, linear_route
+
+if TYPE_CHECKING:
+    from gradsift.factors import FactorizedGrads
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Products:
+    """The products of one call (``FactorizedGrads.products``).
+
+    Attributes:
+        gram: (B, B) ``K_ij = ⟨g_i, Q ⊙ g_j⟩``.
+        dots: (B,) ``b_i = ⟨g_i, M⟩``.
+        cross: (B, B') ``C_it = ⟨g_i, R ⊙ h_t⟩``, or None without another batch.
+    """
+
+    gram: torch.Tensor
+    dots: torch.Tensor
+    cross: torch.Tensor | None
+
+
+class _Use:
+    """One use of a weight as factors ``W_i = lhs_iᵀ rhs_i`` (rows of lhs: the weight's rows)."""
+
+    def __init__(self, layer: Any, augmented: bool):
+        self.embedding = isinstance(layer, EmbeddingFactors)
+        if self.embedding:
+            self.ids, self.delta = layer.ids, layer.d()
+            return
+        if augmented:  # (d_out, d_in[+1]): D against [A 1], as LayerFactors.dense lays it out
+            self.lhs, rhs = layer.output_grads, layer.a()
+        else:  # the parameter's own orientation
+            self.lhs, rhs = layer._lhs_rhs(None)
+        mask = layer.token_mask
+        self.tokens = None if mask is None else [m.nonzero().squeeze(1) for m in mask]
+        if self.tokens is not None:  # each sample's factors at its own tokens, gathered once
+            self.lhs = [self.lhs[i, t].float() for i, t in enumerate(self.tokens)]
+            self.rhs = [rhs[i, t].float() for i, t in enumerate(self.tokens)]
+        else:
+            self.rhs = rhs.float()
+
+    def write(self, out: torch.Tensor, rows: slice, add: bool) -> None:
+        """``out (b, |rows|, width) (+)= W_i[rows]`` for every sample i."""
+        if self.embedding:  # scatter δ_it into row x_it - rows.start, where it falls in rows
+            if not add:
+                out.zero_()
+            b, n, width = out.shape
+            hit = (self.ids >= rows.start) & (self.ids < rows.stop)
+            sample = torch.arange(b, device=hit.device).unsqueeze(1).expand_as(hit)[hit]
+            out.view(b * n, width).index_add_(0, sample * n + self.ids[hit] - rows.start,
+                                              self.delta[hit])
+            return
+        if self.tokens is None:
+            lhs = self.lhs[..., rows].float().transpose(1, 2)
+            if add:
+                out.baddbmm_(lhs, self.rhs)
+            else:
+                torch.bmm(lhs, self.rhs, out=out)
+            return
+        for i, (lhs, rhs) in enumerate(zip(self.lhs, self.rhs, strict=True)):
+            if lhs.shape[0] == 0:
+                if not add:
+                    out[i].zero_()
+            elif add:
+                out[i].addmm_(lhs[:, rows].T, rhs)
+            else:
+                torch.mm(lhs[:, rows].T, rhs, out=out[i])
+
+
+class _Weight:
+    """The per-sample gradients of one weight (the sum of its uses), by blocks of rows."""
+
+    def __init__(self, uses: Sequence[Any], augmented: bool):
+        self.uses = sorted((_Use(u, augmented) for u in uses), key=lambda u: u.embedding)
+        self.n = len(uses[0])
+        self.device = uses[0].device
+        if augmented:
+            self.rows, self.width = uses[0].d_out, uses[0].d_in_aug
+        else:
+            shape = _entry(uses[0], None, "")
+            self.rows, self.width = shape
+
+    def block(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """(b, |rows| × width) per-sample gradients of these weight rows, flattened."""
+        view = out[: self.n * (rows.stop - rows.start) * self.width].view(
+            self.n, rows.stop - rows.start, self.width)
+        for j, use in enumerate(self.uses):
+            use.write(view, rows, add=j > 0)
+        return view.view(self.n, -1)
+
+
+def _entry(layer: Any, tensors: Tensors | None, what: str) -> Any:
+    """The weight's entry of ``tensors`` as a (rows, width) float32 matrix in the parameter's
+    own layout; with ``tensors`` None, just (rows, width)."""
+    if isinstance(layer, EmbeddingFactors):
+        shape = (layer.num_embeddings, layer.dim)
+    else:
+        shape = (layer.d_in, layer.d_out) if layer.weight_transposed else (layer.d_out,
+                                                                             layer.d_in)
+    if tensors is None:
+        return shape
+    if layer.weight_name not in tensors:
+        raise KeyError(f"{what} has no entry for parameter {layer.weight_name!r}")
+    return tensors[layer.weight_name].float().to(layer.device).reshape(shape)
+
+
+def _weight_products(uses: Sequence[Any], others: Sequence[Any] | None, augmented: bool,
+                     dense: Tensors, gram_p: Tensors | None, cross_p: Tensors | None,
+                     out: Products) -> None:
+    """Add one weight's share of ``K``, ``b`` and ``C`` to ``out``, a block of rows at a time."""
+    first = uses[0]
+    if augmented:
+        def entry(tensors: Tensors | None, what: str) -> torch.Tensor | None:
+            return None if tensors is None else first.dense(tensors, what)
+    else:
+        def entry(tensors: Tensors | None, what: str) -> torch.Tensor | None:
+            return None if tensors is None else _entry(first, tensors, what)
+    m, q, r = entry(dense, "dense"), entry(gram_p, "precondition"), entry(cross_p, "precondition")
+    mine = _Weight(uses, augmented)
+    theirs = None if others is None else _Weight(others, augmented)
+    n, n2 = mine.n, 0 if theirs is None else theirs.n
+    # Q = R: K and C are one GEMM, (Q ⊙ g) against [g; h] (the cross Gram's rows after K's)
+    joint = theirs is not None and gram_p is cross_p
+    step = max(1, INNER_BLOCK // mine.width)
+    size = min(step, mine.rows) * mine.width
+    # buffers reused by every block: a fresh multi-MB tensor per block costs page faults
+    buf = torch.empty((n + n2) * size, device=mine.device)
+    scaled = torch.empty(max(n, n2) * size, device=mine.device)
+    both = torch.zeros(n, n + n2, device=mine.device) if joint else None
+    for start in range(0, mine.rows, step):
+        rows = slice(start, min(start + step, mine.rows))
+        cols = (rows.stop - rows.start) * mine.width
+        g = mine.block(rows, buf)
+        out.dots.addmv_(g, m[rows].reshape(-1))
+        gq = g if q is None else torch.mul(g, q[rows].reshape(1, -1),
+                                           out=scaled[: n * cols].view(n, cols))
+        if theirs is None:
+            out.gram.addmm_(gq, g.T)
+            continue
+        h = theirs.block(rows, buf[n * cols :])
+        if joint:
+            both.addmm_(gq, buf[: (n + n2) * cols].view(n + n2, cols).T)
+            continue
+        out.gram.addmm_(gq, g.T)
+        hr = h if r is None else torch.mul(h, r[rows].reshape(1, -1),
+                                           out=scaled[: n2 * cols].view(n2, cols))
+        out.cross.addmm_(g, hr.T)
+    if both is not None:
+        out.gram += both[:, :n]
+        out.cross += both[:, n:]
+
+
+def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | None = None,
+             other: FactorizedGrads | None = None,
+             other_precondition: Tensors | None = None) -> Products:
+    """``K = ⟨g_i, Q ⊙ g_j⟩``, ``b = ⟨g_i, M⟩`` and ``C = ⟨g_i, R ⊙ h_t⟩`` in one pass.
+
+    Args:
+        grads: the candidates' per-sample gradients (``g``).
+        dense: parameter name → ``M`` (e.g. ``P ⊙ ĝ``).
+        precondition: parameter name → ``Q`` for ``K`` (None: 1).
+        other: another batch over the same parameters (``h``), for ``C``; None: no ``C``.
+        other_precondition: parameter name → ``R`` for ``C`` (None: 1).
+    """
+    dev = grads.losses.device
+    out = Products(torch.zeros(len(grads), len(grads), device=dev),
+                   torch.zeros(len(grads), device=dev),
+                   None if other is None else torch.zeros(len(grads), len(other), device=dev))
+    pairs = grads._paired_layers(other) if other is not None else None
+    shared = {i for group in grads._groups for i in group}
+    for i, layer in enumerate(grads.layers):
+        if i in shared:
+            continue
+        theirs = None if pairs is None else pairs[i][1]
+        if isinstance(layer, LayerFactors) and (
+                precondition is not None or other_precondition is not None
+                or linear_route(layer, layer, grads.route, True) == "materialize"):
+            _weight_products([layer], None if theirs is None else [theirs], True, dense,
+                             precondition, other_precondition, out)
+            continue
+        out.gram += layer.gram(layer, precondition, grads.route, True, dense, out.dots)
+        if theirs is not None:
+            out.cross += layer.gram(theirs, other_precondition, grads.route, False)
+    for group in grads._groups:
+        uses = [grads.layers[i] for i in group]
+        theirs = None if pairs is None else [pairs[i][1] for i in group]
+        if all(u.param_names == [u.weight_name] for u in uses):
+            _weight_products(uses, theirs, False, dense, precondition, other_precondition, out)
+            continue
+        same = [(u, u) for u in uses]
+        out.gram += grads._shared_gram(same, precondition, True, fused=False, dense=dense,
+                                       dots=out.dots)
+        if theirs is not None:
+            out.cross += grads._shared_gram(list(zip(uses, theirs, strict=True)),
+                                            other_precondition, False, fused=False)
+    return out

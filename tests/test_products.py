@@ -1,0 +1,102 @@
+"""FactorizedGrads.products (K, b and a cross Gram in one pass) against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import brute_force_grads, padded_batch, rel_err, tiny_gpt2, tiny_llama
+from test_capture import TOL
+
+import gradsift
+import gradsift.products
+from gradsift.factors import FactorizedGrads, LayerFactors
+from gradsift.objective import alignment, alignment_and_interaction, interaction
+
+
+def _dicts(model, names, seed=1):
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    p = {n: torch.rand(params[n].shape, generator=gen) + 0.1 for n in names}
+    m = {n: torch.randn(params[n].shape, generator=gen) for n in names}
+    flat = [torch.cat([d[n].flatten() for n in names]) for d in (p, m)]
+    return p, m, *flat
+
+
+@pytest.mark.parametrize("model_kind", ["tied", "untied", "gpt2"])
+@pytest.mark.parametrize("route", ["auto", "ghost", "materialize"])
+def test_products_against_brute_force(model_kind, route):
+    """K, b and the cross Gram with another batch (with and without P, Q, R) against the
+    Grams of per-sample gradients from single-sample backward passes."""
+    model = tiny_gpt2() if model_kind == "gpt2" else tiny_llama(tie=model_kind == "tied")
+    batch, other_batch = padded_batch(5, 11), padded_batch(3, 7, seed=4)
+    grads = gradsift.per_sample_grads(model, batch, route=route)
+    other = gradsift.per_sample_grads(model, other_batch, route=route)
+    names = grads.param_names
+    ref, ref_o = brute_force_grads(model, batch, names), brute_force_grads(model, other_batch,
+                                                                           names)
+    p, m, p_flat, m_flat = _dicts(model, names)
+    q = {n: t ** 2 for n, t in p.items()}
+    for gram_p, gram_ref in ((None, 1.0), (p, p_flat), (q, p_flat ** 2)):
+        for cross_p, cross_ref in ((None, 1.0), (p, p_flat)):
+            out = grads.products(m, gram_p, other=other, other_precondition=cross_p)
+            assert rel_err(out.gram, (ref * gram_ref) @ ref.T) <= TOL
+            assert rel_err(out.dots, ref @ m_flat) <= TOL
+            assert rel_err(out.cross, (ref * cross_ref) @ ref_o.T) <= TOL
+    assert grads.products(m, p).cross is None
+
+
+def test_head_rows_without_loss_are_zero_and_skipped():
+    """The head's token mask marks exactly the rows of D that can be nonzero; products,
+    dot_dense and weighted_sum over the masked rows equal those over every row."""
+    model = tiny_llama(tie=True)
+    batch = padded_batch(6, 12)
+    grads = gradsift.per_sample_grads(model, batch)
+    head = [u for u in grads.layers if isinstance(u, LayerFactors) and u.token_mask is not None]
+    assert [u.module_name for u in head] == ["lm_head"]
+    mask = head[0].token_mask
+    assert not mask.all() and mask.any()
+    assert (head[0].output_grads[~mask] == 0).all()
+    unmasked = FactorizedGrads(
+        [LayerFactors(**{**u.__dict__, "token_mask": None}) if u in head else u
+         for u in grads.layers], grads.losses)
+    p, m, *_ = _dicts(model, grads.param_names)
+    w = torch.rand(len(grads))
+    for a, b in ((grads.products(m, p, other=grads, other_precondition=p),
+                  unmasked.products(m, p, other=unmasked, other_precondition=p)),):
+        for x, y in ((a.gram, b.gram), (a.dots, b.dots), (a.cross, b.cross)):
+            assert rel_err(x, y) <= 1e-5
+    assert rel_err(grads.dot_dense(m), unmasked.dot_dense(m)) <= 1e-5
+    assert rel_err(grads.gram(precondition=p), unmasked.gram(precondition=p)) <= 1e-5
+    sub = torch.tensor([0, 2, 5])
+    for n, g in grads.select(sub).weighted_sum(w[sub]).items():
+        assert rel_err(g, unmasked.select(sub).weighted_sum(w[sub])[n]) <= 1e-5
+    joined = FactorizedGrads.concat([grads.select(torch.tensor([0, 1])),
+                                     gradsift.per_sample_grads(model, padded_batch(2, 7))])
+    assert joined.layers[-1].token_mask.shape == joined.layers[-1].output_grads.shape[:2]
+
+
+def test_small_row_blocks_change_nothing(monkeypatch):
+    """Blocks of a few weight rows (a tiny INNER_BLOCK) give the same products."""
+    model = tiny_llama(tie=True)
+    grads = gradsift.per_sample_grads(model, padded_batch(5, 8))
+    other = gradsift.per_sample_grads(model, padded_batch(3, 6, seed=2))
+    p, m, *_ = _dicts(model, grads.param_names)
+    whole = grads.products(m, p, other=other, other_precondition=p)
+    monkeypatch.setattr(gradsift.products, "INNER_BLOCK", 100)
+    small = grads.products(m, p, other=other, other_precondition=p)
+    for x, y in ((small.gram, whole.gram), (small.dots, whole.dots), (small.cross, whole.cross)):
+        assert rel_err(x, y) <= 1e-5
+
+
+@pytest.mark.parametrize("curvature", ["adam", "identity"])
+def test_alignment_and_interaction_match_the_separate_functions(curvature):
+    model = tiny_llama(tie=True)
+    grads = gradsift.per_sample_grads(model, padded_batch(5, 9))
+    target = gradsift.per_sample_grads(model, padded_batch(3, 6, seed=3))
+    p, g_hat, *_ = _dicts(model, grads.param_names, seed=2)
+    for precondition in (None, p):
+        b, kmat, cross = alignment_and_interaction(grads, g_hat, precondition, curvature, target)
+        assert rel_err(b, alignment(grads, g_hat, precondition)) <= 1e-5
+        assert rel_err(kmat, interaction(grads, precondition, curvature)) <= 1e-5
+        assert rel_err(cross, grads.gram(target, precondition=precondition)) <= 1e-5
+    assert alignment_and_interaction(grads, g_hat, p, curvature)[2] is None

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradsift.blocks import graph_from
 from gradsift.factor_kinds import EmbeddingFactors, NormFactors
 from gradsift.factors import FactorizedGrads, LayerFactors
 from gradsift.layers import (  # noqa: F401  (re-exported: the registry's public names)
@@ -139,13 +140,16 @@ def capture(
     modules: Iterable[str] | None = None,
     route: str = "auto",
     retain_graph: bool = False,
+    graph_start: str | None = None,
 ) -> Capture:
     """One forward and one backward over ``batch``; returns per-sample factors and losses.
 
     ``D`` is obtained as ``autograd.grad(Σ_i ℓ_i, outputs)``: samples do not interact, so the
     gradient of the sum w.r.t. sample i's outputs is exactly ``∂ℓ_i/∂y_i``. No ``.grad`` is
     touched. With ``retain_graph`` the graph is kept so that the caller can backpropagate a
-    weighted loss into parameters that are not captured.
+    weighted loss into parameters that are not captured. With ``graph_start`` (a module name:
+    truncated scoring, ``gradsift.blocks``) the forward records no graph before that module
+    runs, so the backward ends there; the captured modules must all run after it.
     """
     names = resolve_modules(model, modules)
     module_map = dict(model.named_modules())
@@ -153,7 +157,8 @@ def capture(
     recorder = _Recorder(model, names, batch["input_ids"].shape[0],
                          expand=[n for n in names if specs[n].kind == "embedding"])
     logits: list[torch.Tensor] = []
-    with recorder.attached():
+    truncate = graph_from(model, module_map[graph_start]) if graph_start else nullcontext()
+    with recorder.attached(), truncate:
         losses = forward_losses(model, batch, logits)
     batch_size = losses.shape[0]
     # the module whose output *is* the logits (the head): D is exactly zero at its rows

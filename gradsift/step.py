@@ -6,7 +6,9 @@
    a selector that reads less pays less (``Selector.needs``): ``indices`` (random) selects
    before any pass over the B, ``losses`` (loss) after a no-grad forward over them, and both
    then train on the chosen k with one ordinary forward+backward over the k only
-   (``SelectionStep.run_without_grads``);
+   (``SelectionStep.run_without_grads``); with ``score_layers`` (truncated scoring) only the
+   top blocks are captured, the backward stops below them (``gradsift.blocks``), and step 4
+   is a forward+backward over the k selected (as with ``second_pass``);
 2. computes the target gradient ``g_V`` on a fresh target batch every ``target_refresh`` calls
    (keeping the per-example factors for selectors that read them);
 3. builds the ``SelectionContext`` from the optimizer's state and lets the selector choose
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from gradsift import distributed as ddp
+from gradsift.blocks import top_layers
 from gradsift.capture import Capture, capture, forward_losses, resolve_modules
 from gradsift.data import Example, collate
 from gradsift.distributed import DistributedConfig, Exchange
@@ -57,6 +60,17 @@ class SelectionConfig:
         target_refresh: draw a fresh target batch every this many steps.
         micro_batch_size: capture in chunks of this many examples (None: all at once).
         modules: module names to capture (None: every trainable module of a known kind).
+        score_layers: truncated scoring (None: off). Score with the per-sample gradients of
+            the top ``L`` transformer blocks only, plus the trainable modules above them
+            (final norm, an untied head; a head tied to the input embedding is left out, its
+            gradient includes the embedding's use below every block), among ``modules`` when
+            given (``gradsift.blocks.top_layers``). The capture records no graph below block
+            N−L, so its backward stops there; the update is then a second forward+backward of
+            ``Σ_i w_i ℓ_i`` over the k selected only, into every trainable parameter (the
+            same loss and weights as the update from the factors). The selection objective
+            (``b``, ``K``, ``g_V`` and the optimizer state ``P``, ``m`` it reads) then covers
+            the scored parameters only: it selects on the top of the model. Not supported
+            under a launcher yet.
     """
 
     budget_per_step: int = 4
@@ -64,12 +78,14 @@ class SelectionConfig:
     target_refresh: int = 1
     micro_batch_size: int | None = None
     modules: list[str] | None = None
+    score_layers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("budget_per_step", "target_batch_size", "target_refresh"):
             check_positive(name, getattr(self, name))
-        if self.micro_batch_size is not None:
-            check_positive("micro_batch_size", self.micro_batch_size)
+        for name in ("micro_batch_size", "score_layers"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
         if self.modules is not None and (
             isinstance(self.modules, str) or not all(isinstance(m, str) for m in self.modules)
         ):
@@ -160,8 +176,12 @@ class SelectionStep:
         self.model, self.selector, self.config = model, selector, config
         self.target_examples = list(target_examples)
         self.pad_token_id = pad_token_id
+        # truncated scoring: the top L blocks' modules, the capture's graph from block N−L
+        self.top_layers = (top_layers(model, config.score_layers, config.modules)
+                           if config.score_layers is not None else None)
+        self.graph_start = self.top_layers.first_block if self.top_layers else None
         self.module_names, self.params, self.other_params = split_parameters(
-            model, config.modules)
+            model, self.top_layers.names if self.top_layers else config.modules)
         self.target_generator = torch.Generator().manual_seed(seed)
         self.selector_generator = torch.Generator().manual_seed(seed + 1)
         self.calls = 0
@@ -181,7 +201,11 @@ class SelectionStep:
         # True: after selecting, train on the chosen rows with a second forward+backward over
         # them instead of assembling Σ w_i g_i from the factors — the same update, the way
         # GREATS' reference code works; kept to measure against (gradsift.bench.step).
+        # Always so with truncated scoring (the factors cover only the top of the model).
         self.second_pass = False
+        # the Gram route of the candidates' factors (FactorizedGrads: auto, ghost or
+        # materialize); kept to measure each against (gradsift.bench.step)
+        self.route = "auto"
 
     @property
     def device(self) -> torch.device:
@@ -217,8 +241,10 @@ class SelectionStep:
 
         # 1. one forward+backward over all B candidates, in micro-batches, keeping factors.
         t0 = time.perf_counter()
-        retain = bool(self.other_params) and not self.second_pass
-        captures = [capture(self.model, b, modules=self.module_names, retain_graph=retain)
+        second_pass = self.second_pass or self.graph_start is not None
+        retain = bool(self.other_params) and not second_pass
+        captures = [capture(self.model, b, modules=self.module_names, route=self.route,
+                            retain_graph=retain, graph_start=self.graph_start)
                     for b in batches]
         candidates = FactorizedGrads.concat([c.grads for c in captures])
         timing["capture"] = time.perf_counter() - t0
@@ -249,7 +275,7 @@ class SelectionStep:
         t0 = time.perf_counter()
         weights = torch.zeros(len(candidates))
         weights[selection.indices] = selection.weights.float().cpu()
-        if len(selection.indices) > 0 and self.second_pass:
+        if len(selection.indices) > 0 and second_pass:
             captures = None  # the factors' activations go before the second pass
             if not accumulate:
                 for p in self.params.values():
@@ -271,7 +297,8 @@ class SelectionStep:
         if ddp.is_distributed():
             return self._distributed_target_gradient()
         samples = FactorizedGrads.concat([
-            capture(self.model, b, modules=self.module_names).grads
+            capture(self.model, b, modules=self.module_names, route=self.route,
+                    graph_start=self.graph_start).grads
             for b in self.batches(self.target_batch)])
         # the per-example factors stay only for selectors that read them (noise of b)
         self.target_samples = samples if self.selector.needs_target_samples else None
@@ -311,6 +338,9 @@ class SelectionStep:
         if self.selector.needs != "grads":
             return self.run_without_grads(batches, optimizer, grad_scale=grad_scale,
                                           accumulate=accumulate)
+        if self.graph_start is not None:
+            raise NotImplementedError("score_layers (truncated scoring) is not supported under "
+                                      "a launcher yet: leave it unset (None) there")
         self.model.train()
         timing: dict[str, float] = {}
         cfg = self.distributed

@@ -24,6 +24,9 @@ configuration sees the same B records):
 * ``gradsift two-pass`` -- ``ftw``'s step with the update from a second pass: score with the
   one forward+backward over B of the capture, then train with a separate forward+backward over
   the k selected (the way GREATS' reference code trains; ``SelectionStep.second_pass``).
+* ``gradsift ftw-truncated`` -- ``ftw`` with truncated scoring (``engine.score_layers`` =
+  ``--score-layers``, default 1): capture over the top L blocks (and the modules above them)
+  only, then the update from a separate forward+backward over the k selected.
 
 Every trainer (plain ones included) is built by ``gradsift.recipe.setup`` from a ``RunConfig``
 (``eval_every=0``, ``checkpoint_every=0``: no evaluation or checkpoint inside the timings),
@@ -47,12 +50,20 @@ derived per step as ``total - target * (1 - 1/R)``; with ``--measure-refresh`` a
 trainer at ``target_refresh=R`` also runs, and its mean over the timed steps is given (a
 median would hide the refresh steps).
 
+With ``--seq-lens 256,512,...`` the benchmark instead writes the long-context table
+(``gradsift.bench.step_long``): per T, step time and peak memory of the plain step, ``ftw``,
+each capture route, ``two-pass`` and ``ftw-truncated``, one fresh process per row (defaults
+there: B=4, k=1, 2 timed steps after 1 warm-up; ``--plot FILE`` draws it).
+
 Usage::
 
     python -m gradsift.bench.step [--model tiny|smollm2-135m] [--device cpu|cuda]
         [--batch-size 16] [--budget 4] [--seq-len 128] [--full|--lora]
-        [--methods ftw,greats,cosine,loss,two-pass,random] [--repeats 3] [--warmup 1]
-        [--refresh 4] [--measure-refresh] [--threads N] [--markdown FILE]
+        [--methods ftw,greats,cosine,loss,two-pass,random,ftw-truncated] [--score-layers 1]
+        [--repeats 3] [--warmup 1] [--refresh 4] [--measure-refresh] [--threads N]
+        [--markdown FILE]
+    python -m gradsift.bench.step --seq-lens 256,512,1024,2048,4096,8192 [--batch-size 4]
+        [--budget 1] [--score-layers 1] [--ghost-max-len 2048] [--markdown FILE] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -75,7 +86,8 @@ from gradsift.bench import emit
 
 SPLIT = ("capture", "target", "selection", "update", "other")
 TWO_PASS = "two-pass"  # ftw's selection, then a separate forward+backward over the k
-DEFAULT_METHODS = "ftw,greats,cosine,loss,two-pass,random"
+TRUNCATED = "ftw-truncated"  # ftw scoring the top --score-layers blocks, then a second pass
+DEFAULT_METHODS = f"ftw,greats,cosine,loss,{TWO_PASS},random,{TRUNCATED}"
 PLAIN_SPLIT = ("data", "compute")
 
 
@@ -216,7 +228,7 @@ def build_data(folder: Path, n_stream: int, n_target: int) -> tuple[Path, Path]:
 
 
 def make_config(args: argparse.Namespace, stream: Path, target: Path, method: str,
-                refresh: int = 1) -> Any:
+                refresh: int = 1, score_layers: int | None = None) -> Any:
     from gradsift.config import load_config
 
     overrides = [
@@ -229,6 +241,8 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     ]
     if not args.lora:
         overrides.append("lora=false")
+    if score_layers is not None:
+        overrides.append(f"engine.score_layers={score_layers}")
     return load_config(None, overrides)
 
 
@@ -260,8 +274,9 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         gradsift_configs.append(("ftw", args.refresh))
     for method, refresh in gradsift_configs:
         name = f"gradsift {method}" + (f" (refresh {refresh})" if refresh != 1 else "")
-        selector = "ftw" if method == TWO_PASS else method
-        run = setup(make_config(args, stream, target, selector, refresh),
+        selector = "ftw" if method in (TWO_PASS, TRUNCATED) else method
+        layers = args.score_layers if method == TRUNCATED else None
+        run = setup(make_config(args, stream, target, selector, refresh, layers),
                     tmp / name.replace(" ", "-").replace("(", "").replace(")", ""))
         run.trainer.selection.second_pass = method == TWO_PASS
         runners.append(GradsiftRunner(name, run))
@@ -311,6 +326,8 @@ def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Name
     by = {r.name: r for r in results}
     base, plain_k = by["plain B"], by["plain k"]
     mode = "LoRA r 8 on q/k/v/o" if args.lora else "full fine-tuning"
+    truncated = (f" `ftw-truncated` scores the top {args.score_layers} block(s) and the "
+                 "modules above them." if TRUNCATED in args.methods else "")
     lines = [
         f"Model `{args.model}` ({facts['params'] / 1e6:.1f}M params, {mode}: "
         f"{facts['trainable'] / 1e6:.2f}M trainable, {facts['captured_layers']} captured linear "
@@ -318,7 +335,8 @@ def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Name
         f"B={args.batch_size}, k={args.budget}, max_length={args.seq_len}, "
         f"target_batch_size={args.target_batch_size} (mean target example "
         f"{facts['target_len']:.0f} tokens), AdamW, max_grad_norm 1.0, float32. "
-        f"Device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"Device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads."
+        + truncated,
         f"Batches (plain B, same records for every configuration): padded width "
         f"{statistics.fmean(base.widths):.0f} tokens (min {min(base.widths)}, max "
         f"{max(base.widths)}), {statistics.fmean(base.tokens):.0f} non-pad tokens and "
@@ -387,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m or a model spec")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=16, help="B candidates per step")
-    parser.add_argument("--budget", type=int, default=4, help="k, the data budget per step")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="B candidates per step (default 16; 4 with --seq-lens)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="k, the data budget per step (default 4; 1 with --seq-lens)")
     parser.add_argument("--seq-len", type=int, default=128, help="max_length (truncation)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--full", dest="lora", action="store_false", default=False,
@@ -397,7 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated selectors to time, and {TWO_PASS!r} "
                              f"(default: {DEFAULT_METHODS})")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--score-layers", type=int, default=1,
+                        help=f"L of {TRUNCATED!r}: score with the top L blocks (default 1)")
+    parser.add_argument("--seq-lens", default=None,
+                        help="comma-separated T: write the long-context table instead")
+    parser.add_argument("--ghost-max-len", type=int, default=2048,
+                        help="with --seq-lens: run the ghost route only up to this T")
+    parser.add_argument("--plot", help="with --seq-lens: also draw the table to this PNG")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per configuration (default 3; 2 with --seq-lens)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     parser.add_argument("--target-batch-size", type=int, default=8)
     parser.add_argument("--n-target", type=int, default=200, help="target records built")
@@ -411,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", help="also write the markdown report to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args(argv)
+    long = args.seq_lens is not None
+    for key, normal, with_seq_lens in (("batch_size", 16, 4), ("budget", 4, 1),
+                                       ("repeats", 3, 2)):
+        if getattr(args, key) is None:
+            setattr(args, key, with_seq_lens if long else normal)
     args.methods = [m for m in args.methods.split(",") if m]
     if args.warmup < 1:
         parser.error("--warmup must be >= 1: the Adam-geometry path needs optimizer state")
@@ -418,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --refresh must be >= 1")
     if args.budget > args.batch_size:
         parser.error("--budget must not exceed --batch-size")
+    if args.score_layers < 1:
+        parser.error("--score-layers must be >= 1")
     if args.threads is None and not args.device.startswith("cuda"):
         args.threads = 1
     if args.threads:
@@ -426,12 +461,33 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
 
     args.load_start = _loadavg()
+    if long:
+        return long_context(args, parser)
     with tempfile.TemporaryDirectory(prefix="gradsift-bench-step-") as tmp:
         results, facts = run_benchmark(args, Path(tmp))
     report = markdown(results, facts, args)
     emit(report, args.markdown)
     print("\n".join(ratio_lines(results)))
     return 0
+
+
+def long_context(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--seq-lens``: the long-context table (``gradsift.bench.step_long``), and its plot."""
+    from gradsift.bench import step_long
+
+    try:
+        args.seq_lens = [int(t) for t in args.seq_lens.split(",") if t]
+    except ValueError:
+        parser.error(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}")
+    if not args.seq_lens or min(args.seq_lens) < 2:
+        parser.error("--seq-lens needs at least one T >= 2")
+    if args.lora:
+        parser.error("--seq-lens measures full fine-tuning only")
+    results = step_long.run(args)
+    emit(step_long.markdown(results, args), args.markdown)
+    if args.plot:
+        step_long.plot(results, args, args.plot)
+    return 1 if any("failed" in r for r in results) else 0
 
 
 def ratio_lines(results: list[Measured]) -> list[str]:

@@ -144,6 +144,10 @@ class GradSiftConfig(TrainingArguments):
         "help": "draw a fresh target batch every this many selections"})
     capture_modules: list[str] | None = field(default=None, metadata={
         "help": "module names to capture (default: every trainable module of a known kind)"})
+    score_layers: int | None = field(default=None, metadata={
+        "help": "truncated scoring: score with the top L transformer blocks (and the modules "
+                "above them) only, then train on the k selected with a second forward+backward "
+                "(default: score with every captured module)"})
     distributed: dict | str | None = field(default=None, metadata={
         "help": "under torchrun/accelerate: a JSON object with exchange (exact | sketch), "
                 "scope (global | local) and sketch_dim"})
@@ -177,7 +181,8 @@ class GradSiftConfig(TrainingArguments):
         return SelectionConfig(budget_per_step=self.budget_per_step,
                                target_batch_size=self.target_batch_size,
                                target_refresh=self.target_refresh,
-                               modules=self.capture_modules)
+                               modules=self.capture_modules,
+                               score_layers=self.score_layers)
 
 
 GRADSIFT_KEYS = tuple(f.name for f in fields(GradSiftConfig)
@@ -200,6 +205,8 @@ class GradSiftTrainer(Trainer):
         target_batch_size: target examples per target gradient.
         target_refresh: draw a fresh target batch every this many selections.
         modules: module names to capture (default: every trainable module of a known kind).
+        score_layers: truncated scoring with the top L blocks (``SelectionConfig.score_layers``;
+            default: off).
         distributed: under a launcher, ``DistributedConfig`` or its keys (``exchange``,
             ``scope``, ``sketch_dim``).
     """
@@ -214,6 +221,7 @@ class GradSiftTrainer(Trainer):
         target_batch_size: int | None = None,
         target_refresh: int | None = None,
         modules: list[str] | None = None,
+        score_layers: int | None = None,
         distributed: DistributedConfig | dict[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -242,6 +250,7 @@ class GradSiftTrainer(Trainer):
                                      _DEFAULTS.target_batch_size),
             target_refresh=option(target_refresh, "target_refresh", _DEFAULTS.target_refresh),
             modules=option(modules, "capture_modules", None),
+            score_layers=option(score_layers, "score_layers", None),
         )
         if not isinstance(distributed, DistributedConfig):
             distributed = DistributedConfig.from_dict(
@@ -387,6 +396,8 @@ class GradSiftTrainer(Trainer):
                        "target_refresh": cfg.target_refresh},
             "trainer": "transformers.Trainer (GradSiftTrainer)",
         }
+        if cfg.score_layers is not None:
+            config["engine"]["score_layers"] = cfg.score_layers
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "config.yaml").write_text(
             yaml.safe_dump(config, sort_keys=False))

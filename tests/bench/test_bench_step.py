@@ -18,7 +18,8 @@ def test_the_benchmark_ends_with_one_ratio_line_per_method(capsys) -> None:
     tail = lines[-len(methods):]
     assert [line.split()[:2] for line in tail] == [["ratio", m] for m in methods]
     ratios = bench_step.read_ratios(out)
-    assert set(ratios) == {"ftw", "greats", "cosine", "loss", "two-pass", "random"}
+    assert set(ratios) == {"ftw", "greats", "cosine", "loss", "two-pass", "random",
+                           "ftw-truncated"}
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     # each VALUE is that method's median step over the plain-B median in the table above
     table = {row.split("|")[1].strip(): row.split("|")[3].strip() for row in lines

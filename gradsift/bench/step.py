@@ -69,20 +69,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradsift.bench import emit
+from gradsift.bench import emit, quiet
 
 SPLIT = ("capture", "target", "selection", "update", "other")
 TWO_PASS = "two-pass"  # ftw's selection, then a separate forward+backward over the k
@@ -457,13 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.getLogger("gradsift").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
     args.load_start = _loadavg()
     if long:
-        return long_context(args, parser)
-    with tempfile.TemporaryDirectory(prefix="gradsift-bench-step-") as tmp:
+        with quiet():
+            return long_context(args, parser)
+    with quiet(), tempfile.TemporaryDirectory(prefix="gradsift-bench-step-") as tmp:
         results, facts = run_benchmark(args, Path(tmp))
     report = markdown(results, facts, args)
     emit(report, args.markdown)

@@ -312,12 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import logging
-    import warnings
+    from gradsift.bench import quiet
 
-    logging.getLogger("gradsift").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    print(json.dumps(worker(args.worker, args.seq_len, args)))
+    with quiet():
+        print(json.dumps(worker(args.worker, args.seq_len, args)))
     return 0
 
 

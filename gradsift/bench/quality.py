@@ -63,11 +63,10 @@ logger = logging.getLogger(__name__)
 CORE_METHODS = ("ftw", "greats", "cosine", "random")
 # the order runs are made in: what decides first (so a stopped suite has complete pairs)
 PHASES = (("ftw", "greats", "random"),
-          ("ftw-next-step", "cosine", "ftw-filter-only", "ftw-nnls", "ftw-next-step-weights"))
+          ("ftw-next-step-weights", "ftw-filter-only", "ftw-next-step", "cosine", "ftw-nnls"))
 # candidates for FTW's default weighting run on every scenario, like the core methods
-DEFAULT_CANDIDATES = ("ftw-next-step",)
-EXTRA_METHODS = ("ftw-next-step-weights", "ftw-nnls", "ftw-filter-only", "ftw-weight-only",
-                 "ftw-sgd", "opus", "loss", "gradnorm", "full")
+DEFAULT_CANDIDATES = ("ftw-next-step", "ftw-next-step-weights", "ftw-filter-only")
+EXTRA_METHODS = ("ftw-nnls", "ftw-weight-only", "ftw-sgd", "opus", "loss", "gradnorm", "full")
 MAX_GRAD_NORM = 1.0
 
 

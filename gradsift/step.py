@@ -58,6 +58,10 @@ class SelectionConfig:
         budget_per_step: k, at most this many candidates are trained on per step.
         target_batch_size: target examples per target gradient ``g_V``.
         target_refresh: draw a fresh target batch every this many steps.
+        target_ema: average ``g_V`` over refreshes, ``ĝ_n = Σ_j β^{n−j}(1−β) g_j / (1−β^n)``
+            (a bias-corrected exponential moving average, β = ``target_ema``; 0: the latest
+            batch only). A larger effective target batch for the price of one: less noise in
+            ``b``, a slightly stale direction.
         micro_batch_size: capture in chunks of this many examples (None: all at once).
         modules: module names to capture (None: every trainable module of a known kind).
         score_layers: truncated scoring (None: off). Score with the per-sample gradients of
@@ -76,6 +80,7 @@ class SelectionConfig:
     budget_per_step: int = 4
     target_batch_size: int = 8
     target_refresh: int = 1
+    target_ema: float = 0.0
     micro_batch_size: int | None = None
     modules: list[str] | None = None
     score_layers: int | None = None
@@ -86,6 +91,9 @@ class SelectionConfig:
         for name in ("micro_batch_size", "score_layers"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
+        if isinstance(self.target_ema, bool) or not isinstance(self.target_ema, int | float) \
+                or not 0.0 <= self.target_ema < 1.0:
+            raise ValueError(f"target_ema must be a number in [0, 1), got {self.target_ema!r}")
         if self.modules is not None and (
             isinstance(self.modules, str) or not all(isinstance(m, str) for m in self.modules)
         ):
@@ -185,6 +193,7 @@ class SelectionStep:
         self.target_generator = torch.Generator().manual_seed(seed)
         self.selector_generator = torch.Generator().manual_seed(seed + 1)
         self.calls = 0
+        self.target_refreshes = 0  # target batches drawn (the EMA's bias correction)
         # the clipping the caller applies to the weighted gradient (the selection context
         # passes it on to selectors that model the optimizer step exactly)
         self.max_grad_norm: float | None = None
@@ -254,7 +263,7 @@ class SelectionStep:
         needs_target = self.selector.needs_target
         refresh = self.config.target_refresh
         if needs_target and (self.target_grad is None or self.calls % refresh == 0):
-            self.target_grad = self._target_gradient()
+            self.target_grad = self._refresh_target()
         timing["target"] = time.perf_counter() - t0
 
         # 3. select: a pure function of gathered tensors and the optimizer's state.
@@ -289,6 +298,20 @@ class SelectionStep:
         del captures
         timing["update"] = time.perf_counter() - t0
         return StepResult(candidates, selection, weights, timing)
+
+    def _refresh_target(self) -> dict[str, torch.Tensor]:
+        """A fresh ``g_V``, blended into the earlier ones when ``target_ema`` is set:
+        ``ĝ_n = a ĝ_{n−1} + (1−a) g_n`` with ``a = β(1−β^{n−1})/(1−β^n)``, the bias-corrected
+        EMA (so ``ĝ_1 = g_1``)."""
+        fresh = self._target_gradient()
+        beta = float(self.config.target_ema)
+        self.target_refreshes += 1
+        n = self.target_refreshes
+        if beta == 0.0 or n == 1 or self.target_grad is None:
+            return fresh
+        keep = beta * (1.0 - beta ** (n - 1)) / (1.0 - beta**n)
+        return {name: keep * self.target_grad[name] + (1.0 - keep) * g
+                for name, g in fresh.items()}
 
     def _target_gradient(self) -> dict[str, torch.Tensor]:
         n = min(self.config.target_batch_size, len(self.target_examples))
@@ -359,7 +382,7 @@ class SelectionStep:
         needs_target = self.selector.needs_target
         if needs_target and (self.target_grad is None or
                              self.calls % self.config.target_refresh == 0):
-            self.target_grad = self._target_gradient()
+            self.target_grad = self._refresh_target()
             sent += 4 * sum(math.prod(s) for s in self.captured_shapes.values())
         timing["target"] = time.perf_counter() - t0
 
@@ -590,6 +613,7 @@ class SelectionStep:
         """Counters, generator states, the cached ``g_V`` and the selector's state."""
         return {
             "calls": self.calls,
+            "target_refreshes": self.target_refreshes,
             "target_generator": self.target_generator.get_state(),
             "selector_generator": self.selector_generator.get_state(),
             "target_grad": None if self.target_grad is None else {
@@ -601,6 +625,7 @@ class SelectionStep:
         """Restore ``state_dict()`` (the per-example target factors are not kept: with
         ``target_refresh > 1`` a resumed ``shrink`` weighting waits for the next refresh)."""
         self.calls = int(state["calls"])
+        self.target_refreshes = int(state.get("target_refreshes", 0))
         self.target_generator.set_state(state["target_generator"])
         self.selector_generator.set_state(state["selector_generator"])
         grad = state.get("target_grad")

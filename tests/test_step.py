@@ -181,3 +181,35 @@ def test_a_second_pass_over_the_chosen_rows_writes_the_factors_update(method):
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_target_ema_is_the_bias_corrected_average_of_the_target_batches():
+    """``target_ema=β``: after n refreshes g_V = Σ_j β^{n−j}(1−β) g_j / (1−β^n), each g_j the
+    mean gradient of that refresh's target batch by a plain ``.backward()`` (the model does not
+    move: no optimizer step). Resume keeps the count the bias correction needs."""
+    beta = 0.7
+    model = tiny_llama(seed=2)
+    targets = make_examples(10, seed=5)
+    cfg = SelectionConfig(budget_per_step=2, target_batch_size=3, target_ema=beta)
+    step = SelectionStep(model, get_selector("ftw"), targets, cfg, seed=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    candidates = make_examples(5, seed=6)
+    names = list(step.captured_shapes)
+    batch_grads = []
+    for call in range(3):
+        if call == 2:  # a resumed step continues the same average
+            state = step.state_dict()
+            step = SelectionStep(model, get_selector("ftw"), targets, cfg, seed=4)
+            step.load_state_dict(state)
+        step.run(step.batches(candidates), opt)
+        model.zero_grad()
+        reference_losses(model, collate(step.target_batch, 0)).mean().backward()
+        batch_grads.append({n: dict(model.named_parameters())[n].grad.clone() for n in names})
+    n = len(batch_grads)
+    for name in names:
+        want = sum(beta ** (n - j) * (1 - beta) * g[name]
+                   for j, g in enumerate(batch_grads, 1)) / (1 - beta**n)
+        assert torch.allclose(step.target_grad[name], want, rtol=1e-4, atol=1e-7), name
+    assert not torch.allclose(step.target_grad[names[0]], batch_grads[-1][names[0]])
+    with pytest.raises(ValueError, match="target_ema must be a number in \\[0, 1\\)"):
+        SelectionConfig(target_ema=1.0)

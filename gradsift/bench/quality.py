@@ -25,10 +25,16 @@ Every run writes ``<out>/<scenario>/<method>/seed_<s>/result.json``; a restarted
 the finished runs (resume at run granularity: a run killed half-way is run again).
 ``--suite smoke`` runs the pipeline on the tiny model in well under a minute (``make test``).
 
+A method is a selector name, optionally with options: ``ftw@target_ema=0.8@min_cosine=0.1``
+runs ftw with the engine's ``target_ema`` (a ``SelectionConfig`` key) and the selector option
+``min_cosine``; such a variant runs on every requested seed and is compared like ftw's other
+variants.
+
 Usage::
 
     python -m gradsift.bench.quality --suite full [--out runs/quality] [--seeds 0,1,2,3,4]
-        [--scenarios label-noise,code] [--methods ftw,random] [--report-only]
+        [--scenarios label-noise,code] [--methods ftw,random,ftw@target_ema=0.8]
+        [--report-only]
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -271,14 +277,15 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
             task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
-    selector = _Probe(get_selector(method))
+    selector_name, engine_options, selector_options = parse_method(method)
+    selector = _Probe(get_selector(selector_name, **selector_options))
     stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
     target = load_examples(data / "target.jsonl", tokenizer, suite.max_length)
-    config = EngineConfig(candidates_per_step=scenario.candidates,
-                          budget_per_step=scenario.budget,
-                          target_batch_size=suite.target_batch_size,
-                          eval_size=suite.eval_size, eval_every=0, checkpoint_every=0,
-                          max_grad_norm=MAX_GRAD_NORM)
+    config = EngineConfig(**{
+        "candidates_per_step": scenario.candidates, "budget_per_step": scenario.budget,
+        "target_batch_size": suite.target_batch_size, "eval_size": suite.eval_size,
+        "eval_every": 0, "checkpoint_every": 0, "max_grad_norm": MAX_GRAD_NORM,
+        **engine_options})
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("selections.jsonl", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
@@ -402,7 +409,30 @@ def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
 def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
     chosen = list(CORE_METHODS) + list(DEFAULT_CANDIDATES) + (
         list(EXTRA_METHODS) if scenario.extra_methods else [])
-    return [m for m in chosen if methods is None or m in methods]
+    variants = [m for m in methods or () if "@" in m]
+    return [m for m in chosen if methods is None or m in methods] + variants
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``"ftw@target_ema=0.8@min_cosine=0.1"`` → (selector name, engine options, selector
+    options): keys of ``SelectionConfig`` go to the engine, the others to the selector. Values
+    are read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    from gradsift.step import SelectionConfig
+
+    name, *pairs = method.split("@")
+    engine_keys = {f.name for f in fields(SelectionConfig)} - {"budget_per_step", "modules"}
+    engine: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method {method!r}: expected KEY=VALUE after '@', got {pair!r}")
+        (engine if key in engine_keys else options)[key] = yaml.safe_load(value)
+    get_selector(name, **options)  # names a bad selector or option before any run
+    SelectionConfig(**engine)
+    return name, engine, options
 
 
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
@@ -414,11 +444,13 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     from gradsift.models import load_model_and_tokenizer
 
     chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
+    for m in methods or ():
+        parse_method(m)
     # first what decides (core methods and FTW's weight-stage ablations), then the rest
     seeds = list(seeds or suite.seeds)
     jobs = sorted(((seed, sc, m) for seed in seeds for sc in chosen
                    for m in methods_for(sc, methods)
-                   if m in CORE_METHODS + DEFAULT_CANDIDATES
+                   if m in CORE_METHODS + DEFAULT_CANDIDATES or "@" in m
                    or seed in seeds[: suite.extra_seeds]), key=_job_order)
     todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
     todo = todo[shard[0]::shard[1]]

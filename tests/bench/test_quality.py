@@ -73,3 +73,17 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
     quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",
                   "ftw,random", "--seeds", "0,1"])
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
+
+
+def test_a_method_variant_names_engine_and_selector_options() -> None:
+    name, engine, options = quality.parse_method("ftw@target_ema=0.8@min_cosine=0.1@fill=false")
+    assert (name, engine, options) == ("ftw", {"target_ema": 0.8},
+                                       {"min_cosine": 0.1, "fill": False})
+    assert quality.parse_method("greats") == ("greats", {}, {})
+    with pytest.raises(ValueError, match="expected KEY=VALUE after '@'"):
+        quality.parse_method("ftw@target_ema")
+    with pytest.raises(ValueError, match="target_ema"):
+        quality.parse_method("ftw@target_ema=2")
+    suite = quality.SUITES["smoke"]
+    assert "ftw@target_ema=0.8" in quality.methods_for(suite.scenarios[0],
+                                                       ["ftw", "ftw@target_ema=0.8"])

@@ -1,7 +1,11 @@
 """One rank of a test run (started by ``launch.py`` with the launcher's environment variables,
 or alone for the single-process reference). Writes ``rank<r>.pt`` with what the tests compare.
 
-    python ddp_worker.py SCENARIO OUT_DIR [key=value ...]
+    python ddp_worker.py SCENARIO OUT_DIR [key=value ...] [++ OUT_DIR [key=value ...] ...]
+
+Several runs (``++``-separated, each with its own folder and options) share one process and
+one process group: a launch costs seconds of imports, a tiny run a fraction of that. Each run
+starts from the same seed, so a run does not depend on the ones before it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def online(out: Path, opts: dict[str, str]) -> None:
     from gradsift.select import get_selector
 
     distributed = ddp.init_from_env()
+    torch.manual_seed(0)
     steps = int(opts.get("steps", 3))
     model = build_model(opts.get("model", "lora"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -77,8 +82,6 @@ def online(out: Path, opts: dict[str, str]) -> None:
     torch.save({"records": records, "captured": captured,
                 "params": {n: p.detach().clone() for n, p in trainer.params.items()}},
                out / f"rank{ddp.rank()}.pt")
-    if distributed:
-        torch.distributed.destroy_process_group()
 
 
 def trainer(out: Path, opts: dict[str, str]) -> None:
@@ -119,5 +122,11 @@ def trainer(out: Path, opts: dict[str, str]) -> None:
 SCENARIOS = {"online": online, "trainer": trainer}
 
 if __name__ == "__main__":
-    name, folder, *rest = sys.argv[1:]
-    SCENARIOS[name](Path(folder), dict(r.split("=", 1) for r in rest))
+    name, *rest = sys.argv[1:]
+    runs = " ".join(rest).split(" ++ ")
+    for run in runs:
+        folder, *options = run.split()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        SCENARIOS[name](Path(folder), dict(o.split("=", 1) for o in options))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -31,18 +31,31 @@ def launch(scenario: str, out: Path, world: int, *options: str,
     Raises:
         TimeoutError: the ranks did not finish in ``timeout`` seconds, twice (all were killed).
     """
-    try:
-        return _launch(scenario, out, world, *options, timeout=timeout)
-    except TimeoutError:
-        shutil.rmtree(out, ignore_errors=True)  # what the stalled attempt wrote goes too
-        return _launch(scenario, out, world, *options, timeout=timeout)
+    return _launch(scenario, out, world, [str(out), *options], timeout)
 
 
-def _launch(scenario: str, out: Path, world: int, *options: str,
-            timeout: float = 60.0) -> list[int]:
-    out.mkdir(parents=True, exist_ok=True)
-    return run_ranks([sys.executable, str(WORKER), scenario, str(out), *options], world, out,
-                     timeout=timeout, what=scenario)
+def launch_runs(scenario: str, root: Path, world: int, runs: dict[str, tuple[str, ...]],
+                timeout: float = 120.0) -> list[int]:
+    """``launch`` with several runs in one launch (``ddp_worker.py``'s ``++``): run ``name``
+    writes into ``root/name``; the ranks' logs go to ``root``."""
+    argv: list[str] = []
+    for name, options in runs.items():
+        argv += [*(["++"] if argv else []), str(root / name), *options]
+    return _launch(scenario, root, world, argv, timeout)
+
+
+def _launch(scenario: str, out: Path, world: int, argv: list[str],
+            timeout: float) -> list[int]:
+    for attempt in (1, 2):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return run_ranks([sys.executable, str(WORKER), scenario, *argv], world, out,
+                             timeout=timeout, what=scenario)
+        except TimeoutError:
+            shutil.rmtree(out, ignore_errors=True)  # what the stalled attempt wrote goes too
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def run_ranks(argv: list[str], world: int, logs_dir: Path, cwd: Path | None = None,

@@ -1,7 +1,9 @@
 """Two ranks (gloo, CPU) of ``OnlineTrainer`` against one process on the concatenated batch.
 
 Each rank is a real process started like ``torchrun`` does (``launch.py``, a free port); a
-failing rank takes the others down, and nothing is left running.
+failing rank takes the others down, and nothing is left running. The runs the tests compare
+share two launches (one process, two ranks; each run in its own folder from the same seed):
+imports cost more than the tiny runs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import launch, logs
+from launch import launch, launch_runs, logs
 
 
 def _load(out: Path, rank: int = 0) -> dict:
@@ -23,14 +25,32 @@ def _records(out: Path) -> list[dict]:
             .splitlines()]
 
 
+RUNS = {
+    "lora": (),  # exchange: exact, FTW (shrink weighting), 3 steps
+    "sketch": ("exchange=sketch", "sketch_dim=64"),
+    "local": ("scope=local", "sketch_dim=64"),
+    "loss": ("method=loss", "sketch_dim=64"),
+    # 17 records, B = 8: the third global batch has one record, rank 1 captures nothing
+    "ragged": ("n_stream=17", "exchange=exact"),
+    "random": ("method=random", "model=full", "n_stream=17"),
+}
+ONE_PROCESS = ("lora", "ragged", "random")  # the references the ranks are compared with
+
+
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory) -> tuple[Path, Path]:
-    """One process and two ranks, ``exchange: exact``, FTW (shrink weighting), 3 steps."""
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    """``RUNS`` under two ranks, and the references in one process: (one, two) roots."""
     root = tmp_path_factory.mktemp("ddp")
-    single, double = root / "single", root / "double"
-    assert launch("online", single, 0) == [0], logs(single)
-    assert launch("online", double, 2) == [0, 0], logs(double)
-    return single, double
+    one, two = root / "one", root / "two"
+    assert launch_runs("online", one, 0, {n: RUNS[n] for n in ONE_PROCESS}) == [0], logs(one)
+    assert launch_runs("online", two, 2, RUNS) == [0, 0], logs(two)
+    return one, two
+
+
+@pytest.fixture(scope="module")
+def lora_runs(runs) -> tuple[Path, Path]:
+    one, two = runs
+    return one / "lora", two / "lora"
 
 
 def test_two_ranks_select_and_train_like_one_process(lora_runs):
@@ -71,11 +91,10 @@ def test_a_killed_rank_leaves_nothing_behind_and_the_run_resumes(tmp_path, lora_
         r["selected_ids"] for r in _load(single)["records"]]
 
 
-@pytest.mark.parametrize("mode", ["exchange=sketch", "scope=local", "method=loss"])
-def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["sketch", "local", "loss"])
+def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(runs, mode):
     """``method=loss`` reads no gradients: only the losses are exchanged."""
-    out = tmp_path / "run"
-    assert launch("online", out, 2, mode, "sketch_dim=64") == [0, 0], logs(out)
+    out = runs[1] / mode
     r0, r1 = _load(out, 0), _load(out, 1)
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
@@ -85,46 +104,39 @@ def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(tmp_path, 
         assert 0 < len(record["selected_ids"]) <= 3
         assert sum(record["weights"]) == pytest.approx(1.0, abs=1e-6)
         assert record["diagnostics"]["distributed"]["ranks"] == 2
-        if mode == "method=loss":
+        if mode == "loss":
             lora = sum(p.numel() for p in r0["params"].values())
             # 4 losses, then the one all-reduce of the gradients: no gradient is exchanged
             assert record["diagnostics"]["distributed"]["bytes_sent"] == 4 * 4 + 4 * lora
-        if mode == "scope=local":  # k = 3 split 2 + 1, each rank from its own slice
+        if mode == "local":  # k = 3 split 2 + 1, each rank from its own slice
             assert len(set(record["selected_ids"]) & set(first)) <= 2
             assert len(set(record["selected_ids"]) & set(second)) <= 1
 
 
-@pytest.mark.parametrize("exchange", ["exact"])  # sketch's replicas: the test above
-def test_a_short_last_batch_leaves_a_rank_without_candidates(tmp_path, exchange):
-    """17 records, B = 8: the third global batch has one record, rank 1 captures nothing."""
-    out = tmp_path / "ragged"
-    options = ("n_stream=17", f"exchange={exchange}", "sketch_dim=64")
-    assert launch("online", out, 2, *options) == [0, 0], logs(out)
+def test_a_short_last_batch_leaves_a_rank_without_candidates(runs):
+    """17 records, B = 8: the third global batch has one record, rank 1 captures nothing
+    (exchange: exact; sketch's replicas: the test above)."""
+    out = runs[1] / "ragged"
     r0, r1 = _load(out, 0), _load(out, 1)
     assert r1["captured"][-1] == [] and r0["captured"][-1] == ["ex1-16"]
     assert _records(out)[-1]["candidate_ids"] == ["ex1-16"]
     assert len(_records(out)) == 3
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
-    if exchange == "exact":
-        assert launch("online", tmp_path / "one", 0, *options) == [0], logs(tmp_path / "one")
-        one = _load(tmp_path / "one")
-        assert [r["selected_ids"] for r in one["records"]] == [
-            r["selected_ids"] for r in r0["records"]]
-        for name, p in one["params"].items():
-            assert (p - r0["params"][name]).abs().max() <= 1e-5, name
+    one = _load(runs[0] / "ragged")
+    assert [r["selected_ids"] for r in one["records"]] == [
+        r["selected_ids"] for r in r0["records"]]
+    for name, p in one["params"].items():
+        assert (p - r0["params"][name]).abs().max() <= 1e-5, name
 
 
-def test_selectors_without_gradients_train_on_their_k_like_one_process(tmp_path):
+def test_selectors_without_gradients_train_on_their_k_like_one_process(runs):
     """``random`` reads only indices: no rank captures anything, each runs forward+backward
     over its own chosen rows, then one all-reduce (``loss`` takes the same path after a
     no-grad forward: its replicas are checked above). Full fine-tuning, and a last global
     batch of one record that leaves rank 1 without candidates."""
-    method = "random"
-    options = (f"method={method}", "model=full", "n_stream=17")
-    assert launch("online", tmp_path / "one", 0, *options) == [0], logs(tmp_path / "one")
-    assert launch("online", tmp_path / "two", 2, *options) == [0, 0], logs(tmp_path / "two")
-    one, r0, r1 = _load(tmp_path / "one"), _load(tmp_path / "two", 0), _load(tmp_path / "two", 1)
+    one = _load(runs[0] / "random")
+    r0, r1 = _load(runs[1] / "random", 0), _load(runs[1] / "random", 1)
     assert r1["captured"][-1] == []
     for a, b in zip(one["records"], r0["records"], strict=True):
         assert a["selected_ids"] == b["selected_ids"]

@@ -3,6 +3,8 @@ or alone for the single-process reference). Writes ``rank<r>.pt`` with what the 
 
     python ddp_worker.py SCENARIO OUT_DIR [key=value ...] [++ OUT_DIR [key=value ...] ...]
 
+(``scenario=NAME`` among a run's options runs that scenario instead of SCENARIO.)
+
 Several runs (``++``-separated, each with its own folder and options) share one process and
 one process group: a launch costs seconds of imports, a tiny run a fraction of that. Each run
 starts from the same seed, so a run does not depend on the ones before it.
@@ -126,7 +128,8 @@ if __name__ == "__main__":
     runs = " ".join(rest).split(" ++ ")
     for run in runs:
         folder, *options = run.split()
+        opts = dict(o.split("=", 1) for o in options)
         Path(folder).mkdir(parents=True, exist_ok=True)
-        SCENARIOS[name](Path(folder), dict(o.split("=", 1) for o in options))
+        SCENARIOS[opts.pop("scenario", name)](Path(folder), opts)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -2,8 +2,7 @@
 
 Each rank is a real process started like ``torchrun`` does (``launch.py``, a free port); a
 failing rank takes the others down, and nothing is left running. The runs the tests compare
-share two launches (one process, two ranks; each run in its own folder from the same seed):
-imports cost more than the tiny runs.
+share two launches (``conftest.py``'s ``ddp_runs``).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import launch, launch_runs, logs
+from launch import launch, logs
 
 
 def _load(out: Path, rank: int = 0) -> dict:
@@ -25,31 +24,9 @@ def _records(out: Path) -> list[dict]:
             .splitlines()]
 
 
-RUNS = {
-    "lora": (),  # exchange: exact, FTW (shrink weighting), 3 steps
-    "sketch": ("exchange=sketch", "sketch_dim=64"),
-    "local": ("scope=local", "sketch_dim=64"),
-    "loss": ("method=loss", "sketch_dim=64"),
-    # 17 records, B = 8: the third global batch has one record, rank 1 captures nothing
-    "ragged": ("n_stream=17", "exchange=exact"),
-    "random": ("method=random", "model=full", "n_stream=17"),
-}
-ONE_PROCESS = ("lora", "ragged", "random")  # the references the ranks are compared with
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """``RUNS`` under two ranks, and the references in one process: (one, two) roots."""
-    root = tmp_path_factory.mktemp("ddp")
-    one, two = root / "one", root / "two"
-    assert launch_runs("online", one, 0, {n: RUNS[n] for n in ONE_PROCESS}) == [0], logs(one)
-    assert launch_runs("online", two, 2, RUNS) == [0, 0], logs(two)
-    return one, two
-
-
-@pytest.fixture(scope="module")
-def lora_runs(runs) -> tuple[Path, Path]:
-    one, two = runs
+def lora_runs(ddp_runs) -> tuple[Path, Path]:
+    one, two = ddp_runs
     return one / "lora", two / "lora"
 
 
@@ -92,9 +69,9 @@ def test_a_killed_rank_leaves_nothing_behind_and_the_run_resumes(tmp_path, lora_
 
 
 @pytest.mark.parametrize("mode", ["sketch", "local", "loss"])
-def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(runs, mode):
+def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(ddp_runs, mode):
     """``method=loss`` reads no gradients: only the losses are exchanged."""
-    out = runs[1] / mode
+    out = ddp_runs[1] / mode
     r0, r1 = _load(out, 0), _load(out, 1)
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
@@ -113,30 +90,30 @@ def test_sketch_local_scope_and_loss_only_keep_the_replicas_identical(runs, mode
             assert len(set(record["selected_ids"]) & set(second)) <= 1
 
 
-def test_a_short_last_batch_leaves_a_rank_without_candidates(runs):
+def test_a_short_last_batch_leaves_a_rank_without_candidates(ddp_runs):
     """17 records, B = 8: the third global batch has one record, rank 1 captures nothing
     (exchange: exact; sketch's replicas: the test above)."""
-    out = runs[1] / "ragged"
+    out = ddp_runs[1] / "ragged"
     r0, r1 = _load(out, 0), _load(out, 1)
     assert r1["captured"][-1] == [] and r0["captured"][-1] == ["ex1-16"]
     assert _records(out)[-1]["candidate_ids"] == ["ex1-16"]
     assert len(_records(out)) == 3
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
-    one = _load(runs[0] / "ragged")
+    one = _load(ddp_runs[0] / "ragged")
     assert [r["selected_ids"] for r in one["records"]] == [
         r["selected_ids"] for r in r0["records"]]
     for name, p in one["params"].items():
         assert (p - r0["params"][name]).abs().max() <= 1e-5, name
 
 
-def test_selectors_without_gradients_train_on_their_k_like_one_process(runs):
+def test_selectors_without_gradients_train_on_their_k_like_one_process(ddp_runs):
     """``random`` reads only indices: no rank captures anything, each runs forward+backward
     over its own chosen rows, then one all-reduce (``loss`` takes the same path after a
     no-grad forward: its replicas are checked above). Full fine-tuning, and a last global
     batch of one record that leaves rank 1 without candidates."""
-    one = _load(runs[0] / "random")
-    r0, r1 = _load(runs[1] / "random", 0), _load(runs[1] / "random", 1)
+    one = _load(ddp_runs[0] / "random")
+    r0, r1 = _load(ddp_runs[1] / "random", 0), _load(ddp_runs[1] / "random", 1)
     assert r1["captured"][-1] == []
     for a, b in zip(one["records"], r0["records"], strict=True):
         assert a["selected_ids"] == b["selected_ids"]

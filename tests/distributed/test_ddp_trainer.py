@@ -1,5 +1,6 @@
 """Two ranks (gloo, CPU) of ``GradSiftTrainer`` inside ``transformers.Trainer`` (DDP via
-accelerate) against one process with the whole batch: same selections, same parameters."""
+accelerate) against one process with the whole batch: same selections, same parameters
+(the runs: ``conftest.py``'s ``ddp_runs``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ import json
 
 import pytest
 import torch
-from launch import launch, logs
 
 
-def test_two_rank_trainer_selects_and_trains_like_one_process(tmp_path):
-    single, double = tmp_path / "single", tmp_path / "double"
-    assert launch("trainer", single, 0) == [0], logs(single)
-    assert launch("trainer", double, 2) == [0, 0], logs(double)
+def test_two_rank_trainer_selects_and_trains_like_one_process(ddp_runs):
+    single, double = ddp_runs[0] / "trainer", ddp_runs[1] / "trainer"
 
     def records(out):
         lines = (out / "run" / "selections.jsonl").read_text().splitlines()

@@ -142,6 +142,8 @@ class GradSiftConfig(TrainingArguments):
         "help": "target examples per target gradient"})
     target_refresh: int = field(default=_DEFAULTS.target_refresh, metadata={
         "help": "draw a fresh target batch every this many selections"})
+    target_ema: float = field(default=_DEFAULTS.target_ema, metadata={
+        "help": "average the target gradient over refreshes with this decay (0: off)"})
     capture_modules: list[str] | None = field(default=None, metadata={
         "help": "module names to capture (default: every trainable module of a known kind)"})
     score_layers: int | None = field(default=None, metadata={
@@ -181,6 +183,7 @@ class GradSiftConfig(TrainingArguments):
         return SelectionConfig(budget_per_step=self.budget_per_step,
                                target_batch_size=self.target_batch_size,
                                target_refresh=self.target_refresh,
+                               target_ema=self.target_ema,
                                modules=self.capture_modules,
                                score_layers=self.score_layers)
 
@@ -204,6 +207,7 @@ class GradSiftTrainer(Trainer):
         budget_per_step: k, at most this many of each batch are trained on.
         target_batch_size: target examples per target gradient.
         target_refresh: draw a fresh target batch every this many selections.
+        target_ema: average the target gradient over refreshes (``SelectionConfig``).
         modules: module names to capture (default: every trainable module of a known kind).
         score_layers: truncated scoring with the top L blocks (``SelectionConfig.score_layers``;
             default: off).
@@ -220,6 +224,7 @@ class GradSiftTrainer(Trainer):
         budget_per_step: int | None = None,
         target_batch_size: int | None = None,
         target_refresh: int | None = None,
+        target_ema: float | None = None,
         modules: list[str] | None = None,
         score_layers: int | None = None,
         distributed: DistributedConfig | dict[str, Any] | None = None,
@@ -249,6 +254,7 @@ class GradSiftTrainer(Trainer):
             target_batch_size=option(target_batch_size, "target_batch_size",
                                      _DEFAULTS.target_batch_size),
             target_refresh=option(target_refresh, "target_refresh", _DEFAULTS.target_refresh),
+            target_ema=option(target_ema, "target_ema", _DEFAULTS.target_ema),
             modules=option(modules, "capture_modules", None),
             score_layers=option(score_layers, "score_layers", None),
         )
@@ -398,6 +404,8 @@ class GradSiftTrainer(Trainer):
         }
         if cfg.score_layers is not None:
             config["engine"]["score_layers"] = cfg.score_layers
+        if cfg.target_ema:
+            config["engine"]["target_ema"] = cfg.target_ema
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "config.yaml").write_text(
             yaml.safe_dump(config, sort_keys=False))

@@ -235,6 +235,13 @@ def test_a_config_error_names_the_key_at_every_entry_point(tmp_path, entry):
     assert "must be an integer >= 1, got 0" in str(err.value)
     if entry == "yaml":
         assert isinstance(err.value, ConfigError) and "'engine.target_refresh'" in str(err.value)
+    with pytest.raises(ValueError, match=r"target_ema'? must be a number in \[0, 1\), got 1"):
+        if entry == "yaml":
+            load_config(None, ["engine.target_ema=1"])
+        elif entry == "engine":
+            EngineConfig(target_ema=1)
+        else:
+            GradSiftConfig(output_dir=str(tmp_path), use_cpu=True, target_ema=1)
 
 
 def test_the_usual_collators_work_and_keep_the_ids(tmp_path):

@@ -2,9 +2,16 @@
 
 For a linear-like layer ``y = W a + b`` applied at every token, the per-sample gradient is
 ``g_i(W) = D_iᵀ A_i`` with ``A_i`` (T, d_in) the layer inputs and ``D_i`` (T, d_out) the
-gradients of ``ℓ_i`` w.r.t. its outputs. A forward hook keeps each captured module's input
-and output tensor; ``torch.autograd.grad`` w.r.t. the kept outputs returns every ``D`` at
-once, without touching any parameter's ``.grad`` and without computing any weight gradient.
+gradients of ``ℓ_i`` w.r.t. its outputs. A forward hook keeps each captured module's input and
+passes its output through a tap (an identity autograd function); one ``torch.autograd.grad``
+(w.r.t. a scalar every tap takes as a second input) runs the backward through every tap, which
+hands its layer's ``D`` over as it goes by: without touching any parameter's ``.grad``, without
+computing any weight gradient, and without holding every layer's ``D`` until the end. A
+bias-free linear layer whose tokens outnumber ``r = min(d_in, d_out)`` is made compact on
+arrival: ``g_i = D_iᵀ A_i`` is formed (one GEMM, what a plain backward spends on the weight
+gradient) and kept as ``r`` factor rows (``A' = g_i, D' = I`` or ``A' = I, D' = g_iᵀ``), so
+its memory is ``r (d_in + d_out)`` per sample instead of ``T (d_in + d_out)`` (a LoRA factor at
+any length, every layer at long context), and ``A`` and ``D`` are let go during the backward.
 The same pass serves every other trainable kind (``gradsift.layers``): an embedding keeps its
 ids (``g_i`` is ``D_i`` scattered into the rows looked up), a norm ``y = w ⊙ x̂ + b`` reduces
 to ``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` right after the backward.
@@ -34,6 +41,22 @@ from gradsift.layers import (  # noqa: F401  (re-exported: the registry's public
 from gradsift.loss import logit_rows_with_loss, loss_positions, per_sample_loss
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on ``y``; its backward hands ``D = ∂L/∂y`` to ``receive`` and passes it on.
+    ``anchor`` (a scalar, the input the backward is asked for) puts every tap on the path."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, anchor: torch.Tensor,
+                receive: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.receive = receive
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, d: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.receive(d)
+        return d, None, None
+
+
 class _Recorder:
     """Forward hooks that keep each module's input and output; removed in ``finally``.
 
@@ -50,8 +73,28 @@ class _Recorder:
         self.expand = set(expand)
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.grads: dict[str, list[torch.Tensor | None]] = {n: [] for n in names}
+        self.compact: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.compacted: set[str] = set()
+        self.anchors: dict[torch.device, torch.Tensor] = {}  # one per device of an output
+        self.receiving = False  # only the capture's own backward hands D over
         self.enabled = True
         self._handles: list[Any] = []
+
+    def _receiver(self, name: str, call: int) -> Callable[[torch.Tensor], None]:
+        def receive(d: torch.Tensor) -> None:
+            if not self.receiving:  # a later backward through the retained graph
+                return
+            compact = self.compact.get(name)
+            x = self.inputs[name][call]
+            small = compact(x, d) if compact is not None and \
+                x.shape[0] == d.shape[0] == self.batch_size else None
+            if small is not None:
+                self.inputs[name][call], d = small
+                self.compacted.add(name)
+            self.grads[name][call] = d
+
+        return receive
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -64,9 +107,16 @@ class _Recorder:
             if expanded:
                 x = x.expand(b, *x.shape[1:])
                 output = output.expand(b, *output.shape[1:])
+            call = len(self.inputs[name])
             self.inputs[name].append(x)
-            self.outputs[name].append(output)
-            return output if expanded else None
+            self.grads[name].append(None)
+            anchor = self.anchors.get(output.device)
+            if anchor is None:
+                anchor = self.anchors[output.device] = torch.zeros(
+                    (), device=output.device, requires_grad=True)
+            tapped = _Tap.apply(output, anchor, self._receiver(name, call))
+            self.outputs[name].append(tapped)
+            return tapped
 
         return hook
 
@@ -156,6 +206,8 @@ def capture(
     specs = {n: layer_spec(module_map[n]) for n in names}
     recorder = _Recorder(model, names, batch["input_ids"].shape[0],
                          expand=[n for n in names if specs[n].kind == "embedding"])
+    recorder.compact = {n: _compact_linear for n in names if specs[n].kind == "linear"
+                        and not _trains(getattr(module_map[n], "bias", None))}
     logits: list[torch.Tensor] = []
     truncate = graph_from(model, module_map[graph_start]) if graph_start else nullcontext()
     with recorder.attached(), truncate:
@@ -165,18 +217,19 @@ def capture(
     # without loss, and every product skips them
     heads = {n for n in names if specs[n].kind == "linear" and len(recorder.outputs[n]) == 1
              and recorder.outputs[n][0] is logits[0]}
-
-    keys = [(n, i) for n in names for i in range(len(recorder.outputs[n]))]
-    outputs = [recorder.outputs[n][i] for n, i in keys]
-    if not outputs:
+    shapes = {n: [(o.shape, o.dtype, o.device) for o in recorder.outputs[n]] for n in names}
+    if not any(shapes.values()):
         raise RuntimeError(f"none of the modules {names[:5]}... ran in the forward pass")
-    out_grads = torch.autograd.grad(
-        losses.sum(), outputs, allow_unused=True, retain_graph=retain_graph
-    )
-    grads_by_name: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for (n, _), out, g in zip(keys, outputs, out_grads, strict=True):
-        grads_by_name[n].append(torch.zeros_like(out) if g is None else g)
-    del outputs, out_grads
+    recorder.outputs = {n: [] for n in names}  # the taps hand D over; hold nothing else
+    token_mask, logits = logits[1], None
+    recorder.receiving = True
+    torch.autograd.grad(losses.sum(), list(recorder.anchors.values()), allow_unused=True,
+                        retain_graph=retain_graph)
+    recorder.receiving = False
+    grads_by_name: dict[str, list[torch.Tensor]] = {
+        n: [torch.zeros(*shape, dtype=dtype, device=device) if g is None else g  # never reached
+            for g, (shape, dtype, device) in zip(recorder.grads.pop(n), shapes[n], strict=True)]
+        for n in names}
 
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers = []
@@ -184,11 +237,31 @@ def capture(
         build = _FACTOR_BUILDERS[specs[n].kind]
         layers.append(build(n, module_map[n], specs[n], recorder.inputs.pop(n),
                             grads_by_name.pop(n), batch_size, param_names))
-        if n in heads and layers[-1].output_grads.shape[:2] == logits[1].shape:
-            layers[-1].token_mask = logits[1]
+        if n in heads and n not in recorder.compacted and \
+                layers[-1].output_grads.shape[:2] == token_mask.shape:
+            layers[-1].token_mask = token_mask
     return Capture(
         grads=FactorizedGrads(layers, losses.detach().float(), route=route), losses=losses
     )
+
+
+def _compact_linear(a: torch.Tensor, d: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A, D)`` of one call of a bias-free linear layer as ``r = min(d_in, d_out)`` factor
+    rows with the same ``g_i = D_iᵀ A_i``, when ``r`` is below its token count (else None)."""
+    batch, d_in, d_out = a.shape[0], a.shape[-1], d.shape[-1]
+    a, d = a.reshape(batch, -1, d_in), d.reshape(batch, -1, d_out)
+    if min(d_in, d_out) >= a.shape[1] or a.dtype != d.dtype or a.shape[1] != d.shape[1]:
+        return None
+    if d_out <= d_in:  # A' = g_i (d_out rows), D' = I
+        eye = torch.eye(d_out, dtype=d.dtype, device=d.device).expand(batch, d_out, d_out)
+        return torch.bmm(d.transpose(1, 2), a), eye
+    eye = torch.eye(d_in, dtype=a.dtype, device=a.device).expand(batch, d_in, d_in)
+    return eye, torch.bmm(a.transpose(1, 2), d)  # A' = I, D' = g_iᵀ (d_in rows)
+
+
+def _trains(p: Any) -> bool:
+    return isinstance(p, nn.Parameter) and p.requires_grad
 
 
 def _trainable_name(module: nn.Module, attr: str, param_names: dict[int, str]) -> str | None:

@@ -134,6 +134,32 @@ def test_long_sequence_routes_agree():
     assert gradsift.factors.choose_route(3, 320, 3, 320, 32, 48) == "materialize"
 
 
+def test_long_records_keep_min_d_factor_rows_per_sample():
+    """A bias-free linear layer with more tokens than ``r = min(d_in, d_out)`` is kept as ``r``
+    factor rows per sample (formed during the backward), with the same per-sample gradients;
+    a layer with a trainable bias keeps its tokens."""
+    model = tiny_llama(tie=True)  # hidden 32, MLP 48, k/v 16, vocabulary 64
+    batch = padded_batch(3, 40)
+    grads = gradsift.per_sample_grads(model, batch)
+    linear = [u for u in grads.layers if isinstance(u, gradsift.factors.LayerFactors)]
+    assert {u.module_name for u in linear} >= {"lm_head", "model.layers.0.mlp.down_proj"}
+    for u in linear:
+        assert u.inputs.shape[1] == min(u.d_in, u.d_out) < 40, u.module_name
+        assert u.token_mask is None
+    check_against_brute_force(model, batch, grads)
+    short = gradsift.per_sample_grads(model, padded_batch(3, 12))  # 12 tokens < 16: as is
+    assert all(u.inputs.shape[1] == 12 for u in short.layers
+               if isinstance(u, gradsift.factors.LayerFactors))
+    lora = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0)).eval()
+    grads = gradsift.per_sample_grads(lora, batch)
+    assert all(u.inputs.shape[1] == 4 for u in grads.layers)  # the LoRA rank
+    check_against_brute_force(lora, batch, grads, routes=("auto",))
+    gpt2 = gradsift.per_sample_grads(tiny_gpt2(), padded_batch(2, 40))  # Conv1D with bias
+    assert {u.inputs.shape[1] for u in gpt2.layers
+            if isinstance(u, gradsift.factors.LayerFactors) and u.bias_name} == {40}
+
+
 def test_cross_batch_gram_and_precondition():
     model = tiny_gpt2()
     batch_a, batch_b = padded_batch(4, 10, seed=0), padded_batch(3, 7, seed=5)

@@ -208,6 +208,8 @@ def capture(
                          expand=[n for n in names if specs[n].kind == "embedding"])
     recorder.compact = {n: _compact_linear for n in names if specs[n].kind == "linear"
                         and not _trains(getattr(module_map[n], "bias", None))}
+    recorder.compact.update({n: _norm_reducer(specs[n], module_map[n].weight.shape)
+                             for n in names if specs[n].kind == "norm"})
     logits: list[torch.Tensor] = []
     truncate = graph_from(model, module_map[graph_start]) if graph_start else nullcontext()
     with recorder.attached(), truncate:
@@ -300,20 +302,39 @@ def _embedding_factors(name: str, module: nn.Module, spec: LayerSpec,
                             output_grads=d, num_embeddings=w.shape[0])
 
 
-def _norm_factors(name: str, module: nn.Module, spec: LayerSpec, inputs: list[torch.Tensor],
-                  grads: list[torch.Tensor], batch_size: int,
+@dataclass
+class _NormSums:
+    """One call of a norm, reduced on arrival: ``Σ_t δ_t ⊙ x̂_t`` and ``Σ_t δ_t``, (B, *w)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _norm_reducer(spec: LayerSpec, shape: torch.Size
+                  ) -> Callable[[torch.Tensor, torch.Tensor], tuple[_NormSums, _NormSums]]:
+    def reduce(x: torch.Tensor, d: torch.Tensor) -> tuple[_NormSums, _NormSums]:
+        d = d.float().reshape(d.shape[0], -1, *shape)
+        sums = _NormSums((d * spec.normalize(x).float().reshape(d.shape)).sum(1), d.sum(1))
+        return sums, sums
+
+    return reduce
+
+
+def _norm_factors(name: str, module: nn.Module, spec: LayerSpec, inputs: list[Any],
+                  grads: list[Any], batch_size: int,
                   param_names: dict[int, str]) -> NormFactors:
-    """``g_i(w) = Σ_t δ_it ⊙ x̂_it``, ``g_i(b) = Σ_t δ_it``, summed right away (d per sample)."""
+    """``g_i(w) = Σ_t δ_it ⊙ x̂_it``, ``g_i(b) = Σ_t δ_it``, summed on arrival (d per sample)."""
     w = module.weight
     bias_name = _trainable_name(module, "bias", param_names)
     weight_grads = torch.zeros(batch_size, *w.shape, device=w.device)
     bias_grads = torch.zeros(batch_size, *module.bias.shape, device=w.device) if bias_name else None
     for x, d in zip(inputs, grads, strict=True):
-        _check_batch(d, batch_size, name)
-        d = d.float()
-        weight_grads += (d * spec.normalize(x).float()).reshape(batch_size, -1, *w.shape).sum(1)
+        if not isinstance(d, _NormSums):  # a call whose output the loss did not reach
+            _check_batch(d, batch_size, name)
+            d = _norm_reducer(spec, w.shape)(x, d)[1]
+        weight_grads += d.weight
         if bias_grads is not None:
-            bias_grads += d.reshape(batch_size, -1, *w.shape).sum(1)
+            bias_grads += d.bias
     return NormFactors(module_name=name, weight_name=param_names[id(w)], bias_name=bias_name,
                        weight_grads=weight_grads, bias_grads=bias_grads)
 

@@ -210,6 +210,8 @@ def capture(
                         and not _trains(getattr(module_map[n], "bias", None))}
     recorder.compact.update({n: _norm_reducer(specs[n], module_map[n].weight.shape)
                              for n in names if specs[n].kind == "norm"})
+    recorder.compact.update({n: _compact_embedding for n in names
+                             if specs[n].kind == "embedding"})
     logits: list[torch.Tensor] = []
     truncate = graph_from(model, module_map[graph_start]) if graph_start else nullcontext()
     with recorder.attached(), truncate:
@@ -260,6 +262,27 @@ def _compact_linear(a: torch.Tensor, d: torch.Tensor
         return torch.bmm(d.transpose(1, 2), a), eye
     eye = torch.eye(d_in, dtype=a.dtype, device=a.device).expand(batch, d_in, d_in)
     return eye, torch.bmm(a.transpose(1, 2), d)  # A' = I, D' = g_iᵀ (d_in rows)
+
+
+def _compact_embedding(ids: torch.Tensor, d: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One call of an embedding as one row per distinct id of each sample (``δ`` summed over
+    the tokens that looked it up; shorter samples padded with id 0 and a zero row), when that
+    is fewer rows than tokens (else None): ``g_i = Σ_t e_{x_it} δ_itᵀ`` is unchanged."""
+    batch, dim = ids.shape[0], d.shape[-1]
+    ids, d = ids.reshape(batch, -1), d.reshape(batch, -1, dim)
+    if ids.shape[1] != d.shape[1]:
+        return None
+    rows = [torch.unique(ids[i], return_inverse=True) for i in range(batch)]
+    width = max(len(u) for u, _ in rows)
+    if width >= ids.shape[1]:
+        return None
+    out_ids = ids.new_zeros(batch, width)
+    out_d = d.new_zeros(batch, width, dim)
+    for i, (uniq, inverse) in enumerate(rows):
+        out_ids[i, : len(uniq)] = uniq
+        out_d[i].index_add_(0, inverse, d[i])
+    return out_ids, out_d
 
 
 def _trains(p: Any) -> bool:

@@ -136,8 +136,10 @@ def test_long_sequence_routes_agree():
 
 def test_long_records_keep_min_d_factor_rows_per_sample():
     """A bias-free linear layer with more tokens than ``r = min(d_in, d_out)`` is kept as ``r``
-    factor rows per sample (formed during the backward), with the same per-sample gradients;
-    a layer with a trainable bias keeps its tokens."""
+    factor rows per sample (formed during the backward), an embedding as one row per distinct
+    id, with the same per-sample gradients; a layer with a trainable bias keeps its tokens.
+    (``test_layer_reference_harness`` covers both with a padding row, modules called twice
+    and a tied head.)"""
     model = tiny_llama(tie=True)  # hidden 32, MLP 48, k/v 16, vocabulary 64
     batch = padded_batch(3, 40)
     grads = gradsift.per_sample_grads(model, batch)
@@ -146,6 +148,9 @@ def test_long_records_keep_min_d_factor_rows_per_sample():
     for u in linear:
         assert u.inputs.shape[1] == min(u.d_in, u.d_out) < 40, u.module_name
         assert u.token_mask is None
+    embedding = [u for u in grads.layers if u.module_name == "model.embed_tokens"]
+    distinct = max(len(torch.unique(row)) for row in batch["input_ids"])
+    assert embedding[0].ids.shape[1] == distinct < 40  # one row per distinct id
     check_against_brute_force(model, batch, grads)
     short = gradsift.per_sample_grads(model, padded_batch(3, 12))  # 12 tokens < 16: as is
     assert all(u.inputs.shape[1] == 12 for u in short.layers

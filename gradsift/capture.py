@@ -12,6 +12,7 @@ arrival: ``g_i = D_iᵀ A_i`` is formed (one GEMM, what a plain backward spends 
 gradient) and kept as ``r`` factor rows (``A' = g_i, D' = I`` or ``A' = I, D' = g_iᵀ``), so
 its memory is ``r (d_in + d_out)`` per sample instead of ``T (d_in + d_out)`` (a LoRA factor at
 any length, every layer at long context), and ``A`` and ``D`` are let go during the backward.
+Likewise an embedding keeps one row per distinct id of a sample, and a norm its two sums.
 The same pass serves every other trainable kind (``gradsift.layers``): an embedding keeps its
 ids (``g_i`` is ``D_i`` scattered into the rows looked up), a norm ``y = w ⊙ x̂ + b`` reduces
 to ``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` right after the backward.

@@ -21,6 +21,7 @@ to ``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` right after th
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -73,7 +74,11 @@ class _Recorder:
         self.batch_size = batch_size
         self.expand = set(expand)
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        # per call: a weak reference to the (tapped) output and its shape, dtype and device —
+        # holding the outputs themselves would keep the ones autograd does not save alive
+        # through the end of the forward, when memory peaks
+        self.outputs: dict[str, list[tuple[weakref.ref, torch.Size, torch.dtype,
+                                           torch.device]]] = {n: [] for n in names}
         self.grads: dict[str, list[torch.Tensor | None]] = {n: [] for n in names}
         self.compact: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.compacted: set[str] = set()
@@ -116,7 +121,8 @@ class _Recorder:
                 anchor = self.anchors[output.device] = torch.zeros(
                     (), device=output.device, requires_grad=True)
             tapped = _Tap.apply(output, anchor, self._receiver(name, call))
-            self.outputs[name].append(tapped)
+            self.outputs[name].append((weakref.ref(tapped), tapped.shape, tapped.dtype,
+                                       tapped.device))
             return tapped
 
         return hook
@@ -195,8 +201,9 @@ def capture(
 ) -> Capture:
     """One forward and one backward over ``batch``; returns per-sample factors and losses.
 
-    ``D`` is obtained as ``autograd.grad(Σ_i ℓ_i, outputs)``: samples do not interact, so the
-    gradient of the sum w.r.t. sample i's outputs is exactly ``∂ℓ_i/∂y_i``. No ``.grad`` is
+    ``D`` is handed over by each output's tap during one backward of ``Σ_i ℓ_i``: samples do
+    not interact, so the gradient of the sum w.r.t. sample i's outputs is exactly
+    ``∂ℓ_i/∂y_i``. No ``.grad`` is
     touched. With ``retain_graph`` the graph is kept so that the caller can backpropagate a
     weighted loss into parameters that are not captured. With ``graph_start`` (a module name:
     truncated scoring, ``gradsift.blocks``) the forward records no graph before that module
@@ -221,8 +228,8 @@ def capture(
     # the module whose output *is* the logits (the head): D is exactly zero at its rows
     # without loss, and every product skips them
     heads = {n for n in names if specs[n].kind == "linear" and len(recorder.outputs[n]) == 1
-             and recorder.outputs[n][0] is logits[0]}
-    shapes = {n: [(o.shape, o.dtype, o.device) for o in recorder.outputs[n]] for n in names}
+             and recorder.outputs[n][0][0]() is logits[0]}
+    shapes = {n: [o[1:] for o in recorder.outputs[n]] for n in names}
     if not any(shapes.values()):
         raise RuntimeError(f"none of the modules {names[:5]}... ran in the forward pass")
     recorder.outputs = {n: [] for n in names}  # the taps hand D over; hold nothing else

@@ -15,7 +15,7 @@ any length, every layer at long context), and ``A`` and ``D`` are let go during 
 Likewise an embedding keeps one row per distinct id of a sample, and a norm its two sums.
 The same pass serves every other trainable kind (``gradsift.layers``): an embedding keeps its
 ids (``g_i`` is ``D_i`` scattered into the rows looked up), a norm ``y = w ⊙ x̂ + b`` reduces
-to ``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` right after the backward.
+to ``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` as its ``D`` arrives.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ class _Recorder:
         self.outputs: dict[str, list[tuple[weakref.ref, torch.Size, torch.dtype,
                                            torch.device]]] = {n: [] for n in names}
         self.grads: dict[str, list[torch.Tensor | None]] = {n: [] for n in names}
-        self.compact: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor] | None]] = {}
-        self.compacted: set[str] = set()
+        # per module: what to keep of (A, D) once D arrives (``_ON_ARRIVAL``; None: as is)
+        self.compact: dict[str, Callable[..., tuple[Any, Any] | None] | None] = {}
         self.anchors: dict[torch.device, torch.Tensor] = {}  # one per device of an output
         self.receiving = False  # only the capture's own backward hands D over
         self.enabled = True
@@ -97,7 +97,6 @@ class _Recorder:
                 x.shape[0] == d.shape[0] == self.batch_size else None
             if small is not None:
                 self.inputs[name][call], d = small
-                self.compacted.add(name)
             self.grads[name][call] = d
 
         return receive
@@ -214,12 +213,7 @@ def capture(
     specs = {n: layer_spec(module_map[n]) for n in names}
     recorder = _Recorder(model, names, batch["input_ids"].shape[0],
                          expand=[n for n in names if specs[n].kind == "embedding"])
-    recorder.compact = {n: _compact_linear for n in names if specs[n].kind == "linear"
-                        and not _trains(getattr(module_map[n], "bias", None))}
-    recorder.compact.update({n: _norm_reducer(specs[n], module_map[n].weight.shape)
-                             for n in names if specs[n].kind == "norm"})
-    recorder.compact.update({n: _compact_embedding for n in names
-                             if specs[n].kind == "embedding"})
+    recorder.compact = {n: _ON_ARRIVAL[specs[n].kind](module_map[n], specs[n]) for n in names}
     logits: list[torch.Tensor] = []
     truncate = graph_from(model, module_map[graph_start]) if graph_start else nullcontext()
     with recorder.attached(), truncate:
@@ -239,7 +233,7 @@ def capture(
                         retain_graph=retain_graph)
     recorder.receiving = False
     grads_by_name: dict[str, list[torch.Tensor]] = {
-        n: [torch.zeros(*shape, dtype=dtype, device=device) if g is None else g  # never reached
+        n: [torch.zeros(*shape, dtype=dtype, device=device) if g is None else g  # loss-free call
             for g, (shape, dtype, device) in zip(recorder.grads.pop(n), shapes[n], strict=True)]
         for n in names}
 
@@ -249,8 +243,8 @@ def capture(
         build = _FACTOR_BUILDERS[specs[n].kind]
         layers.append(build(n, module_map[n], specs[n], recorder.inputs.pop(n),
                             grads_by_name.pop(n), batch_size, param_names))
-        if n in heads and n not in recorder.compacted and \
-                layers[-1].output_grads.shape[:2] == token_mask.shape:
+        # (a compacted head has fewer rows than tokens: no mask applies)
+        if n in heads and layers[-1].output_grads.shape[:2] == token_mask.shape:
             layers[-1].token_mask = token_mask
     return Capture(
         grads=FactorizedGrads(layers, losses.detach().float(), route=route), losses=losses
@@ -291,10 +285,6 @@ def _compact_embedding(ids: torch.Tensor, d: torch.Tensor
         out_ids[i, : len(uniq)] = uniq
         out_d[i].index_add_(0, inverse, d[i])
     return out_ids, out_d
-
-
-def _trains(p: Any) -> bool:
-    return isinstance(p, nn.Parameter) and p.requires_grad
 
 
 def _trainable_name(module: nn.Module, attr: str, param_names: dict[int, str]) -> str | None:
@@ -369,6 +359,19 @@ def _norm_factors(name: str, module: nn.Module, spec: LayerSpec, inputs: list[An
     return NormFactors(module_name=name, weight_name=param_names[id(w)], bias_name=bias_name,
                        weight_grads=weight_grads, bias_grads=bias_grads)
 
+
+def _linear_on_arrival(module: nn.Module, spec: LayerSpec) -> Callable | None:
+    bias = getattr(module, "bias", None)
+    trained_bias = isinstance(bias, nn.Parameter) and bias.requires_grad
+    return None if trained_bias else _compact_linear  # a bias needs its tokens' D
+
+
+# what each kind keeps once its D arrives during the backward (None: A and D as they are)
+_ON_ARRIVAL: dict[str, Callable[[nn.Module, LayerSpec], Callable | None]] = {
+    "linear": _linear_on_arrival,
+    "embedding": lambda module, spec: _compact_embedding,
+    "norm": lambda module, spec: _norm_reducer(spec, module.weight.shape),
+}
 
 _FACTOR_BUILDERS: dict[str, Callable[..., Any]] = {
     "linear": _linear_factors,

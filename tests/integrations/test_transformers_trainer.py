@@ -225,23 +225,18 @@ def test_a_config_error_names_the_key_at_every_entry_point(tmp_path, entry):
     from gradsift.engine import EngineConfig
     from gradsift.integrations.transformers import GradSiftConfig
 
-    with pytest.raises(ValueError, match="target_refresh") as err:
+    for key, value, message in (("target_refresh", 0, "must be an integer >= 1, got 0"),
+                                ("target_ema", 1, "must be a number in [0, 1), got 1")):
+        with pytest.raises(ValueError, match=key) as err:
+            if entry == "yaml":
+                load_config(None, [f"engine.{key}={value}"])
+            elif entry == "engine":
+                EngineConfig(**{key: value})
+            else:
+                GradSiftConfig(output_dir=str(tmp_path), use_cpu=True, **{key: value})
+        assert message in str(err.value)
         if entry == "yaml":
-            load_config(None, ["engine.target_refresh=0"])
-        elif entry == "engine":
-            EngineConfig(target_refresh=0)
-        else:
-            GradSiftConfig(output_dir=str(tmp_path), use_cpu=True, target_refresh=0)
-    assert "must be an integer >= 1, got 0" in str(err.value)
-    if entry == "yaml":
-        assert isinstance(err.value, ConfigError) and "'engine.target_refresh'" in str(err.value)
-    with pytest.raises(ValueError, match=r"target_ema'? must be a number in \[0, 1\), got 1"):
-        if entry == "yaml":
-            load_config(None, ["engine.target_ema=1"])
-        elif entry == "engine":
-            EngineConfig(target_ema=1)
-        else:
-            GradSiftConfig(output_dir=str(tmp_path), use_cpu=True, target_ema=1)
+            assert isinstance(err.value, ConfigError) and f"'engine.{key}'" in str(err.value)
 
 
 def test_the_usual_collators_work_and_keep_the_ids(tmp_path):

@@ -44,6 +44,8 @@ import torch
 
 SUBSETS = ("greedy", "topk")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
+# how b enters the subset choice: as measured, or corrected for the target batch's noise
+ALIGNMENTS = ("mean", "posterior")
 # 1-swap polishing: at most SWAP_EVALS NNLS fits, by default only when n_eligible * k is small.
 SWAP_EVALS = 200
 SWAP_AUTO_MAX = 1024
@@ -230,6 +232,38 @@ def _shrink_to_uniform(
     s = mean * mean / (mean * mean + se2) if mean > 0.0 and mean * mean + se2 > 0 else 0.0
     w = w_u + s * (w_n - w_u)
     return w / w.sum(), s
+
+
+def denoised_alignment(per_target: torch.Tensor, kind: str) -> tuple[torch.Tensor, float]:
+    """The alignment the subset is chosen on, from ``B_ti``, (n_t, B) alignments per target
+    example (``b = mean_t B_t``; ``se_i² = var_t(B_ti)/n_t`` is the noise of ``b_i``).
+
+    * ``"mean"``: ``b`` as measured.
+    * ``"posterior"``: the empirical-Bayes posterior mean of each candidate's alignment under a
+      zero-mean normal prior fitted across the candidates, ``b_i τ²/(τ² + se_i²)`` with
+      ``τ² = max(mean_i b_i² − mean_i se_i², 0)``. A candidate that aligns with one target
+      example only is shrunk more than one that aligns with all of them (taking the largest of
+      B noisy estimates otherwise favours the noisiest). Signs are kept, so the filter keeps
+      the same candidates; with ``τ² = 0`` (no spread beyond the noise) ``b`` is kept.
+
+    Returns the alignment and the mean factor ``τ²/(τ² + se_i²)`` (1.0 when ``b`` is kept).
+    Non-finite entries stay non-finite (the filter drops them).
+    """
+    if kind not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {kind!r}")
+    bt = per_target.detach().to(torch.float64)
+    b = bt.mean(dim=0)
+    if kind == "mean" or bt.shape[0] < 2:
+        return b, 1.0
+    se2 = bt.var(dim=0, unbiased=True) / bt.shape[0]
+    ok = torch.isfinite(b) & torch.isfinite(se2)
+    if not bool(ok.any()):
+        return b, 1.0
+    tau2 = float((b[ok] ** 2).mean() - se2[ok].mean())
+    if not tau2 > 0.0:
+        return b, 1.0
+    factor = tau2 / (tau2 + se2)
+    return b * factor, float(factor[ok].mean())
 
 
 def _validate(align: torch.Tensor, gram: torch.Tensor, k: int) -> None:

@@ -26,7 +26,14 @@ from gradsift.select.base import (
     SelectorConfig,
     register_selector,
 )
-from gradsift.select.ftw import SUBSETS, WEIGHTINGS, alignment_ratio, ftw_solve
+from gradsift.select.ftw import (
+    ALIGNMENTS,
+    SUBSETS,
+    WEIGHTINGS,
+    alignment_ratio,
+    denoised_alignment,
+    ftw_solve,
+)
 from gradsift.select.next_step import NextStep, best_weights, shrink_weights
 
 GEOMETRIES = ("adam", "sgd")
@@ -55,6 +62,10 @@ class FTWConfig(SelectorConfig):
             ``"next-step"`` (maximize the target loss decrease predicted from Adam's exact next
             update, ``gradsift.select.next_step``, shrunk the same way; Adam/AdamW only, others
             fall back to ``shrink``; materializes the ``k`` selected per-sample gradients).
+        alignment: the ``b`` the subset is chosen on: ``"mean"`` (as measured) or
+            ``"posterior"`` (each ``b_i`` shrunk towards 0 by its noise over the target
+            examples, empirical Bayes; ``gradsift.select.ftw.denoised_alignment``). Scores stay
+            the measured ``b``.
         fill: top a subset smaller than ``k`` up with the next candidates by alignment
             (``uniform`` and ``shrink`` only: NNLS gives them no weight).
         ridge: relative ridge of the NNLS Cholesky factor.
@@ -71,6 +82,7 @@ class FTWConfig(SelectorConfig):
     geometry: str = "adam"
     subset: str = "greedy"
     weighting: str = "shrink"
+    alignment: str = "mean"
     ridge: float = 1e-9
     tol: float = 1e-6
     swap_evals: int | None = None
@@ -87,6 +99,8 @@ class FTWConfig(SelectorConfig):
         if self.weighting not in SELECTOR_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {SELECTOR_WEIGHTINGS}, "
                              f"got {self.weighting!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
         if not isinstance(self.fill, bool):
             raise ValueError(f"fill must be a bool, got {self.fill!r}")
         if not isinstance(self.momentum_correction, bool):
@@ -122,7 +136,8 @@ class FTWSelector(Selector):
 
     @property
     def needs_target_samples(self) -> bool:
-        return self.config.weighting in ("shrink", "next-step")  # type: ignore[attr-defined]
+        cfg: FTWConfig = self.config  # type: ignore[assignment]
+        return cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -162,12 +177,13 @@ class FTWSelector(Selector):
         if weighting == "next-step":
             weighting = "uniform" if next_step else "shrink"
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
-        # b, K and (for shrink) the cross Gram with the target examples, in one pass
+        # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
+        per_example = weighting == "shrink" or cfg.alignment != "mean"
         b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
-            ctx.target_samples if weighting == "shrink" else None)
+            ctx.target_samples if per_example else None)
         per_target = None
-        if weighting == "shrink" and ctx.target_samples is not None:
+        if per_example and ctx.target_samples is not None:
             # B_ti = ⟨g_i, P g_t⟩ per target example t; their mean is (up to the momentum
             # shift common to every t) b, their spread is the noise of b.
             assert cross is not None
@@ -177,8 +193,12 @@ class FTWSelector(Selector):
                 beta1 = max((state.beta1.get(n, 0.0) for n in names), default=0.0)
                 scale = 1.0 / (1.0 - beta1)
             per_target = b[None, :] + (cross - cross.mean(dim=0, keepdim=True)) * scale
+        b_subset, shrunk = b, 1.0
+        if per_target is not None and cfg.alignment != "mean":
+            b_subset, shrunk = denoised_alignment(per_target, cfg.alignment)
+            b_subset = b_subset.to(b.dtype)
         res = ftw_solve(
-            b,
+            b_subset,
             kmat,
             ctx.k,
             min_cosine=cfg.min_cosine,
@@ -189,7 +209,7 @@ class FTWSelector(Selector):
             tol=cfg.tol,
             swap_evals=cfg.swap_evals,
             fill=cfg.fill,
-            target_align=per_target,
+            target_align=per_target if weighting == "shrink" else None,
         )
         diagnostics = {
             "rho": res.rho,
@@ -221,6 +241,8 @@ class FTWSelector(Selector):
             diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
+        if cfg.alignment != "mean":
+            diagnostics["alignment_shrink"] = shrunk
         if res.note:
             diagnostics["note"] = res.note
         return Selection(

@@ -11,6 +11,7 @@ import scipy.optimize
 import torch
 
 from gradsift.select import alignment_ratio, filter_then_weight, ftw_solve
+from gradsift.select.ftw import denoised_alignment
 
 
 def _instance(seed: int, kind: str, b: int = 12, d: int = 50) -> tuple[np.ndarray, np.ndarray]:
@@ -202,3 +203,32 @@ def test_large_instance_is_valid_and_beats_topk() -> None:
     assert alignment_ratio(b, k, idx, w) > alignment_ratio(b, k, top, torch.full((64,), 1 / 64))
     twins = set((idx % 128).tolist())
     assert len(twins) >= 0.9 * idx.numel()  # near-duplicates rarely both take budget
+
+
+def test_denoised_alignment_by_hand() -> None:
+    """Candidate 0 aligns with one target example only (mean 2.5, se 2.5), candidate 1 with all
+    four (mean 2, se 0): the measured mean ranks 0 first, the posterior ranks 1 first."""
+    rows = [[10.0, 2.0, 1.0, 0.5, -1.0],
+            [0.0, 2.0, 1.2, 0.7, -0.5],
+            [0.0, 2.0, 0.8, 0.2, -1.5],
+            [0.0, 2.0, 1.0, 0.6, -1.0]]
+    bt = torch.tensor(rows, dtype=torch.float64)
+    n_t, n = 4, 5
+    mean = [sum(rows[t][i] for t in range(n_t)) / n_t for i in range(n)]
+    se2 = [sum((rows[t][i] - mean[i]) ** 2 for t in range(n_t)) / (n_t - 1) / n_t
+           for i in range(n)]
+    tau2 = sum(m * m for m in mean) / n - sum(se2) / n  # prior N(0, τ²) by moments
+    assert tau2 > 0
+    post = [mean[i] * tau2 / (tau2 + se2[i]) for i in range(n)]
+    b, factor = denoised_alignment(bt, "posterior")
+    torch.testing.assert_close(b, torch.tensor(post, dtype=torch.float64))
+    assert factor == pytest.approx(sum(tau2 / (tau2 + s) for s in se2) / n)
+    assert int(b.argmax()) == 1 and mean[0] > mean[1]
+    assert [v > 0 for v in post] == [v > 0 for v in mean]  # the filter keeps the same ones
+    plain, _ = denoised_alignment(bt, "mean")
+    torch.testing.assert_close(plain, torch.tensor(mean, dtype=torch.float64))
+    # no spread beyond the noise: the measured b is kept
+    same = torch.tensor([[3.0, -3.0], [-3.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(denoised_alignment(same, "posterior")[0], same.mean(0))
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        denoised_alignment(bt, "median")

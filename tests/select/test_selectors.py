@@ -286,6 +286,46 @@ def test_ftw_shrink_weights_follow_the_per_target_evidence() -> None:
     torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-6)
 
 
+def test_ftw_chooses_its_subset_on_the_posterior_alignment() -> None:
+    """``alignment=posterior``: the subset is FTW's on ``b`` recomputed by hand from
+    per-target-example gradients (autograd one example at a time), shrunk by its noise. On this
+    batch the posterior changes the subset."""
+    model = tiny_llama(tie=False).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    reference_losses(model, _batch(4, 99)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    cands = per_sample_grads(model, _batch(B, 4))
+    names = cands.param_names
+    params = dict(model.named_parameters())
+    t_batch = _batch(5, 7)
+    grads = []
+    for t in range(5):
+        loss = reference_losses(model, {k: v[t : t + 1] for k, v in t_batch.items()})[0]
+        grads.append(torch.autograd.grad(loss, [params[n] for n in names]))
+    state = read_optimizer_state(opt, model, names)
+    p, g = state.preconditioner, cands.materialize()
+    b_t = np.array([[sum(float((g[n][i].double() * p[n].double() * e.double()).sum())
+                         for n, e in zip(names, ge, strict=True)) for i in range(B)]
+                    for ge in grads])
+    mean, se2 = b_t.mean(0), b_t.var(0, ddof=1) / 5
+    tau2 = (mean**2).mean() - se2.mean()
+    assert tau2 > 0
+    want = mean * tau2 / (tau2 + se2)
+    target = {n: sum(ge[j] for ge in grads) / 5 for j, n in enumerate(names)}
+    kmat = interaction(cands, p).double()
+    ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
+                           target_samples=per_sample_grads(model, t_batch))
+    sel = get_selector("ftw", alignment="posterior", weighting="uniform").select(ctx)
+    expected, _ = filter_then_weight(torch.as_tensor(want), kmat, 3, weighting="uniform",
+                                     fill=True)
+    assert sel.indices.tolist() == expected.tolist()
+    torch.testing.assert_close(sel.scores.double(), torch.as_tensor(mean), rtol=1e-4, atol=1e-6)
+    assert get_selector("ftw", alignment="posterior").needs_target_samples
+    plain = get_selector("ftw", weighting="uniform").select(ctx)
+    assert plain.indices.tolist() != sel.indices.tolist()
+
+
 def test_opus_scores_are_preconditioned_alignments(world) -> None:
     """OPUS' utilities ⟨P g_i, g_V⟩, against materialized gradients."""
     cands, target, state = world

@@ -234,20 +234,24 @@ def _shrink_to_uniform(
     return w / w.sum(), s
 
 
-def denoised_alignment(per_target: torch.Tensor, kind: str) -> tuple[torch.Tensor, float]:
+def denoised_alignment(
+    per_target: torch.Tensor, kind: str, norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
     """The alignment the subset is chosen on, from ``B_ti``, (n_t, B) alignments per target
     example (``b = mean_t B_t``; ``se_i² = var_t(B_ti)/n_t`` is the noise of ``b_i``).
 
     * ``"mean"``: ``b`` as measured.
-    * ``"posterior"``: the empirical-Bayes posterior mean of each candidate's alignment under a
-      zero-mean normal prior fitted across the candidates, ``b_i τ²/(τ² + se_i²)`` with
-      ``τ² = max(mean_i b_i² − mean_i se_i², 0)``. A candidate that aligns with one target
-      example only is shrunk more than one that aligns with all of them (taking the largest of
-      B noisy estimates otherwise favours the noisiest). Signs are kept, so the filter keeps
-      the same candidates; with ``τ² = 0`` (no spread beyond the noise) ``b`` is kept.
+    * ``"posterior"``: the empirical-Bayes posterior mean of each candidate's cosine
+      ``c_i = b_i/n_i`` (``n_i = √K_ii``, its norm in the metric; 1 without ``norms``) under a
+      zero-mean normal prior fitted across the candidates, scaled back by ``n_i``:
+      ``b_i f_i``, ``f_i = τ²/(τ² + se_i²/n_i²)``, ``τ² = max(mean_i c_i² − mean_i se_i²/n_i², 0)``.
+      A candidate that aligns with one target example only is shrunk more than one that aligns
+      with all of them (taking the largest of B noisy estimates favours the noisiest), and a
+      candidate's gradient norm does not change its factor. Signs are kept, so the filter
+      keeps the same candidates; with ``τ² = 0`` (no spread beyond the noise) ``b`` is kept.
 
-    Returns the alignment and the mean factor ``τ²/(τ² + se_i²)`` (1.0 when ``b`` is kept).
-    Non-finite entries stay non-finite (the filter drops them).
+    Returns the alignment and the mean factor ``f_i`` (1.0 when ``b`` is kept). Non-finite
+    entries stay non-finite (the filter drops them).
     """
     if kind not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {kind!r}")
@@ -255,14 +259,15 @@ def denoised_alignment(per_target: torch.Tensor, kind: str) -> tuple[torch.Tenso
     b = bt.mean(dim=0)
     if kind == "mean" or bt.shape[0] < 2:
         return b, 1.0
-    se2 = bt.var(dim=0, unbiased=True) / bt.shape[0]
-    ok = torch.isfinite(b) & torch.isfinite(se2)
+    n2 = torch.ones_like(b) if norms is None else norms.detach().to(b) ** 2
+    cos2, noise2 = b**2 / n2, bt.var(dim=0, unbiased=True) / bt.shape[0] / n2
+    ok = torch.isfinite(cos2) & torch.isfinite(noise2)
     if not bool(ok.any()):
         return b, 1.0
-    tau2 = float((b[ok] ** 2).mean() - se2[ok].mean())
+    tau2 = float(cos2[ok].mean() - noise2[ok].mean())
     if not tau2 > 0.0:
         return b, 1.0
-    factor = tau2 / (tau2 + se2)
+    factor = tau2 / (tau2 + noise2)
     return b * factor, float(factor[ok].mean())
 
 

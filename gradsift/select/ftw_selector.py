@@ -63,9 +63,9 @@ class FTWConfig(SelectorConfig):
             update, ``gradsift.select.next_step``, shrunk the same way; Adam/AdamW only, others
             fall back to ``shrink``; materializes the ``k`` selected per-sample gradients).
         alignment: the ``b`` the subset is chosen on: ``"mean"`` (as measured) or
-            ``"posterior"`` (each ``b_i`` shrunk towards 0 by its noise over the target
-            examples, empirical Bayes; ``gradsift.select.ftw.denoised_alignment``). Scores stay
-            the measured ``b``.
+            ``"posterior"`` (each candidate's cosine with ``ĝ`` shrunk towards 0 by its noise
+            over the target examples, empirical Bayes;
+            ``gradsift.select.ftw.denoised_alignment``). Scores stay the measured ``b``.
         fill: top a subset smaller than ``k`` up with the next candidates by alignment
             (``uniform`` and ``shrink`` only: NNLS gives them no weight).
         ridge: relative ridge of the NNLS Cholesky factor.
@@ -195,7 +195,8 @@ class FTWSelector(Selector):
             per_target = b[None, :] + (cross - cross.mean(dim=0, keepdim=True)) * scale
         b_subset, shrunk = b, 1.0
         if per_target is not None and cfg.alignment != "mean":
-            b_subset, shrunk = denoised_alignment(per_target, cfg.alignment)
+            norms = kmat.diagonal().clamp_min(0.0).sqrt()
+            b_subset, shrunk = denoised_alignment(per_target, cfg.alignment, norms)
             b_subset = b_subset.to(b.dtype)
         res = ftw_solve(
             b_subset,

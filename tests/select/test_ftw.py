@@ -207,24 +207,34 @@ def test_large_instance_is_valid_and_beats_topk() -> None:
 
 def test_denoised_alignment_by_hand() -> None:
     """Candidate 0 aligns with one target example only (mean 2.5, se 2.5), candidate 1 with all
-    four (mean 2, se 0): the measured mean ranks 0 first, the posterior ranks 1 first."""
+    four (mean 2, se 0): the measured mean ranks 0 first, the posterior ranks 1 first. The
+    shrinkage is of cosines ``b_i/n_i``: rescaling one candidate's gradient leaves its factor."""
     rows = [[10.0, 2.0, 1.0, 0.5, -1.0],
             [0.0, 2.0, 1.2, 0.7, -0.5],
             [0.0, 2.0, 0.8, 0.2, -1.5],
             [0.0, 2.0, 1.0, 0.6, -1.0]]
+    norms = [4.0, 3.0, 1.5, 1.0, 2.0]
     bt = torch.tensor(rows, dtype=torch.float64)
     n_t, n = 4, 5
     mean = [sum(rows[t][i] for t in range(n_t)) / n_t for i in range(n)]
     se2 = [sum((rows[t][i] - mean[i]) ** 2 for t in range(n_t)) / (n_t - 1) / n_t
            for i in range(n)]
-    tau2 = sum(m * m for m in mean) / n - sum(se2) / n  # prior N(0, τ²) by moments
+    cos2 = [mean[i] ** 2 / norms[i] ** 2 for i in range(n)]
+    noise2 = [se2[i] / norms[i] ** 2 for i in range(n)]
+    tau2 = sum(cos2) / n - sum(noise2) / n  # prior N(0, τ²) on the cosines, by moments
     assert tau2 > 0
-    post = [mean[i] * tau2 / (tau2 + se2[i]) for i in range(n)]
-    b, factor = denoised_alignment(bt, "posterior")
+    post = [mean[i] * tau2 / (tau2 + noise2[i]) for i in range(n)]
+    b, factor = denoised_alignment(bt, "posterior", torch.tensor(norms))
     torch.testing.assert_close(b, torch.tensor(post, dtype=torch.float64))
-    assert factor == pytest.approx(sum(tau2 / (tau2 + s) for s in se2) / n)
+    assert factor == pytest.approx(sum(tau2 / (tau2 + x) for x in noise2) / n)
     assert int(b.argmax()) == 1 and mean[0] > mean[1]
     assert [v > 0 for v in post] == [v > 0 for v in mean]  # the filter keeps the same ones
+    # candidate 2's gradient scaled by 10 (its b_t and norm): its factor is unchanged
+    scaled = bt.clone()
+    scaled[:, 2] *= 10.0
+    b10, _ = denoised_alignment(scaled, "posterior", torch.tensor(norms) * torch.tensor(
+        [1.0, 1.0, 10.0, 1.0, 1.0]))
+    torch.testing.assert_close(b10[2] / b[2], torch.tensor(10.0, dtype=torch.float64))
     plain, _ = denoised_alignment(bt, "mean")
     torch.testing.assert_close(plain, torch.tensor(mean, dtype=torch.float64))
     # no spread beyond the noise: the measured b is kept

@@ -39,13 +39,19 @@ def build(model_name: str, lora: bool) -> torch.nn.Module:
     return model.train()
 
 
-def measure(model: torch.nn.Module, batch_size: int, seq_len: int, repeats: int,
-            seed: int = 0) -> dict[str, list[float]]:
-    """Wall-clock seconds of ``repeats`` captures and plain forward+backwards, alternating."""
+def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """B full-length random sequences, labels = inputs, no padding."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (batch_size, seq_len),
                         generator=torch.Generator().manual_seed(seed))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def measure(model: torch.nn.Module, batch_size: int, seq_len: int, repeats: int,
+            seed: int = 0) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``repeats`` captures and plain forward+backwards, alternating."""
+    batch = random_batch(model, batch_size, seq_len, seed)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def plain() -> None:
@@ -92,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                 "labels": ids.clone()}
+        batch = random_batch(model, args.batch_size, args.seq_len)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             capture(model, batch)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))

@@ -237,32 +237,39 @@ def test_target_required(world) -> None:
     assert get_selector("loss").select(ctx).indices.numel() == 3
 
 
-def test_ftw_shrink_weights_follow_the_per_target_evidence() -> None:
-    """ftw's default weights: uniform + s (nnls − uniform), s = d̄²/(d̄² + se²), recomputed by
-    hand from per-target-example gradients taken one at a time with autograd."""
+def _per_target_world(cand_seed: int, n_target: int, target_seed: int):
+    """A tiny Llama after one AdamW step, B candidates' factors, and by brute force (one
+    autograd call per target example) the per-example alignments ``B_ti = ⟨g_i, P g_t⟩``
+    (float64, (n_target, B)) and their mean target gradient."""
     model = tiny_llama(tie=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     reference_losses(model, _batch(4, 99)).mean().backward()
     opt.step()
     opt.zero_grad()
-    cands = per_sample_grads(model, _batch(B, 1))
+    cands = per_sample_grads(model, _batch(B, cand_seed))
     names = cands.param_names
     params = dict(model.named_parameters())
-    t_batch = _batch(4, 2)
-    per_example = []  # g_t by brute force: one autograd call per target example
-    for t in range(4):
+    t_batch = _batch(n_target, target_seed)
+    per_example = []
+    for t in range(n_target):
         loss = reference_losses(model, {k: v[t : t + 1] for k, v in t_batch.items()})[0]
         per_example.append(dict(zip(names, torch.autograd.grad(
             loss, [params[n] for n in names]), strict=True)))
-    target = {n: sum(e[n] for e in per_example) / 4 for n in names}
+    target = {n: sum(e[n] for e in per_example) / n_target for n in names}
     state = read_optimizer_state(opt, model, names)
-    p = state.preconditioner
-    g = cands.materialize()
+    p, g = state.preconditioner, cands.materialize()
     b_t = torch.tensor([[
         float(sum((g[n][i].double() * p[n].double() * e[n].double()).sum() for n in names))
         for i in range(B)] for e in per_example], dtype=torch.float64)
+    return model, cands, state, target, b_t, t_batch
+
+
+def test_ftw_shrink_weights_follow_the_per_target_evidence() -> None:
+    """ftw's default weights: uniform + s (nnls − uniform), s = d̄²/(d̄² + se²), recomputed by
+    hand from per-target-example gradients taken one at a time with autograd."""
+    model, cands, state, target, b_t, t_batch = _per_target_world(1, 4, 2)
     b = b_t.mean(0)
-    kmat = interaction(cands, p).double()
+    kmat = interaction(cands, state.preconditioner).double()
 
     sel_nnls = get_selector("ftw-nnls").select(SelectionContext(
         cands, target, state, 3, torch.Generator().manual_seed(0)))
@@ -290,27 +297,10 @@ def test_ftw_chooses_its_subset_on_the_posterior_alignment() -> None:
     """``alignment=posterior``: the subset is FTW's on ``b`` recomputed by hand from
     per-target-example gradients (autograd one example at a time), shrunk by its noise. On this
     batch the posterior changes the subset."""
-    model = tiny_llama(tie=False).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    reference_losses(model, _batch(4, 99)).mean().backward()
-    opt.step()
-    opt.zero_grad()
-    cands = per_sample_grads(model, _batch(B, 5))
-    names = cands.param_names
-    params = dict(model.named_parameters())
-    t_batch = _batch(5, 4)
-    grads = []
-    for t in range(5):
-        loss = reference_losses(model, {k: v[t : t + 1] for k, v in t_batch.items()})[0]
-        grads.append(torch.autograd.grad(loss, [params[n] for n in names]))
-    state = read_optimizer_state(opt, model, names)
-    p, g = state.preconditioner, cands.materialize()
-    b_t = np.array([[sum(float((g[n][i].double() * p[n].double() * e.double()).sum())
-                         for n, e in zip(names, ge, strict=True)) for i in range(B)]
-                    for ge in grads])
+    model, cands, state, target, b_t, t_batch = _per_target_world(5, 5, 4)
+    b_t = b_t.numpy()
     mean, se2 = b_t.mean(0), b_t.var(0, ddof=1) / 5
-    target = {n: sum(ge[j] for ge in grads) / 5 for j, n in enumerate(names)}
-    kmat = interaction(cands, p).double()
+    kmat = interaction(cands, state.preconditioner).double()
     n2 = np.diag(kmat.numpy())  # squared norms in Adam's metric: shrink the cosines
     tau2 = (mean**2 / n2).mean() - (se2 / n2).mean()
     assert tau2 > 0

@@ -262,9 +262,11 @@ def eval_steps(suite: Suite) -> list[int]:
     return sorted({0, *range(suite.eval_every, suite.steps + 1, suite.eval_every), *tail})
 
 
-def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
-            method: str, seed: int, data: Path, run_dir: Path) -> RunResult:
-    """Fine-tune a LoRA copy of ``base`` under ``method`` for ``suite.steps`` steps."""
+def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
+                 selector: Selector, seed: int, data: Path, run_dir: Path,
+                 engine_options: dict[str, Any] | None = None) -> OnlineTrainer:
+    """A LoRA copy of ``base`` (initialised by ``seed``), AdamW, the seed's stream and the
+    scenario's target, in an online trainer that logs to ``run_dir``."""
     from peft import LoraConfig, get_peft_model
 
     random.seed(seed)
@@ -277,20 +279,28 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
             task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
-    selector_name, engine_options, selector_options = parse_method(method)
-    selector = _Probe(get_selector(selector_name, **selector_options))
     stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
     target = load_examples(data / "target.jsonl", tokenizer, suite.max_length)
     config = EngineConfig(**{
         "candidates_per_step": scenario.candidates, "budget_per_step": scenario.budget,
         "target_batch_size": suite.target_batch_size, "eval_size": suite.eval_size,
         "eval_every": 0, "checkpoint_every": 0, "max_grad_norm": MAX_GRAD_NORM,
-        **engine_options})
+        **(engine_options or {})})
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("selections.jsonl", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
-    trainer = OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
-                            pad_token_id=tokenizer.pad_token_id, seed=seed)
+    return OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
+                         pad_token_id=tokenizer.pad_token_id, seed=seed)
+
+
+def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
+            method: str, seed: int, data: Path, run_dir: Path) -> RunResult:
+    """Fine-tune a LoRA copy of ``base`` under ``method`` for ``suite.steps`` steps."""
+    selector_name, engine_options, selector_options = parse_method(method)
+    selector = _Probe(get_selector(selector_name, **selector_options))
+    trainer = make_trainer(base, tokenizer, scenario, suite, selector, seed, data, run_dir,
+                           engine_options)
+    model = trainer.model
     wanted = eval_steps(suite)
     losses = [_initial_loss(trainer, run_dir.parent.parent)]
     calibration = []
@@ -695,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_suite(suite, out, split(args.scenarios), split(args.methods), seeds,
                             quiet=args.quiet, shard=(i, n))
     summary = summarize(results, suite)
-    (out / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=1))
+    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
     (out / "quality.md").write_text(markdown(summary))
     plot(results, summary, out / "plots")
     if not args.quiet:
@@ -703,11 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _nan_to_none(x: Any) -> Any:
+def nan_to_none(x: Any) -> Any:
     if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
+        return {k: nan_to_none(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
+        return [nan_to_none(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x

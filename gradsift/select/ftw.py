@@ -21,6 +21,13 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    result is never worse than ranking by alignment.
    With ``fill``, a subset smaller than ``k`` is topped up with the remaining eligible
    candidates by alignment: the budget is paid for either way.
+   ``subset="uniform"`` instead scores a subset by ``ρ`` at the weights it will mostly be
+   trained with, uniform ones: ``ρ_u(S) = Σ_S b / √(1ᵀ K_S 1)``, the cosine in Adam's metric
+   between the mean gradient of ``S`` and ``ĝ``. It takes the best subset of
+   ``min(k, n_eligible)`` (all of them scored when there are at most ``EXHAUSTIVE_MAX``,
+   otherwise greedy forward selection polished by 1-swaps). Near-copies still add nothing
+   (two copies have the ρ_u of one), but a candidate is never taken for a small NNLS weight
+   that uniform training would then multiply.
 2. **Weight**: NNLS on the subset (``scipy.optimize.nnls`` on a Cholesky factor of
    ``K_S + ridge``), normalized to ``Σ w = 1`` (``nnls``); uniform (``uniform``); or
    ``shrink``: uniform moved towards NNLS only as far as the target batch supports it.
@@ -36,16 +43,19 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from math import comb
 
 import numpy as np
 import scipy.linalg
 import scipy.optimize
 import torch
 
-SUBSETS = ("greedy", "topk")
+SUBSETS = ("greedy", "topk", "uniform")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
 # how b enters the subset choice: as measured, or corrected for the target batch's noise
 ALIGNMENTS = ("mean", "posterior")
+# the "uniform" subset: every subset of size k is scored when there are at most this many
+EXHAUSTIVE_MAX = 4096
 # 1-swap polishing: at most SWAP_EVALS NNLS fits, by default only when n_eligible * k is small.
 SWAP_EVALS = 200
 SWAP_AUTO_MAX = 1024
@@ -174,6 +184,42 @@ def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float) -
             for pos, i in enumerate(new):
                 append_row(i, pos)
         chosen, w, f = new, w_new, f_new
+    return chosen
+
+
+def _rho_uniform(b: np.ndarray, kmat: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """``ρ_u(S) = Σ_S b / √(1ᵀ K_S 1)`` for each row of ``subsets`` (m, s) of indices."""
+    num = b[subsets].sum(axis=1)
+    den = kmat[subsets[:, :, None], subsets[:, None, :]].sum(axis=(1, 2))
+    return num / np.sqrt(np.maximum(den, np.finfo(np.float64).tiny))
+
+
+def _best_uniform(b: np.ndarray, kmat: np.ndarray, k: int, max_swaps: int = SWAP_EVALS
+                  ) -> list[int]:
+    """The subset of size ``min(k, n)`` with the largest ``ρ_u`` (module docstring)."""
+    n = b.shape[0]
+    k = min(k, n)
+    if k == 0:
+        return []
+    if comb(n, k) <= EXHAUSTIVE_MAX:
+        subsets = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64)
+        return [int(i) for i in subsets[int(np.argmax(_rho_uniform(b, kmat, subsets)))]]
+    chosen: list[int] = []
+    for _ in range(k):  # greedy: the candidate whose addition gives the largest ρ_u
+        rest = np.array([j for j in range(n) if j not in chosen], dtype=np.int64)
+        trials = np.concatenate([np.tile(chosen, (rest.size, 1)).astype(np.int64),
+                                 rest[:, None]], axis=1)
+        chosen.append(int(rest[np.argmax(_rho_uniform(b, kmat, trials))]))
+    best = float(_rho_uniform(b, kmat, np.array([chosen]))[0])
+    for _ in range(max_swaps):  # best-improvement 1-swaps, each round scored at once
+        rest = [j for j in range(n) if j not in chosen]
+        trials = np.array([[x if x != i else j for x in chosen]
+                           for i in chosen for j in rest], dtype=np.int64)
+        scores = _rho_uniform(b, kmat, trials)
+        top = int(np.argmax(scores))
+        if scores[top] <= best * (1.0 + 1e-12):
+            break
+        chosen, best = [int(x) for x in trials[top]], float(scores[top])
     return chosen
 
 
@@ -330,7 +376,10 @@ def ftw_solve(
     else:
         top = list(np.argsort(-b, kind="stable")[:k])
         options = []
-        if subset == "topk":
+        chosen = []
+        if subset == "uniform":  # scored at uniform weights: no NNLS refit drops one
+            chosen = sorted(_best_uniform(b, kmat, k))
+        elif subset == "topk":
             options.append(top)
         else:
             greedy = _greedy(b, kmat, k, ridge, tol)
@@ -340,7 +389,6 @@ def ftw_solve(
                 greedy = _swap_search(b, kmat, greedy, ridge, tol, swap_evals)
             options += [greedy, top]
         best_f = -1.0
-        chosen = []
         for cand in options:
             new, w = _fit(b, kmat, cand, ridge)
             f = _rho(b, kmat, np.asarray(new, dtype=np.int64), w) if new else 0.0

@@ -53,7 +53,9 @@ class FTWConfig(SelectorConfig):
         momentum_correction: target ``ĝ = (g_V − β₁ m)/(1−β₁)`` instead of ``g_V``.
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
         geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
-        subset: ``"greedy"`` (redundancy-aware), ``"topk"`` by alignment, or ``"next-step"``
+        subset: ``"greedy"`` (redundancy-aware, on ``ρ`` at the NNLS weights), ``"uniform"``
+            (on ``ρ`` at uniform weights: the mean gradient's cosine with ``ĝ``), ``"topk"`` by
+            alignment, or ``"next-step"``
             (greedy on the decrease predicted from Adam's exact next update, among the
             candidates with ``b_i > 0``; materializes all ``B`` per-sample gradients; Adam/AdamW
             only, others fall back to ``greedy``).

@@ -242,3 +242,35 @@ def test_denoised_alignment_by_hand() -> None:
     torch.testing.assert_close(denoised_alignment(same, "posterior")[0], same.mean(0))
     with pytest.raises(ValueError, match="alignment must be one of"):
         denoised_alignment(bt, "median")
+
+
+def _mean_cosine(g: np.ndarray, t: np.ndarray, subset) -> float:
+    """Cosine between the mean of the subset's gradient vectors and the target, directly."""
+    mean = g[list(subset)].mean(axis=0)
+    return float(mean @ t / np.linalg.norm(mean))
+
+
+@pytest.mark.parametrize("n,budget", [(8, 2), (12, 4), (20, 5)])  # 20 choose 5 > 4096: greedy
+def test_uniform_subset_maximizes_the_mean_gradients_cosine(n: int, budget: int) -> None:
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        t = rng.standard_normal(30)
+        g = (rng.standard_normal((n, 30)) + 0.4 * t) * np.exp(rng.uniform(-1, 1, (n, 1)))
+        g[1] = g[0] * 1.01  # a near-copy: two copies have the cosine of one
+        res = ftw_solve(torch.tensor(g @ t), torch.tensor(g @ g.T), budget,
+                        subset="uniform", weighting="uniform")
+        idx = res.indices.tolist()
+        eligible = [i for i in range(n) if g[i] @ t > 0]
+        assert len(idx) == min(budget, len(eligible)) and set(idx) <= set(eligible)
+        assert torch.allclose(res.weights, torch.full((len(idx),), 1.0 / len(idx)))
+        got = _mean_cosine(g, t, idx)
+        assert res.rho == pytest.approx(got, rel=1e-9)
+        best = max(_mean_cosine(g, t, s) for s in itertools.combinations(eligible, len(idx)))
+        if math.comb(len(eligible), budget) <= 4096:
+            assert got == pytest.approx(best, rel=1e-12)
+        else:  # greedy + 1-swaps: no single swap improves it, and it beats top-k by b
+            for i, j in itertools.product(idx, set(eligible) - set(idx)):
+                assert _mean_cosine(g, t, [x if x != i else j for x in idx]) <= got + 1e-12
+            top = sorted(eligible, key=lambda i: -(g[i] @ t))[:budget]
+            assert got >= _mean_cosine(g, t, top) - 1e-12
+            assert got >= 0.9 * best

@@ -1,0 +1,342 @@
+"""One-step gains from common states: whose selection moves the held-out target loss most?
+
+A full-run comparison (``gradsift.bench.quality``) mixes two things: what a method selects
+at a step, and where its earlier selections took the model. Runs of two methods part at the
+first step they choose differently, and from then on their losses differ by the chaos of
+fine-tuning as much as by the quality of their choices. This bench takes the second part
+out. It follows one reference trajectory (``--reference``, ``random`` by default: no
+compared selector shapes the states). At every step, from the same parameters, optimizer
+state, candidates and target batch, every method selects; each distinct selection's AdamW
+update (clipped like the engine's) is applied to a copy of the state and the held-out target
+loss is measured on the same examples. Then the reference's step is kept and the next state
+follows. Per state and method::
+
+    gain_m(t) = L(θ_t) − L(θ_t + Δ_m)
+
+the held-out loss decrease of method ``m``'s step: what gradsift is built to maximize, how
+far the next AdamW update moves the model towards the target. Two methods that select the
+same rows with the same weights have the same gain, exactly. Reported per scenario: the mean
+gain per method, its ratio to random's, how often it chose the rows ftw chose, and the paired
+difference of the loss after the step, ``L(ftw) − L(m)``, with a 95 % t-interval over seeds
+(each seed's differences averaged over its steps first, so the correlated states of one
+trajectory count once).
+
+Every (scenario, seed) writes ``<out>/<scenario>/ref-<reference>/seed_<s>/branch.json``; a
+restarted run skips those that hold every requested method. ``--suite smoke`` runs the tiny
+model in seconds (``make test``).
+
+Usage::
+
+    python -m gradsift.bench.branch --suite full [--out runs/branch] [--seeds 0,1,2,3,4]
+        [--scenarios label-noise,code] [--methods ftw,greats,cosine,random]
+        [--reference random] [--shard I/N] [--threads 1] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradsift.bench.quality import (
+    MAX_GRAD_NORM,
+    SUITES,
+    Scenario,
+    Suite,
+    build_data,
+    make_trainer,
+    nan_to_none,
+    paired_interval,
+    parse_method,
+)
+from gradsift.engine import OnlineTrainer
+from gradsift.select import Selection, SelectionContext, Selector, get_selector
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("ftw", "greats", "cosine", "random", "opus", "gradnorm", "loss",
+           "ftw-filter-only", "ftw-nnls", "ftw-weight-only", "ftw-sgd",
+           "ftw-next-step-weights", "ftw-next-step", "ftw@subset=uniform",
+           "ftw@subset=uniform@weighting=uniform")
+
+
+class _Branches(Selector):
+    """Selects with the reference; every other method selects on the same context too,
+    each with a generator of its own (so the reference's draws are its own as well)."""
+
+    name = "branches"
+    needs = "grads"
+    needs_target = True
+
+    def __init__(self, methods: dict[str, Selector], reference: str, seed: int):
+        super().__init__()
+        self.methods, self.reference = methods, reference
+        self.generators = {m: torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(
+            m.encode())) for m in methods if m != reference}
+        self.ctx: SelectionContext | None = None
+        self.choices: dict[str, Selection] = {}
+
+    @property
+    def needs_target_samples(self) -> bool:
+        return any(s.needs_target_samples for s in self.methods.values())
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        self.ctx, self.choices = ctx, {}
+        for m, selector in self.methods.items():
+            if m != self.reference:
+                self.choices[m] = selector.select(
+                    dataclasses.replace(ctx, generator=self.generators[m]))
+        self.choices[self.reference] = self.methods[self.reference].select(ctx)
+        return self.choices[self.reference]
+
+
+def _key(sel: Selection) -> tuple:
+    """Selections that make the same update (same rows, weights equal to 1e-6)."""
+    order = torch.argsort(sel.indices)
+    return (tuple(sel.indices[order].tolist()),
+            tuple(round(float(w), 6) for w in sel.weights[order]))
+
+
+def _state(trainer: OnlineTrainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return ({n: p.detach().clone() for n, p in trainer.params.items()},
+            copy.deepcopy(trainer.optimizer.state_dict()))
+
+
+@torch.no_grad()
+def _restore(trainer: OnlineTrainer, state: tuple[dict[str, torch.Tensor], dict[str, Any]]
+             ) -> None:
+    params, optim = state
+    for n, p in trainer.params.items():
+        p.copy_(params[n])
+    # load_state_dict keeps tensors it need not cast: hand it a copy, keep the snapshot intact
+    trainer.optimizer.load_state_dict(copy.deepcopy(optim))
+
+
+def _step_and_evaluate(trainer: OnlineTrainer, ctx: SelectionContext, sel: Selection
+                       ) -> float:
+    """Apply ``sel``'s update from the current state as the engine does (``Σ w_i g_i`` from
+    the factors, clipped to ``MAX_GRAD_NORM``, one AdamW step) and evaluate."""
+    if sel.indices.numel() > 0:
+        weights = torch.zeros(len(ctx.candidates))
+        weights[sel.indices] = sel.weights.float()
+        params = list(trainer.params.values())
+        for name, g in ctx.candidates.weighted_sum(weights).items():
+            trainer.params[name].grad = g.to(trainer.params[name].dtype)
+        norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        if torch.isfinite(norm):
+            trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return trainer.evaluate()
+
+
+def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
+                 methods: Sequence[str], reference: str, seed: int, data: Path,
+                 run_dir: Path, verify: bool = False) -> dict[str, Any]:
+    """Follow ``reference`` for ``suite.steps`` steps; at each, every method's one-step
+    held-out loss from the same state. With ``verify``, the reference's own selection is
+    also replayed through the branch path (``reference_replay``: must equal its loss)."""
+    selectors = {}
+    for m in dict.fromkeys([reference, *methods]):
+        name, engine, options = parse_method(m)
+        if engine:
+            raise ValueError(f"method {m!r}: engine options ({sorted(engine)}) change the "
+                             "trajectory, not one step; the branch bench compares selections")
+        selectors[m] = get_selector(name, **options)
+    branches = _Branches(selectors, reference, seed)
+    trainer = make_trainer(base, tokenizer, scenario, suite, branches, seed, data, run_dir)
+    if trainer.selection.other_params:
+        raise ValueError("the branch bench needs every trainable parameter captured")
+    t0 = time.perf_counter()
+    before = trainer.evaluate()
+    rows = []
+    for step in range(1, suite.steps + 1):
+        start = _state(trainer)
+        record = trainer.step()
+        if record is None:
+            raise RuntimeError(f"{data}: the stream ended at step {step}")
+        ctx, choices = branches.ctx, dict(branches.choices)
+        assert ctx is not None
+        done = {_key(choices[reference]): trainer.evaluate()}
+        after = _state(trainer)
+        replay = None
+        if verify:
+            _restore(trainer, start)
+            replay = _step_and_evaluate(trainer, ctx, choices[reference])
+        for sel in choices.values():
+            if _key(sel) not in done:
+                _restore(trainer, start)
+                done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
+        _restore(trainer, after)
+        ids = record["candidate_ids"]
+        rows.append({
+            "step": step, "before": before,
+            "after": {m: done[_key(s)] for m, s in choices.items()},
+            "selected": {m: [ids[i] for i in s.indices.tolist()] for m, s in choices.items()},
+            "weights": {m: [round(float(w), 6) for w in s.weights] for m, s in choices.items()},
+            **({"reference_replay": replay} if verify else {}),
+        })
+        before = done[_key(choices[reference])]
+    return {"scenario": scenario.name, "reference": reference, "seed": seed,
+            "methods": list(selectors), "steps": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _path(out: Path, scenario: str, reference: str, seed: int) -> Path:
+    return out / scenario / f"ref-{reference}" / f"seed_{seed}" / "branch.json"
+
+
+def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods: Sequence[str],
+              reference: str, seeds: Sequence[int] | None, shard: tuple[int, int] = (0, 1),
+              quiet: bool = False) -> list[dict[str, Any]]:
+    """Every (scenario, seed) not finished with all ``methods`` (every n-th from the i-th
+    with ``shard=(i, n)``), then every finished result under ``out``."""
+    from gradsift.models import load_model_and_tokenizer
+
+    for m in (reference, *methods):
+        parse_method(m)  # a bad name or option fails before any run
+    chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
+    unknown = set(scenarios or ()) - {s.name for s in suite.scenarios}
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {sorted(unknown)}; "
+                         f"available: {[s.name for s in suite.scenarios]}")
+    wanted = set(methods) | {reference}
+    jobs = [(seed, sc) for seed in (seeds or suite.seeds) for sc in chosen]
+    todo = [(seed, sc) for seed, sc in jobs if not _finished(
+        _path(out, sc.name, reference, seed), wanted)][shard[0]::shard[1]]
+    if todo:
+        base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for n, (seed, sc) in enumerate(todo, 1):
+            path = _path(out, sc.name, reference, seed)
+            data = build_data(sc, suite, out / sc.name / "data")
+            res = run_branches(base, tokenizer, sc, suite, methods, reference, seed, data,
+                               path.parent)
+            path.write_text(json.dumps(res))
+            if not quiet:
+                print(f"[{n}/{len(todo)}] {sc.name} seed {seed}: {res['seconds']:.0f} s",
+                      file=sys.stderr, flush=True)
+    return load_results(out)
+
+
+def _finished(path: Path, methods: set[str]) -> bool:
+    return path.exists() and methods <= set(json.loads(path.read_text())["methods"])
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/ref-*/seed_*/branch.json"))]
+
+
+def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, Any]:
+    """Per scenario and reference: each method's mean one-step gain, its ratio to random's,
+    how often it selected the rows ``versus`` selected, and the paired ``L(versus) − L(m)``."""
+    out: dict[str, Any] = {}
+    for sc, ref in sorted({(r["scenario"], r["reference"]) for r in results}):
+        runs = [r for r in results if r["scenario"] == sc and r["reference"] == ref]
+        methods = list(dict.fromkeys(m for r in runs for m in r["methods"]))
+        gains = {m: [row["before"] - row["after"][m] for r in runs for row in r["steps"]
+                     if m in row["after"]] for m in methods}
+        rand = float(np.mean(gains["random"])) if gains.get("random") else math.nan
+        table = {}
+        for m in methods:
+            entry: dict[str, Any] = {"states": len(gains[m]),
+                                     "gain": float(np.mean(gains[m])),
+                                     "gain_vs_random": float(np.mean(gains[m])) / rand}
+            pairs = [(row, r["seed"]) for r in runs for row in r["steps"]
+                     if m in row["after"] and versus in row["after"]]
+            if pairs and m != versus:
+                same = [sorted(row["selected"][m]) == sorted(row["selected"][versus])
+                        for row, _ in pairs]
+                diff = [row["after"][versus] - row["after"][m] for row, _ in pairs]
+                by_seed: dict[int, list[float]] = {}
+                for d, (_, seed) in zip(diff, pairs, strict=True):
+                    by_seed.setdefault(seed, []).append(d)
+                mean, lo, hi = paired_interval([float(np.mean(v)) for v in by_seed.values()])
+                entry.update(same=float(np.mean(same)), diff=mean, lo=lo, hi=hi,
+                             seeds=len(by_seed), better=int(sum(d < 0 for d in diff)),
+                             worse=int(sum(d > 0 for d in diff)))
+            table[m] = entry
+        out[f"{sc} (reference {ref})"] = table
+    return out
+
+
+def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
+    """The tables for BENCHMARKS.md."""
+    lines = []
+    for title, table in summary.items():
+        lines += [f"\n**{title}**\n",
+                  f"| method | states | mean one-step gain | × random's | same rows as {versus} | "
+                  f"{versus} − method (loss after), 95 % CI over seeds | {versus} lower / "
+                  "higher |", "|---|---|---|---|---|---|---|"]
+        for m, e in sorted(table.items(), key=lambda kv: -kv[1]["gain"]):
+            if "diff" in e:
+                ci = (f"{e['diff']:+.4f} [{e['lo']:+.4f}, {e['hi']:+.4f}] ({e['seeds']})")
+                rest = f"{e['same']:.0%} | {ci} | {e['better']} / {e['worse']}"
+            else:
+                rest = "– | – | –"
+            lines.append(f"| {m} | {e['states']} | {e['gain']:.4f} | "
+                         f"{e['gain_vs_random']:.2f} | {rest} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradsift.bench.branch",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="full")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/branch-<suite>")
+    parser.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated methods, variants as METHOD@KEY=VALUE")
+    parser.add_argument("--reference", default="random",
+                        help="the method whose steps make the trajectory (default: random)")
+    parser.add_argument("--versus", default="ftw", help="the method the others are paired "
+                        "against in the report (default: ftw)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
+    parser.add_argument("--shard", default="0/1", help="I/N: every N-th pending run from the "
+                        "I-th (N processes share a machine, e.g. with --threads 1)")
+    parser.add_argument("--threads", type=int, help="torch threads per process")
+    parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suite = SUITES[args.suite]
+    out = args.out or Path(f"runs/branch-{args.suite}")
+
+    def split(text: str | None) -> list[str] | None:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    if args.report_only:
+        results = load_results(out)
+    else:
+        i, n = (int(x) for x in args.shard.split("/"))
+        seeds = [int(s) for s in split(args.seeds) or []] or None
+        results = run_suite(suite, out, split(args.scenarios), split(args.methods) or [],
+                            args.reference, seeds, shard=(i, n), quiet=args.quiet)
+    if not results:
+        print(f"no finished runs under {out}", file=sys.stderr)
+        return 1
+    summary = summarize(results, args.versus)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
+    (out / "branch.md").write_text(markdown(summary, args.versus))
+    if not args.quiet:
+        print(markdown(summary, args.versus))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

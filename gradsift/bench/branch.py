@@ -141,12 +141,8 @@ def _step_and_evaluate(trainer: OnlineTrainer, ctx: SelectionContext, sel: Selec
     return trainer.evaluate()
 
 
-def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
-                 methods: Sequence[str], reference: str, seed: int, data: Path,
-                 run_dir: Path, verify: bool = False) -> dict[str, Any]:
-    """Follow ``reference`` for ``suite.steps`` steps; at each, every method's one-step
-    held-out loss from the same state. With ``verify``, the reference's own selection is
-    also replayed through the branch path (``reference_replay``: must equal its loss)."""
+def make_selectors(methods: Sequence[str], reference: str) -> dict[str, Selector]:
+    """One selector per method (the reference first); engine options are refused."""
     selectors = {}
     for m in dict.fromkeys([reference, *methods]):
         name, engine, options = parse_method(m)
@@ -154,6 +150,16 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             raise ValueError(f"method {m!r}: engine options ({sorted(engine)}) change the "
                              "trajectory, not one step; the branch bench compares selections")
         selectors[m] = get_selector(name, **options)
+    return selectors
+
+
+def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
+                 methods: Sequence[str], reference: str, seed: int, data: Path,
+                 run_dir: Path, verify: bool = False) -> dict[str, Any]:
+    """Follow ``reference`` for ``suite.steps`` steps; at each, every method's one-step
+    held-out loss from the same state. With ``verify``, the reference's own selection is
+    also replayed through the branch path (``reference_replay``: must equal its loss)."""
+    selectors = make_selectors(methods, reference)
     branches = _Branches(selectors, reference, seed)
     trainer = make_trainer(base, tokenizer, scenario, suite, branches, seed, data, run_dir)
     if trainer.selection.other_params:
@@ -204,8 +210,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     with ``shard=(i, n)``), then every finished result under ``out``."""
     from gradsift.models import load_model_and_tokenizer
 
-    for m in (reference, *methods):
-        parse_method(m)  # a bad name or option fails before any run
+    make_selectors(methods, reference)  # a bad name or option fails before any run
     chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
     unknown = set(scenarios or ()) - {s.name for s in suite.scenarios}
     if unknown:

@@ -1,0 +1,106 @@
+"""bench.branch: one-step gains from common states, checked against real runs of the engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gradsift.bench import branch, quality
+from gradsift.models import load_model_and_tokenizer
+from gradsift.select import get_selector
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    base, tokenizer = load_model_and_tokenizer("tiny", dtype=torch.float32)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, tokenizer
+
+
+def _standalone(tiny, scenario, suite, method, data, folder, steps):
+    """A normal online run of ``method``: its held-out loss after each of ``steps`` steps."""
+    name, _, options = quality.parse_method(method)
+    trainer = quality.make_trainer(*tiny, scenario, suite,
+                                   get_selector(name, **options), 0, data, folder)
+    return [trainer.evaluate()] + [
+        (trainer.step(), trainer.evaluate())[1] for _ in range(steps)]
+
+
+def test_branches_equal_the_engines_own_steps(tiny, tmp_path, monkeypatch) -> None:
+    # clip hard, so the branches must clip like the engine does to agree with it
+    monkeypatch.setattr(quality, "MAX_GRAD_NORM", 1e-3)
+    monkeypatch.setattr(branch, "MAX_GRAD_NORM", 1e-3)
+    suite = quality.SUITES["smoke"]
+    scenario = suite.scenarios[0]
+    data = quality.build_data(scenario, suite, tmp_path / "data")
+    methods = ["greats", "ftw", "random", "cosine"]
+    res = branch.run_branches(*tiny, scenario, suite, methods, "random", 0, data,
+                              tmp_path / "branches", verify=True)
+    rows = res["steps"]
+    assert [r["step"] for r in rows] == list(range(1, suite.steps + 1))
+    # the reference's trajectory is a normal random run: same losses step by step
+    ref = _standalone(tiny, scenario, suite, "random", data, tmp_path / "random", suite.steps)
+    assert [rows[0]["before"]] + [r["after"]["random"] for r in rows] == pytest.approx(
+        ref, abs=1e-5)
+    for r in rows:
+        # replaying the reference's selection through the branch path gives its real step
+        assert r["reference_replay"] == pytest.approx(r["after"]["random"], abs=1e-5)
+        # one state: the next step starts where the reference's step ended
+    for prev, nxt in zip(rows, rows[1:], strict=False):
+        assert nxt["before"] == pytest.approx(prev["after"]["random"], abs=1e-6)
+    # from the first state, every method's branch is that method's own first step
+    for m in ("greats", "ftw"):
+        own = _standalone(tiny, scenario, suite, m, data, tmp_path / m, 1)
+        assert rows[0]["after"][m] == pytest.approx(own[1], abs=1e-5)
+        assert rows[0]["before"] == pytest.approx(own[0], abs=1e-6)
+
+
+def test_summary_by_hand() -> None:
+    def row(step, before, after, selected):
+        return {"step": step, "before": before, "after": after, "selected": selected,
+                "weights": {m: [1.0] for m in after}}
+
+    results = []
+    for seed, (a, b) in enumerate([((1.0, 0.8), (1.0, 0.9)), ((0.9, 0.7), (0.9, 0.75))]):
+        # ftw's loss after; random's loss after; the reference is random
+        results.append({"scenario": "s", "reference": "random", "seed": seed,
+                        "methods": ["random", "ftw"], "steps": [
+                            row(1, 2.0, {"ftw": a[0], "random": b[0]},
+                                {"ftw": ["x"], "random": ["x"]}),
+                            row(2, b[0], {"ftw": a[1], "random": b[1]},
+                                {"ftw": ["y"], "random": ["z"]})]})
+    table = branch.summarize(results)["s (reference random)"]
+    gains_ftw = [2.0 - 1.0, 1.0 - 0.8, 2.0 - 0.9, 0.9 - 0.7]
+    gains_random = [2.0 - 1.0, 1.0 - 0.9, 2.0 - 0.9, 0.9 - 0.75]
+    assert table["ftw"]["gain"] == pytest.approx(np.mean(gains_ftw))
+    assert table["ftw"]["gain_vs_random"] == pytest.approx(
+        np.mean(gains_ftw) / np.mean(gains_random))
+    r = table["random"]
+    assert r["same"] == pytest.approx(0.5)  # step 1 of both seeds: the same rows
+    # per seed, mean over steps of L(ftw) − L(random): (0 − 0.1)/2 and (0 − 0.05)/2
+    per_seed = [-0.05, -0.025]
+    assert r["diff"] == pytest.approx(np.mean(per_seed))
+    half = 12.706204736174707 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(0.975, 1 d.f.)
+    assert (r["lo"], r["hi"]) == pytest.approx((r["diff"] - half, r["diff"] + half))
+    assert (r["better"], r["worse"]) == (2, 0)
+
+
+def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
+    args = ["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--scenarios",
+            "redundancy", "--seeds", "0", "--methods", "ftw,cosine,random"]
+    assert branch.main(args) == 0
+    path = tmp_path / "redundancy" / "ref-random" / "seed_0" / "branch.json"
+    first = path.stat().st_mtime_ns
+    assert branch.main(args) == 0  # finished: not run again
+    assert path.stat().st_mtime_ns == first
+    res = json.loads(path.read_text())
+    assert set(res["methods"]) == {"ftw", "cosine", "random"}
+    assert "| ftw |" in (tmp_path / "branch.md").read_text()
+    with pytest.raises(ValueError, match="engine options"):
+        branch.main(args[:-1] + ["ftw@target_refresh=2"])
+    with pytest.raises(ValueError, match="unknown scenario"):
+        branch.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios", "nope"])

@@ -38,7 +38,8 @@ Timing: ``--warmup`` steps per configuration first (so that AdamW's state exists
 Adam-geometry path runs), then ``--repeats`` timed steps, all configurations interleaved
 round-robin in one process (the starting configuration rotates every round) so that load from
 other processes falls on all of them alike. Wall-clock median (min), and median process CPU
-time. On cpu the default is one intra-op thread (``--threads``): on a shared machine a
+time, and the median count of minor page faults per step (memory the allocator mapped
+afresh and the step touched first). On cpu the default is one intra-op thread (``--threads``): on a shared machine a
 descheduled second OpenMP thread stalls every parallel region.
 
 The defaults (tiny model, full fine-tuning, B=16, k=4, T=128) take about a minute and a half on
@@ -102,6 +103,7 @@ class Measured:
     widths: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     label_tokens: list[int] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)  # minor page faults per step
     refresh: int = 1
 
     @property
@@ -123,6 +125,15 @@ class Measured:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: first touches of freshly mapped memory.
+    The allocator hands large tensors out as new mappings when its thresholds say so, and
+    faulting them in costs time that shows up in whichever phase allocates them."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _loadavg() -> str:
@@ -287,15 +298,18 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         for j in range(n):
             c = (i + j) % n  # rotate the starting configuration every round
             runner, res = runners[c], results[c]
+            faults0 = _minor_faults()
             cpu0 = time.process_time()
             t0 = time.perf_counter()
             out = runner.step()
             wall = time.perf_counter() - t0
             cpu = time.process_time() - cpu0
+            faults = _minor_faults() - faults0
             if not timed:
                 continue
             res.times.append(out.pop("_total", wall))
             res.cpu_times.append(cpu)
+            res.faults.append(faults)
             res.n_selected.append(int(out.pop("n_selected")))
             res.add_parts(out)
             if isinstance(runner, PlainRunner):
@@ -347,21 +361,22 @@ def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Name
         f"start / end: {args.load_start} / {_loadavg()}.",
         "",
         "| configuration | step (s) | x plain B | x plain k | CPU (s) | capture | target "
-        "| selection | update | other | selected |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| selection | update | other | selected | page faults (k) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.refresh != 1:
             continue
         cpu = statistics.median(r.cpu_times)
         sel = f"{statistics.fmean(r.n_selected):.1f}"
+        faults = f"{statistics.median(r.faults) / 1000:.0f}" if r.faults else "–"
         row = (f"| {r.name} | {r.median:.3f} ({min(r.times):.3f}) | "
                f"{r.median / base.median:.2f} | {r.median / plain_k.median:.2f} | {cpu:.3f} | ")
         if r.kind == "plain":
             row += (f"data {_fmt(r.part('data'))}, fwd+bwd+step {_fmt(r.part('compute'))} "
-                    f"| | | | | {sel} |")
+                    f"| | | | | {sel} | {faults} |")
         else:
-            row += " | ".join(_fmt(r.part(k)) for k in SPLIT) + f" | {sel} |"
+            row += " | ".join(_fmt(r.part(k)) for k in SPLIT) + f" | {sel} | {faults} |"
         lines.append(row)
     rr = args.refresh
     lines += [

@@ -117,6 +117,8 @@ class RunConfig:
     skip_bad_records: bool = False
     dtype: str = "float32"
     device: str = "cpu"
+    # on cpu: "tuned" keeps freed memory for reuse (gradsift.allocator), "system" leaves malloc
+    cpu_allocator: str = "tuned"
     trust_remote_code: bool = False
     seed: int = 0
     # experiment trackers, as TrainingArguments.report_to: none | all | tensorboard | wandb |
@@ -143,6 +145,9 @@ class RunConfig:
             raise ConfigError(f"config key 'seed' must be in [0, 2**32 - 1), got {self.seed}")
         if not self.model.strip():
             raise ConfigError("config key 'model' must not be empty")
+        if self.cpu_allocator not in ("tuned", "system"):
+            raise ConfigError(f"config key 'cpu_allocator' must be tuned or system, "
+                              f"got {self.cpu_allocator!r}")
         if not re.fullmatch(r"[a-z]+(:[0-9]+)?", self.device):
             raise ConfigError(f"config key 'device' must look like cpu, cuda or cuda:0, "
                               f"got {self.device!r}")

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradsift import distributed as ddp
+from gradsift.allocator import tune_cpu_allocator
 from gradsift.checkpoint import has_checkpoint
 from gradsift.config import (
     LOGGING_KEYS,
@@ -241,6 +242,8 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
 def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None) -> Run:
     """Build model, optimizer, scheduler, stream, target set, selector and trainer."""
     out_dir = Path(out_dir)
+    if config.device == "cpu" and config.cpu_allocator == "tuned":
+        tune_cpu_allocator()
     seed_everything(config.seed)
     selector = get_selector(config.method, **method_options(config))  # fail fast on bad names
     model, tokenizer = build_model(config, model_path)

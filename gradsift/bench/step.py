@@ -38,9 +38,11 @@ Timing: ``--warmup`` steps per configuration first (so that AdamW's state exists
 Adam-geometry path runs), then ``--repeats`` timed steps, all configurations interleaved
 round-robin in one process (the starting configuration rotates every round) so that load from
 other processes falls on all of them alike. Wall-clock median (min), and median process CPU
-time, and the median count of minor page faults per step (memory the allocator mapped
-afresh and the step touched first). On cpu the default is one intra-op thread (``--threads``): on a shared machine a
-descheduled second OpenMP thread stalls every parallel region.
+time, and the median count of minor page faults per step (memory the allocator mapped afresh
+and the step touched first). Every configuration runs with the same CPU allocator setting
+(``--cpu-allocator``, gradsift's default ``tuned``: ``gradsift.allocator``). On cpu the default
+is one intra-op thread (``--threads``): on a shared machine a descheduled second OpenMP thread
+stalls every parallel region.
 
 The defaults (tiny model, full fine-tuning, B=16, k=4, T=128) take about a minute and a half on
 a 2-core CPU. The output ends with one line per method, ``ratio METHOD VALUE``: the median
@@ -250,6 +252,7 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     ]
     if not args.lora:
         overrides.append("lora=false")
+    overrides.append(f"cpu_allocator={args.cpu_allocator}")
     if score_layers is not None:
         overrides.append(f"engine.score_layers={score_layers}")
     return load_config(None, overrides)
@@ -347,7 +350,8 @@ def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Name
         f"B={args.batch_size}, k={args.budget}, max_length={args.seq_len}, "
         f"target_batch_size={args.target_batch_size} (mean target example "
         f"{facts['target_len']:.0f} tokens), AdamW, max_grad_norm 1.0, float32. "
-        f"Device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads."
+        f"Device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + (f", CPU allocator {args.cpu_allocator}." if args.device == "cpu" else ".")
         + truncated,
         f"Batches (plain B, same records for every configuration): padded width "
         f"{statistics.fmean(base.widths):.0f} tokens (min {min(base.widths)}, max "
@@ -446,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="target_refresh R for the derived (and measured) refresh-R step")
     parser.add_argument("--measure-refresh", action="store_true",
                         help="also time an ftw trainer at target_refresh=R")
+    parser.add_argument("--cpu-allocator", choices=("tuned", "system"), default="tuned",
+                        help="on cpu: glibc malloc keeping freed memory (tuned, gradsift's "
+                        "default, for every configuration) or as it comes (system)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 on cpu, torch's own on cuda)")

@@ -22,8 +22,9 @@ difference of the loss after the step, ``L(ftw) − L(m)``, with a 95 % t-interv
 trajectory count once).
 
 Every (scenario, seed) writes ``<out>/<scenario>/ref-<reference>/seed_<s>/branch.json``; a
-restarted run skips those that hold every requested method. ``--suite smoke`` runs the tiny
-model in seconds (``make test``).
+restarted run skips those that hold every requested method. The report goes to
+``<out>/branch.md`` and ``<out>/branch.png`` (the paired differences with their intervals).
+``--suite smoke`` runs the tiny model in seconds (``make test``).
 
 Usage::
 
@@ -296,6 +297,38 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(summary: dict[str, Any], path: Path, versus: str = "ftw") -> Path:
+    """One panel per scenario: each method's mean ``L(versus) − L(m)`` after one step with its
+    95 % interval over seeds (left of zero: ``versus`` moved the held-out loss further)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = list(summary)
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.6), squeeze=False)
+    for ax, title in zip(axes[0], titles, strict=True):
+        rows = sorted(((m, e) for m, e in summary[title].items() if "diff" in e),
+                      key=lambda kv: kv[1]["diff"])
+        y = np.arange(len(rows))
+        mean = np.array([e["diff"] for _, e in rows])
+        lo = np.array([e["lo"] for _, e in rows])
+        hi = np.array([e["hi"] for _, e in rows])
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        ax.errorbar(mean[ok], y[ok], xerr=[mean[ok] - lo[ok], hi[ok] - mean[ok]], fmt="o",
+                    ms=4, capsize=3)
+        ax.plot(mean[~ok], y[~ok], "o", ms=4)
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_yticks(y, [m for m, _ in rows], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"L({versus}) − L(method) after one step", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradsift.bench.branch",
                                      description=__doc__.split("\n\n")[0])
@@ -338,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
     (out / "branch.md").write_text(markdown(summary, args.versus))
+    plot(summary, out / "branch.png", args.versus)
     if not args.quiet:
         print(markdown(summary, args.versus))
     return 0

@@ -100,6 +100,7 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
     res = json.loads(path.read_text())
     assert set(res["methods"]) == {"ftw", "cosine", "random"}
     assert "| ftw |" in (tmp_path / "branch.md").read_text()
+    assert (tmp_path / "branch.png").stat().st_size > 0
     with pytest.raises(ValueError, match="engine options"):
         branch.main(args[:-1] + ["ftw@target_refresh=2"])
     with pytest.raises(ValueError, match="unknown scenario"):

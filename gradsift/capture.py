@@ -12,7 +12,9 @@ arrival: ``g_i = D_iᵀ A_i`` is formed (one GEMM, what a plain backward spends 
 gradient) and kept as ``r`` factor rows (``A' = g_i, D' = I`` or ``A' = I, D' = g_iᵀ``), so
 its memory is ``r (d_in + d_out)`` per sample instead of ``T (d_in + d_out)`` (a LoRA factor at
 any length, every layer at long context), and ``A`` and ``D`` are let go during the backward.
-Likewise an embedding keeps one row per distinct id of a sample, and a norm its two sums.
+Likewise an embedding keeps one row per distinct id of a sample, and a norm its two sums; an
+output head keeps only each sample's rows with loss (its ``D`` is exactly zero elsewhere), before
+any compaction.
 The same pass serves every other trainable kind (``gradsift.layers``): an embedding keeps its
 ids (``g_i`` is ``D_i`` scattered into the rows looked up), a norm ``y = w ⊙ x̂ + b`` reduces
 to ``g_i(w) = Σ_t δ_it ⊙ x̂_it`` and ``g_i(b) = Σ_t δ_it`` as its ``D`` arrives.
@@ -82,6 +84,9 @@ class _Recorder:
         self.grads: dict[str, list[torch.Tensor | None]] = {n: [] for n in names}
         # per module: what to keep of (A, D) once D arrives (``_ON_ARRIVAL``; None: as is)
         self.compact: dict[str, Callable[..., tuple[Any, Any] | None] | None] = {}
+        # per module: (B, T) rows known to carry a gradient (a head: its rows with loss); the
+        # others are dropped as D arrives, before any compaction (``_rows_with_loss``)
+        self.row_masks: dict[str, torch.Tensor] = {}
         self.anchors: dict[torch.device, torch.Tensor] = {}  # one per device of an output
         self.receiving = False  # only the capture's own backward hands D over
         self.enabled = True
@@ -93,6 +98,10 @@ class _Recorder:
                 return
             compact = self.compact.get(name)
             x = self.inputs[name][call]
+            mask = self.row_masks.get(name)
+            if mask is not None and x.shape[:2] == d.shape[:2] == mask.shape:
+                x, d = _rows_with_loss(x, d, mask)
+                self.inputs[name][call] = x
             small = compact(x, d) if compact is not None and \
                 x.shape[0] == d.shape[0] == self.batch_size else None
             if small is not None:
@@ -220,7 +229,7 @@ def capture(
         losses = forward_losses(model, batch, logits)
     batch_size = losses.shape[0]
     # the module whose output *is* the logits (the head): D is exactly zero at its rows
-    # without loss, and every product skips them
+    # without loss, so it keeps only its rows with loss (``_rows_with_loss``)
     heads = {n for n in names if specs[n].kind == "linear" and len(recorder.outputs[n]) == 1
              and recorder.outputs[n][0][0]() is logits[0]}
     shapes = {n: [o[1:] for o in recorder.outputs[n]] for n in names}
@@ -228,6 +237,7 @@ def capture(
         raise RuntimeError(f"none of the modules {names[:5]}... ran in the forward pass")
     recorder.outputs = {n: [] for n in names}  # the taps hand D over; hold nothing else
     token_mask, logits = logits[1], None
+    recorder.row_masks = dict.fromkeys(heads, token_mask)
     recorder.receiving = True
     torch.autograd.grad(losses.sum(), list(recorder.anchors.values()), allow_unused=True,
                         retain_graph=retain_graph)
@@ -243,12 +253,25 @@ def capture(
         build = _FACTOR_BUILDERS[specs[n].kind]
         layers.append(build(n, module_map[n], specs[n], recorder.inputs.pop(n),
                             grads_by_name.pop(n), batch_size, param_names))
-        # (a compacted head has fewer rows than tokens: no mask applies)
-        if n in heads and layers[-1].output_grads.shape[:2] == token_mask.shape:
-            layers[-1].token_mask = token_mask
     return Capture(
         grads=FactorizedGrads(layers, losses.detach().float(), route=route), losses=losses
     )
+
+
+def _rows_with_loss(a: torch.Tensor, d: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, D)`` of a head at each sample's rows with loss only, padded with zero rows to the
+    largest count: ``D`` is exactly zero at the other rows, so ``g_i = D_iᵀ A_i`` is unchanged,
+    and what follows (compaction, every product) costs the loss tokens, not all of them."""
+    counts = mask.sum(dim=1)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    out_a = a.new_zeros(a.shape[0], width, a.shape[-1])
+    out_d = d.new_zeros(d.shape[0], width, d.shape[-1])
+    for i in range(mask.shape[0]):
+        rows = mask[i].nonzero().squeeze(1)
+        out_a[i, : rows.numel()] = a[i, rows]
+        out_d[i, : rows.numel()] = d[i, rows]
+    return out_a, out_d
 
 
 def _compact_linear(a: torch.Tensor, d: torch.Tensor

@@ -22,7 +22,7 @@ and one chunk of samples at a time. ``dot_dense`` never materializes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -98,25 +98,10 @@ def chunked_gram(materialize_g, materialize_h, b: int, b2: int, size: int,
     return out
 
 
-def per_sample_products(lhs: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor | None,
+def per_sample_products(lhs: torch.Tensor, rhs: torch.Tensor,
                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """(b, m, n) float32 ``lhs_iᵀ rhs_i`` for (b, T, m) and (b, T, n), summed over tokens.
-
-    With ``mask`` (b, T) only the tokens where it is True enter (the rest must be zero rows):
-    one GEMM per sample over its own tokens, instead of a batched one over all T.
-    """
-    if mask is None:
-        return torch.bmm(lhs.float().transpose(1, 2), rhs.float(), out=out)
-    b, m, n = lhs.shape[0], lhs.shape[2], rhs.shape[2]
-    if out is None:
-        out = torch.empty(b, m, n, device=lhs.device)
-    for i in range(b):
-        idx = mask[i].nonzero().squeeze(1)
-        if idx.numel() == 0:
-            out[i].zero_()
-        else:
-            torch.mm(lhs[i, idx].float().T, rhs[i, idx].float(), out=out[i])
-    return out
+    """(b, m, n) float32 ``lhs_iᵀ rhs_i`` for (b, T, m) and (b, T, n), summed over tokens."""
+    return torch.bmm(lhs.float().transpose(1, 2), rhs.float(), out=out)
 
 
 def pad_tokens(x: torch.Tensor, t: int, value: float = 0) -> torch.Tensor:
@@ -137,9 +122,9 @@ class LayerFactors:
         inputs: A, (B, T, d_in), in the model's dtype.
         output_grads: D, (B, T, d_out).
         weight_transposed: the parameter is stored as (d_in, d_out) (GPT-2 ``Conv1D``).
-        token_mask: (B, T) bool, False where the row of D is known to be zero (an output head
-            at positions without a label), or None. Products skip those rows: exact, and for
-            a vocabulary head most of the work.
+
+    An output head keeps only each sample's rows with loss (``capture``): its ``D`` is exactly
+    zero at the others, and every product then costs the loss tokens only.
     """
 
     module_name: str
@@ -148,7 +133,6 @@ class LayerFactors:
     inputs: torch.Tensor
     output_grads: torch.Tensor
     weight_transposed: bool = False
-    token_mask: torch.Tensor | None = field(default=None, repr=False)
 
     kind = "linear"
 
@@ -202,11 +186,7 @@ class LayerFactors:
 
     def materialize(self, rows: slice | None = None) -> torch.Tensor:
         """(b, d_out, d_in[+1]) per-sample gradients ``D_iᵀ A_i`` of the given rows."""
-        return per_sample_products(self.d(rows), self.a(rows), self.mask(rows))
-
-    def mask(self, rows: slice | None = None) -> torch.Tensor | None:
-        """``token_mask`` of the given rows (None: every token may carry a gradient)."""
-        return self.token_mask if rows is None or self.token_mask is None else self.token_mask[rows]
+        return per_sample_products(self.d(rows), self.a(rows))
 
     def split(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split (…, d_out, d_in[+1]) back into parameter-shaped weight (and bias) tensors."""
@@ -288,29 +268,16 @@ class LayerFactors:
         return out
 
     def dot_dense(self, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) ``⟨g_i, M⟩ = Σ_t δ_{i,t}ᵀ M a_{i,t}``: about one extra forward of the layer
-        (at the tokens of ``token_mask`` only)."""
+        """(B,) ``⟨g_i, M⟩ = Σ_t δ_{i,t}ᵀ M a_{i,t}``: about one extra forward of the layer."""
         m = self.dense(dense, "dense")
         b, t = self.inputs.shape[:2]
         out = torch.zeros(b, device=self.inputs.device)
-        if self.token_mask is not None:
-            sample, token = self.token_mask.nonzero(as_tuple=True)
-            a_all = self.a()
-            for part in row_chunks(sample.shape[0], self.d_out):
-                s, tk = sample[part], token[part]
-                d, a = self.output_grads[s, tk].float(), a_all[s, tk]
-                out.index_add_(0, s, (d * (a @ m.T)).sum(dim=1))
-            return out
         for rows in row_chunks(b, t * self.d_out):
             out[rows] = (self.d(rows) * (self.a(rows) @ m.T)).sum(dim=(1, 2))
         return out
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Σ_i w_i g_i`` as ``(w ⊙ D)ᵀ A``: one GEMM (over the rows of ``token_mask``)."""
-        if self.token_mask is not None:
-            sample, token = self.token_mask.nonzero(as_tuple=True)
-            d = self.output_grads[sample, token].float() * weights[sample].view(-1, 1)
-            return self.split(d.T @ self.a()[sample, token])
+        """``Σ_i w_i g_i`` as ``(w ⊙ D)ᵀ A``: one GEMM."""
         d = (self.d() * weights.view(-1, 1, 1)).reshape(-1, self.d_out)
         return self.split(d.T @ self.a().reshape(d.shape[0], -1))
 
@@ -319,26 +286,14 @@ class LayerFactors:
         return self.split(self.materialize())
 
     def select(self, idx: torch.Tensor) -> LayerFactors:
-        mask = None if self.token_mask is None else self.token_mask[idx]
-        return replace(self, inputs=self.inputs[idx], output_grads=self.output_grads[idx],
-                       token_mask=mask)
+        return replace(self, inputs=self.inputs[idx], output_grads=self.output_grads[idx])
 
     @staticmethod
     def concat(parts: Sequence[LayerFactors]) -> LayerFactors:
         """Join along samples; shorter parts are zero-padded along tokens (a zero D row adds 0)."""
         t = max(p.inputs.shape[1] for p in parts)
-        mask = None
-        if any(p.token_mask is not None for p in parts):
-            mask = torch.zeros(sum(len(p) for p in parts), t, dtype=torch.bool,
-                               device=parts[0].device)
-            start = 0
-            for p in parts:
-                n, tp = p.inputs.shape[:2]
-                mask[start : start + n, :tp] = True if p.token_mask is None else p.token_mask
-                start += n
         return replace(parts[0], inputs=torch.cat([pad_tokens(p.inputs, t) for p in parts]),
-                       output_grads=torch.cat([pad_tokens(p.output_grads, t) for p in parts]),
-                       token_mask=mask)
+                       output_grads=torch.cat([pad_tokens(p.output_grads, t) for p in parts]))
 
     # ------------------------------------------- the weight alone, in parameter orientation
     def _lhs_rhs(self, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,7 +311,7 @@ class LayerFactors:
         lhs, rhs = self._lhs_rhs(rows)
         if index is not None:
             lhs = lhs[..., index]
-        return per_sample_products(lhs, rhs, self.mask(rows))
+        return per_sample_products(lhs, rhs)
 
     def weight_at(self, index: torch.Tensor, rows: slice) -> torch.Tensor:
         """(n, S, cols): sample i's own weight gradient at its weight rows ``index[i]`` (n, S).

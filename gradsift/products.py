@@ -13,8 +13,8 @@ rows at a time, and all three products are read from the block while it is in ca
 * memory: ``B × INNER_BLOCK`` floats per block, never ``B ×`` the weight;
 * accuracy: one GEMM per block of at most ``INNER_BLOCK`` columns, summed in float32, as
   ``blocked_inner`` does;
-* tokens whose output gradient is known to be zero (``LayerFactors.token_mask``: a head at
-  positions without a label) are skipped: one GEMM per sample over its own tokens.
+* a head's factors hold only each sample's rows with loss (``capture``), so forming its
+  per-sample gradients costs the loss tokens, not every position.
 
 Weights formed this way: every linear layer whose Gram materializes (any ``Q``, or the
 materialize route), in the layout ``(d_out, d_in[+1])`` of ``LayerFactors.dense``, and every
@@ -67,13 +67,7 @@ class _Use:
             self.lhs, rhs = layer.output_grads, layer.a()
         else:  # the parameter's own orientation
             self.lhs, rhs = layer._lhs_rhs(None)
-        mask = layer.token_mask
-        self.tokens = None if mask is None else [m.nonzero().squeeze(1) for m in mask]
-        if self.tokens is not None:  # each sample's factors at its own tokens, gathered once
-            self.lhs = [self.lhs[i, t].float() for i, t in enumerate(self.tokens)]
-            self.rhs = [rhs[i, t].float() for i, t in enumerate(self.tokens)]
-        else:
-            self.rhs = rhs.float()
+        self.rhs = rhs.float()
 
     def write(self, out: torch.Tensor, rows: slice, add: bool) -> None:
         """``out (b, |rows|, width) (+)= W_i[rows]`` for every sample i."""
@@ -86,21 +80,11 @@ class _Use:
             out.view(b * n, width).index_add_(0, sample * n + self.ids[hit] - rows.start,
                                               self.delta[hit])
             return
-        if self.tokens is None:
-            lhs = self.lhs[..., rows].float().transpose(1, 2)
-            if add:
-                out.baddbmm_(lhs, self.rhs)
-            else:
-                torch.bmm(lhs, self.rhs, out=out)
-            return
-        for i, (lhs, rhs) in enumerate(zip(self.lhs, self.rhs, strict=True)):
-            if lhs.shape[0] == 0:
-                if not add:
-                    out[i].zero_()
-            elif add:
-                out[i].addmm_(lhs[:, rows].T, rhs)
-            else:
-                torch.mm(lhs[:, rows].T, rhs, out=out[i])
+        lhs = self.lhs[..., rows].float().transpose(1, 2)
+        if add:
+            out.baddbmm_(lhs, self.rhs)
+        else:
+            torch.bmm(lhs, self.rhs, out=out)
 
 
 class _Weight:

@@ -147,14 +147,19 @@ def test_long_records_keep_min_d_factor_rows_per_sample():
     assert {u.module_name for u in linear} >= {"lm_head", "model.layers.0.mlp.down_proj"}
     for u in linear:
         assert u.inputs.shape[1] == min(u.d_in, u.d_out) < 40, u.module_name
-        assert u.token_mask is None
     embedding = [u for u in grads.layers if u.module_name == "model.embed_tokens"]
     distinct = max(len(torch.unique(row)) for row in batch["input_ids"])
     assert embedding[0].ids.shape[1] == distinct < 40  # one row per distinct id
     check_against_brute_force(model, batch, grads)
-    short = gradsift.per_sample_grads(model, padded_batch(3, 12))  # 12 tokens < 16: as is
+    short_batch = padded_batch(3, 12)
+    short = gradsift.per_sample_grads(model, short_batch)  # 12 tokens < 16: as is
     assert all(u.inputs.shape[1] == 12 for u in short.layers
-               if isinstance(u, gradsift.factors.LayerFactors))
+               if isinstance(u, gradsift.factors.LayerFactors) and u.module_name != "lm_head")
+    # the head keeps each sample's rows with loss (the most of any sample)
+    with_loss = int((short_batch["labels"][:, 1:] != -100).sum(dim=1).max())
+    (head,) = [u for u in short.layers if getattr(u, "module_name", "") == "lm_head"]
+    assert head.inputs.shape[1] == with_loss < 12
+    check_against_brute_force(model, short_batch, short)
     lora = get_peft_model(tiny_llama(tie=False), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0)).eval()
     grads = gradsift.per_sample_grads(lora, batch)

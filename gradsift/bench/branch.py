@@ -19,7 +19,8 @@ same rows with the same weights have the same gain, exactly. Reported per scenar
 gain per method, its ratio to random's, how often it chose the rows ftw chose, and the paired
 difference of the loss after the step, ``L(ftw) − L(m)``, with a 95 % t-interval over seeds
 (each seed's differences averaged over its steps first, so the correlated states of one
-trajectory count once).
+trajectory count once), and a two-sided sign test over the states where the two differ (this
+one treats the states as independent).
 
 Every (scenario, seed) writes ``<out>/<scenario>/ref-<reference>/seed_<s>/branch.json``; a
 restarted run skips those that hold every requested method. The report goes to
@@ -245,6 +246,15 @@ def load_results(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*/ref-*/seed_*/branch.json"))]
 
 
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided sign test of ``better`` against ``worse`` states (ties left out): the
+    probability of a split at least this uneven if either method were as likely to win."""
+    from scipy import stats
+
+    n = better + worse
+    return float(stats.binomtest(better, n).pvalue) if n else 1.0
+
+
 def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, Any]:
     """Per scenario and reference: each method's mean one-step gain, its ratio to random's,
     how often it selected the rows ``versus`` selected, and the paired ``L(versus) − L(m)``."""
@@ -270,9 +280,10 @@ def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, A
                 for d, (_, seed) in zip(diff, pairs, strict=True):
                     by_seed.setdefault(seed, []).append(d)
                 mean, lo, hi = paired_interval([float(np.mean(v)) for v in by_seed.values()])
+                better, worse = int(sum(d < 0 for d in diff)), int(sum(d > 0 for d in diff))
                 entry.update(same=float(np.mean(same)), diff=mean, lo=lo, hi=hi,
-                             seeds=len(by_seed), better=int(sum(d < 0 for d in diff)),
-                             worse=int(sum(d > 0 for d in diff)))
+                             seeds=len(by_seed), better=better, worse=worse,
+                             sign_p=sign_test(better, worse))
             table[m] = entry
         out[f"{sc} (reference {ref})"] = table
     return out
@@ -285,13 +296,14 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
         lines += [f"\n**{title}**\n",
                   f"| method | states | mean one-step gain | × random's | same rows as {versus} | "
                   f"{versus} − method (loss after), 95 % CI over seeds | {versus} lower / "
-                  "higher |", "|---|---|---|---|---|---|---|"]
+                  "higher (states) | sign test p |", "|---|---|---|---|---|---|---|---|"]
         for m, e in sorted(table.items(), key=lambda kv: -kv[1]["gain"]):
             if "diff" in e:
                 ci = (f"{e['diff']:+.4f} [{e['lo']:+.4f}, {e['hi']:+.4f}] ({e['seeds']})")
-                rest = f"{e['same']:.0%} | {ci} | {e['better']} / {e['worse']}"
+                rest = (f"{e['same']:.0%} | {ci} | {e['better']} / {e['worse']} | "
+                        f"{e['sign_p']:.2g}")
             else:
-                rest = "– | – | –"
+                rest = "– | – | – | –"
             lines.append(f"| {m} | {e['states']} | {e['gain']:.4f} | "
                          f"{e['gain_vs_random']:.2f} | {rest} |")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from gradsift.allocator import MODES as ALLOCATOR_MODES
 from gradsift.distributed import DistributedConfig
 from gradsift.engine import EngineConfig
 from gradsift.reporting import ReportToError
@@ -118,7 +119,7 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "cpu"
     # on cpu: "tuned" keeps freed memory for reuse (gradsift.allocator), "system" leaves malloc
-    cpu_allocator: str = "tuned"
+    cpu_allocator: str = "tuned"  # gradsift.allocator.MODES
     trust_remote_code: bool = False
     seed: int = 0
     # experiment trackers, as TrainingArguments.report_to: none | all | tensorboard | wandb |
@@ -145,7 +146,7 @@ class RunConfig:
             raise ConfigError(f"config key 'seed' must be in [0, 2**32 - 1), got {self.seed}")
         if not self.model.strip():
             raise ConfigError("config key 'model' must not be empty")
-        if self.cpu_allocator not in ("tuned", "system"):
+        if self.cpu_allocator not in ALLOCATOR_MODES:
             raise ConfigError(f"config key 'cpu_allocator' must be tuned or system, "
                               f"got {self.cpu_allocator!r}")
         if not re.fullmatch(r"[a-z]+(:[0-9]+)?", self.device):

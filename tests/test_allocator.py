@@ -41,7 +41,8 @@ def test_tuned_allocator_reuses_pages_instead_of_faulting_fresh_ones() -> None:
     assert tuned["tuned"] is True
     # 8 steps x 128 MiB of fresh 4 KiB pages: ~260 000 faults when malloc maps and unmaps
     assert system["faults"] > 8 * (128 << 20) // 4096 // 2
-    assert tuned["faults"] < system["faults"] / 20
+    # tuned: at most a tensor's worth once (the heap's top grows), never every step
+    assert tuned["faults"] < system["faults"] / 10
 
 
 def test_a_users_own_allocator_setting_is_left_alone() -> None:

@@ -65,6 +65,7 @@ from gradsift.bench.quality import (
 )
 from gradsift.engine import OnlineTrainer
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
+from gradsift.step import set_weighted_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +134,9 @@ def _step_and_evaluate(trainer: OnlineTrainer, ctx: SelectionContext, sel: Selec
     if sel.indices.numel() > 0:
         weights = torch.zeros(len(ctx.candidates))
         weights[sel.indices] = sel.weights.float()
-        params = list(trainer.params.values())
-        for name, g in ctx.candidates.weighted_sum(weights).items():
-            trainer.params[name].grad = g.to(trainer.params[name].dtype)
-        norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        # every trainable parameter is captured (run_branches checks): no graph is needed
+        set_weighted_gradients([], ctx.candidates, weights, trainer.params, [])
+        norm = torch.nn.utils.clip_grad_norm_(list(trainer.params.values()), MAX_GRAD_NORM)
         if torch.isfinite(norm):
             trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

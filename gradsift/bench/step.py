@@ -83,6 +83,7 @@ from typing import Any
 
 import torch
 
+from gradsift.allocator import MODES
 from gradsift.bench import emit, quiet
 
 SPLIT = ("capture", "target", "selection", "update", "other")
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="target_refresh R for the derived (and measured) refresh-R step")
     parser.add_argument("--measure-refresh", action="store_true",
                         help="also time an ftw trainer at target_refresh=R")
-    parser.add_argument("--cpu-allocator", choices=("tuned", "system"), default="tuned",
+    parser.add_argument("--cpu-allocator", choices=MODES, default="tuned",
                         help="on cpu: glibc malloc keeping freed memory (tuned, gradsift's "
                         "default, for every configuration) or as it comes (system)")
     parser.add_argument("--seed", type=int, default=0)

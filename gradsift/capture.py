@@ -99,11 +99,13 @@ class _Recorder:
             compact = self.compact.get(name)
             x = self.inputs[name][call]
             mask = self.row_masks.get(name)
+            counts = None
             if mask is not None and x.shape[:2] == d.shape[:2] == mask.shape:
-                x, d = _rows_with_loss(x, d, mask)
+                x, d, counts = _rows_with_loss(x, d, mask)
                 self.inputs[name][call] = x
-            small = compact(x, d) if compact is not None and \
-                x.shape[0] == d.shape[0] == self.batch_size else None
+            small = None
+            if compact is not None and x.shape[0] == d.shape[0] == self.batch_size:
+                small = compact(x, d) if counts is None else compact(x, d, counts)
             if small is not None:
                 self.inputs[name][call], d = small
             self.grads[name][call] = d
@@ -259,10 +261,11 @@ def capture(
 
 
 def _rows_with_loss(a: torch.Tensor, d: torch.Tensor, mask: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``(A, D)`` of a head at each sample's rows with loss only, padded with zero rows to the
-    largest count: ``D`` is exactly zero at the other rows, so ``g_i = D_iᵀ A_i`` is unchanged,
-    and what follows (compaction, every product) costs the loss tokens, not all of them."""
+    largest count, and each sample's count: ``D`` is exactly zero at the other rows, so
+    ``g_i = D_iᵀ A_i`` is unchanged, and what follows (compaction, every product) costs the
+    loss tokens, not all of them."""
     counts = mask.sum(dim=1)
     width = max(int(counts.max()), 1) if counts.numel() else 1
     out_a = a.new_zeros(a.shape[0], width, a.shape[-1])
@@ -271,22 +274,29 @@ def _rows_with_loss(a: torch.Tensor, d: torch.Tensor, mask: torch.Tensor
         rows = mask[i].nonzero().squeeze(1)
         out_a[i, : rows.numel()] = a[i, rows]
         out_d[i, : rows.numel()] = d[i, rows]
-    return out_a, out_d
+    return out_a, out_d, [int(c) for c in counts]
 
 
-def _compact_linear(a: torch.Tensor, d: torch.Tensor
+def _compact_linear(a: torch.Tensor, d: torch.Tensor, counts: list[int] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(A, D)`` of one call of a bias-free linear layer as ``r = min(d_in, d_out)`` factor
-    rows with the same ``g_i = D_iᵀ A_i``, when ``r`` is below its token count (else None)."""
+    rows with the same ``g_i = D_iᵀ A_i``, when ``r`` is below its token count (else None).
+    ``counts``: sample i's rows beyond ``counts[i]`` are zero padding, left out of its GEMM."""
     batch, d_in, d_out = a.shape[0], a.shape[-1], d.shape[-1]
     a, d = a.reshape(batch, -1, d_in), d.reshape(batch, -1, d_out)
     if min(d_in, d_out) >= a.shape[1] or a.dtype != d.dtype or a.shape[1] != d.shape[1]:
         return None
-    if d_out <= d_in:  # A' = g_i (d_out rows), D' = I
-        eye = torch.eye(d_out, dtype=d.dtype, device=d.device).expand(batch, d_out, d_out)
-        return torch.bmm(d.transpose(1, 2), a), eye
-    eye = torch.eye(d_in, dtype=a.dtype, device=a.device).expand(batch, d_in, d_in)
-    return eye, torch.bmm(a.transpose(1, 2), d)  # A' = I, D' = g_iᵀ (d_in rows)
+    # d_out ≤ d_in: A' = g_i = D_iᵀ A_i (d_out rows), D' = I; else A' = I, D' = g_iᵀ = A_iᵀ D_i
+    left, right = (d, a) if d_out <= d_in else (a, d)
+    if counts is None or min(counts) == a.shape[1]:
+        kept = torch.bmm(left.transpose(1, 2), right)
+    else:  # one GEMM per sample over its own rows
+        kept = a.new_empty(batch, left.shape[-1], right.shape[-1])
+        for i, n in enumerate(counts):
+            torch.mm(left[i, :n].T, right[i, :n], out=kept[i])
+    r = left.shape[-1]
+    eye = torch.eye(r, dtype=a.dtype, device=a.device).expand(batch, r, r)
+    return (kept, eye) if d_out <= d_in else (eye, kept)
 
 
 def _compact_embedding(ids: torch.Tensor, d: torch.Tensor

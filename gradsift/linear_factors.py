@@ -98,10 +98,32 @@ def chunked_gram(materialize_g, materialize_h, b: int, b2: int, size: int,
     return out
 
 
+def is_identity(x: torch.Tensor) -> bool:
+    """Whether (b, r, r) ``x`` is ``I`` for every sample: the factor a compact layer keeps on
+    one side (``capture._compact_linear``: ``A' = I`` or ``D' = I``), where a product is a copy."""
+    if x.dim() != 3 or x.shape[1] != x.shape[2] or x.shape[1] == 0:
+        return False
+    if not bool((x.diagonal(dim1=1, dim2=2) == 1).all()):
+        return False
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return bool((x == eye).all())
+
+
 def per_sample_products(lhs: torch.Tensor, rhs: torch.Tensor,
                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """(b, m, n) float32 ``lhs_iᵀ rhs_i`` for (b, T, m) and (b, T, n), summed over tokens."""
-    return torch.bmm(lhs.float().transpose(1, 2), rhs.float(), out=out)
+    """(b, m, n) float32 ``lhs_iᵀ rhs_i`` for (b, T, m) and (b, T, n), summed over tokens.
+
+    With one side ``I`` (a compact layer) the product is the other side, copied, not multiplied.
+    """
+    if is_identity(rhs):
+        product = lhs.float().transpose(1, 2)
+    elif is_identity(lhs):
+        product = rhs.float()
+    else:
+        return torch.bmm(lhs.float().transpose(1, 2), rhs.float(), out=out)
+    if out is None:
+        return product.contiguous()
+    return out.copy_(product)
 
 
 def pad_tokens(x: torch.Tensor, t: int, value: float = 0) -> torch.Tensor:

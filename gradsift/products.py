@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradsift.factor_kinds import EmbeddingFactors
-from gradsift.linear_factors import INNER_BLOCK, LayerFactors, linear_route
+from gradsift.linear_factors import INNER_BLOCK, LayerFactors, is_identity, linear_route
 
 if TYPE_CHECKING:
     from gradsift.factors import FactorizedGrads
@@ -68,6 +68,12 @@ class _Use:
         else:  # the parameter's own orientation
             self.lhs, rhs = layer._lhs_rhs(None)
         self.rhs = rhs.float()
+        # a compact layer keeps I on one side: a block of W_i = lhs_iᵀ rhs_i is then the other
+        # side's rows, copied, not multiplied by I
+        self.identity = "rhs" if is_identity(self.rhs) else "lhs" if is_identity(self.lhs) else ""
+        # a head's rows are each sample's rows with loss, padded with zero rows to the longest
+        # (``capture``); zero rows add nothing, so each sample's GEMM runs over its own rows
+        self.counts = None if self.identity else _rows_in_use(self.rhs)
 
     def write(self, out: torch.Tensor, rows: slice, add: bool) -> None:
         """``out (b, |rows|, width) (+)= W_i[rows]`` for every sample i."""
@@ -80,11 +86,36 @@ class _Use:
             out.view(b * n, width).index_add_(0, sample * n + self.ids[hit] - rows.start,
                                               self.delta[hit])
             return
+        if self.identity:
+            block = (self.lhs[..., rows].float().transpose(1, 2) if self.identity == "rhs"
+                     else self.rhs[:, rows])
+            if add:
+                out.add_(block)
+            else:
+                out.copy_(block)
+            return
         lhs = self.lhs[..., rows].float().transpose(1, 2)
-        if add:
+        if self.counts is not None:
+            for i, n in enumerate(self.counts):
+                if add:
+                    out[i].addmm_(lhs[i, :, :n], self.rhs[i, :n])
+                else:
+                    torch.mm(lhs[i, :, :n], self.rhs[i, :n], out=out[i])
+        elif add:
             out.baddbmm_(lhs, self.rhs)
         else:
             torch.bmm(lhs, self.rhs, out=out)
+
+
+def _rows_in_use(x: torch.Tensor) -> list[int] | None:
+    """Per sample, the rows of (b, T, n) ``x`` up to its last nonzero one, when the trailing
+    zero rows are at least a quarter of all (else None: one batched GEMM is cheaper)."""
+    if x.dim() != 3 or x.shape[1] == 0:
+        return None
+    nonzero = (x != 0).any(dim=2)
+    position = torch.arange(1, x.shape[1] + 1, device=x.device)
+    counts = (nonzero * position).amax(dim=1).tolist()
+    return counts if sum(counts) <= 0.75 * x.shape[0] * x.shape[1] else None
 
 
 class _Weight:
@@ -141,17 +172,27 @@ def _weight_products(uses: Sequence[Any], others: Sequence[Any] | None, augmente
     n, n2 = mine.n, 0 if theirs is None else theirs.n
     # Q = R: K and C are one GEMM, (Q ⊙ g) against [g; h] (the cross Gram's rows after K's)
     joint = theirs is not None and gram_p is cross_p
+    # Q > 0 (Adam's P): K (and C) from √Q ⊙ [g; h] scaled in place, both sides of one GEMM
+    # reading the same buffer, instead of Q ⊙ g written to a second one (half the traffic)
+    root = q.sqrt() if q is not None and (theirs is None or joint) and bool((q > 0).all()) \
+        else None
     step = max(1, INNER_BLOCK // mine.width)
     size = min(step, mine.rows) * mine.width
     # buffers reused by every block: a fresh multi-MB tensor per block costs page faults
     buf = torch.empty((n + n2) * size, device=mine.device)
-    scaled = torch.empty(max(n, n2) * size, device=mine.device)
+    scaled = torch.empty(0 if root is not None else max(n, n2) * size, device=mine.device)
     both = torch.zeros(n, n + n2, device=mine.device) if joint else None
     for start in range(0, mine.rows, step):
         rows = slice(start, min(start + step, mine.rows))
         cols = (rows.stop - rows.start) * mine.width
         g = mine.block(rows, buf)
         out.dots.addmv_(g, m[rows].reshape(-1))
+        if root is not None:
+            if theirs is not None:
+                theirs.block(rows, buf[n * cols :])
+            gh = buf[: (n + n2) * cols].view(n + n2, cols).mul_(root[rows].reshape(1, -1))
+            (both if joint else out.gram).addmm_(gh[:n], gh.T)
+            continue
         gq = g if q is None else torch.mul(g, q[rows].reshape(1, -1),
                                            out=scaled[: n * cols].view(n, cols))
         if theirs is None:

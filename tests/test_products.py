@@ -10,6 +10,7 @@ from test_capture import TOL, check_against_brute_force
 import gradsift
 import gradsift.products
 from gradsift.factors import FactorizedGrads
+from gradsift.linear_factors import is_identity, per_sample_products
 from gradsift.objective import alignment, alignment_and_interaction, interaction
 
 
@@ -67,6 +68,48 @@ def test_head_keeps_only_its_rows_with_loss():
     got = joined.weighted_sum(w)
     flat = torch.cat([got[n].flatten() for n in grads.param_names])
     assert rel_err(flat, w[:2] @ ref[:2] + w[2:] @ ref_other) <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_compact_head_is_exact_with_uneven_loss_rows(tie):
+    """More loss rows than the head's d_in (32), a different count per sample (one without
+    any): the head is kept
+    as A' = I, D' = g_iᵀ from one GEMM per sample over its own rows, and K (with and without a
+    preconditioner), b and the cross Gram still equal brute force."""
+    model = tiny_llama(tie=tie)
+    batch, other_batch = padded_batch(4, 48), padded_batch(3, 40, seed=5)
+    counts = (batch["labels"][:, 1:] != -100).sum(dim=1)
+    assert int(counts.max()) > 32 and 0 in counts.tolist() and len(set(counts.tolist())) == 4
+    grads = gradsift.per_sample_grads(model, batch)
+    other = gradsift.per_sample_grads(model, other_batch)
+    (head,) = [u for u in grads.layers if getattr(u, "module_name", "") == "lm_head"]
+    assert head.inputs.shape[1:] == (32, 32)
+    assert torch.equal(head.inputs, torch.eye(32).expand(4, 32, 32))
+    names = grads.param_names
+    ref, ref_o = brute_force_grads(model, batch, names), brute_force_grads(model, other_batch,
+                                                                           names)
+    p, m, p_flat, m_flat = _dicts(model, names)
+    for gram_p, gram_ref in ((None, 1.0), (p, p_flat)):
+        out = grads.products(m, gram_p, other=other, other_precondition=gram_p)
+        assert rel_err(out.gram, (ref * gram_ref) @ ref.T) <= TOL
+        assert rel_err(out.dots, ref @ m_flat) <= TOL
+        assert rel_err(out.cross, (ref * gram_ref) @ ref_o.T) <= TOL
+    check_against_brute_force(model, batch, grads)
+
+
+def test_products_with_an_identity_side_are_copies():
+    """``per_sample_products`` with I on either side equals the explicit sum over tokens."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=gen)
+    eye = torch.eye(5).expand(3, 5, 5)
+    loop = torch.stack([sum(torch.outer(x[i, t], eye[i, t]) for t in range(5))
+                        for i in range(3)])
+    assert torch.equal(per_sample_products(x, eye), loop)
+    assert torch.equal(per_sample_products(eye, x), loop.transpose(1, 2))
+    not_eye = eye.clone()
+    not_eye[1, 2, 3] = 0.5
+    assert not is_identity(not_eye) and is_identity(eye)
+    assert rel_err(per_sample_products(x, not_eye), torch.bmm(x.transpose(1, 2), not_eye)) < 1e-6
 
 
 def test_small_row_blocks_change_nothing(monkeypatch):

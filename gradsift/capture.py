@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +42,12 @@ from gradsift.layers import (  # noqa: F401  (re-exported: the registry's public
     register_layer_matcher,
     resolve_modules,
 )
-from gradsift.loss import logit_rows_with_loss, loss_positions, per_sample_loss
+from gradsift.loss import (
+    logit_rows_with_loss,
+    loss_positions,
+    per_sample_loss,
+    per_sample_loss_at_rows,
+)
 
 
 class _Tap(torch.autograd.Function):
@@ -85,8 +90,10 @@ class _Recorder:
         # per module: what to keep of (A, D) once D arrives (``_ON_ARRIVAL``; None: as is)
         self.compact: dict[str, Callable[..., tuple[Any, Any] | None] | None] = {}
         # per module: (B, T) rows known to carry a gradient (a head: its rows with loss); the
-        # others are dropped as D arrives, before any compaction (``_rows_with_loss``)
+        # others are dropped as D arrives, before any compaction
         self.row_masks: dict[str, torch.Tensor] = {}
+        # per module: a head that ran on its rows with loss only, each sample's count of them
+        self.head_rows: dict[str, list[int]] = {}
         self.anchors: dict[torch.device, torch.Tensor] = {}  # one per device of an output
         self.receiving = False  # only the capture's own backward hands D over
         self.enabled = True
@@ -98,16 +105,25 @@ class _Recorder:
                 return
             compact = self.compact.get(name)
             x = self.inputs[name][call]
-            mask = self.row_masks.get(name)
-            counts = None
-            if mask is not None and x.shape[:2] == d.shape[:2] == mask.shape:
-                x, d, counts = _rows_with_loss(x, d, mask)
-                self.inputs[name][call] = x
+            # a head keeps each sample's rows with loss only (D is exactly zero elsewhere), as
+            # (N, ·) rows one sample after another: run there alone (``head_rows``) or gathered
+            counts, mask = self.head_rows.get(name), self.row_masks.get(name)
+            if counts is not None and x.shape[:2] == d.shape[:2] == (1, sum(counts)):
+                x, d = x[0], d[0]
+            elif mask is not None and x.shape[:2] == d.shape[:2] == mask.shape:
+                x, d, counts = x[mask], d[mask], mask.sum(dim=1).tolist()
+            else:
+                counts = None
             small = None
-            if compact is not None and x.shape[0] == d.shape[0] == self.batch_size:
-                small = compact(x, d) if counts is None else compact(x, d, counts)
+            if counts is not None:
+                small = compact(x, d, counts) if compact is not None else None
+                if small is None:
+                    small = _pad_rows(x, d, counts)
+            elif compact is not None and x.shape[0] == d.shape[0] == self.batch_size:
+                small = compact(x, d)
             if small is not None:
-                self.inputs[name][call], d = small
+                x, d = small
+            self.inputs[name][call] = x
             self.grads[name][call] = d
 
         return receive
@@ -176,28 +192,79 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The module that computes the logits (``get_output_embeddings``), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+@contextmanager
+def _head_at_rows(head: nn.Module | None, rows: torch.Tensor) -> Iterator[list[bool]]:
+    """While inside, ``head`` runs on its input's ``rows`` (B, P bool) only, as one (1, N, ·)
+    sequence of every sample's rows one after another; the list yielded says whether it did."""
+    ran: list[bool] = []
+    if head is None:
+        yield ran
+        return
+
+    def gather(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if ran or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[:2] != rows.shape:
+            return None
+        ran.append(True)
+        return (x[rows.to(x.device)].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield ran
+    finally:
+        handle.remove()
+
+
 def forward_losses(model: nn.Module, batch: Mapping[str, torch.Tensor],
-                   _logits: list | None = None) -> torch.Tensor:
+                   _logits: list | None = None, head_at_rows: bool = True) -> torch.Tensor:
     """(B,) per-sample losses of a causal LM on ``batch`` (no KV cache).
 
     When the model takes ``logits_to_keep`` (transformers' causal LMs do), the vocabulary
-    projection runs only at positions that carry loss in some sample (``loss_positions``);
-    the losses are the same, the prompt and padding positions just cost nothing there.
-    ``_logits`` (internal): a list that receives the logits and their rows with loss.
+    projection runs only at positions that carry loss in some sample (``loss_positions``).
+    With ``head_at_rows`` the output head (``output_head``) runs only at each sample's own
+    rows with loss, all samples' rows as one sequence: the losses are the same, the prompt and
+    padding positions just cost nothing there.
+    ``_logits`` (internal): a list that receives the logits, their rows with loss (B, P) and
+    each sample's count of rows when the head ran at those rows only (else None).
     """
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
-    positions = loss_positions(batch["labels"])
-    if 0 < positions.numel() < batch["labels"].shape[1] - 1 and _accepts_logits_to_keep(model):
+    labels = batch["labels"]
+    positions = loss_positions(labels)
+    if 0 < positions.numel() < labels.shape[1] - 1 and _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = positions.to(batch["input_ids"].device)
     else:
         positions = None
-    out = model(**kwargs)
+    rows = logit_rows_with_loss(labels, positions)
+    counts = rows.sum(dim=1)
+    head = output_head(model) if head_at_rows and bool(rows.any()) else None
+    with _head_at_rows(head, rows) as ran:
+        out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    losses = per_sample_loss(logits, batch["labels"], positions)
+    if ran:
+        if logits.shape[:2] != (1, int(counts.sum())):
+            raise RuntimeError(
+                f"the output head ({type(head).__name__}) ran on the rows with loss, but the "
+                f"model returned logits of shape {tuple(logits.shape)}: call forward_losses "
+                "with head_at_rows=False for this model")
+        if positions is None:  # rows over every position; the last one predicts nothing
+            targets = labels[:, 1:][rows[:, :-1].to(labels.device)]
+        else:
+            targets = labels[:, positions.to(labels.device) + 1][rows.to(labels.device)]
+        losses = per_sample_loss_at_rows(logits[0], targets, counts)
+    else:
+        losses = per_sample_loss(logits, labels, positions)
     if _logits is not None:
-        _logits.extend([logits, logit_rows_with_loss(batch["labels"], positions)])
+        _logits.extend([logits, rows, counts.tolist() if ran else None])
     return losses
 
 
@@ -225,15 +292,22 @@ def capture(
     recorder = _Recorder(model, names, batch["input_ids"].shape[0],
                          expand=[n for n in names if specs[n].kind == "embedding"])
     recorder.compact = {n: _ON_ARRIVAL[specs[n].kind](module_map[n], specs[n]) for n in names}
-    logits: list[torch.Tensor] = []
+    logits: list[Any] = []
     truncate = graph_from(model, module_map[graph_start]) if graph_start else nullcontext()
+    # the head runs on each sample's rows with loss only (its D is exactly zero elsewhere),
+    # unless a captured module lives inside it (a LoRA on the head: its rows are per token)
+    head = output_head(model)
+    head_name = next((n for n, m in module_map.items() if m is head), None)
+    at_rows = head_name is not None and not any(n.startswith(head_name + ".") for n in names)
     with recorder.attached(), truncate:
-        losses = forward_losses(model, batch, logits)
+        losses = forward_losses(model, batch, logits, head_at_rows=at_rows)
     batch_size = losses.shape[0]
-    # the module whose output *is* the logits (the head): D is exactly zero at its rows
-    # without loss, so it keeps only its rows with loss (``_rows_with_loss``)
+    if logits[2] is not None and head_name in names:
+        recorder.head_rows[head_name] = logits[2]
+    # otherwise: the module whose output *is* the logits keeps its rows with loss, gathered
+    # as its D arrives
     heads = {n for n in names if specs[n].kind == "linear" and len(recorder.outputs[n]) == 1
-             and recorder.outputs[n][0][0]() is logits[0]}
+             and recorder.outputs[n][0][0]() is logits[0] and n not in recorder.head_rows}
     shapes = {n: [o[1:] for o in recorder.outputs[n]] for n in names}
     if not any(shapes.values()):
         raise RuntimeError(f"none of the modules {names[:5]}... ran in the forward pass")
@@ -260,40 +334,46 @@ def capture(
     )
 
 
-def _rows_with_loss(a: torch.Tensor, d: torch.Tensor, mask: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """``(A, D)`` of a head at each sample's rows with loss only, padded with zero rows to the
-    largest count, and each sample's count: ``D`` is exactly zero at the other rows, so
-    ``g_i = D_iᵀ A_i`` is unchanged, and what follows (compaction, every product) costs the
-    loss tokens, not all of them."""
-    counts = mask.sum(dim=1)
-    width = max(int(counts.max()), 1) if counts.numel() else 1
-    out_a = a.new_zeros(a.shape[0], width, a.shape[-1])
-    out_d = d.new_zeros(d.shape[0], width, d.shape[-1])
-    for i in range(mask.shape[0]):
-        rows = mask[i].nonzero().squeeze(1)
-        out_a[i, : rows.numel()] = a[i, rows]
-        out_d[i, : rows.numel()] = d[i, rows]
-    return out_a, out_d, [int(c) for c in counts]
+def _pad_rows(a: torch.Tensor, d: torch.Tensor, counts: list[int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, ·) rows of every sample one after another (sample i's: the next ``counts[i]``) as
+    (B, max count, ·), padded with zero rows: a zero row adds nothing to ``g_i = D_iᵀ A_i``."""
+    width = max(max(counts, default=0), 1)
+    sample = torch.repeat_interleave(torch.arange(len(counts), device=a.device),
+                                     torch.tensor(counts, device=a.device))
+    starts = torch.tensor([0, *counts[:-1]], device=a.device).cumsum(0)
+    row = torch.arange(a.shape[0], device=a.device) - starts[sample]
+    out_a = a.new_zeros(len(counts), width, a.shape[-1])
+    out_d = d.new_zeros(len(counts), width, d.shape[-1])
+    out_a[sample, row] = a
+    out_d[sample, row] = d
+    return out_a, out_d
 
 
 def _compact_linear(a: torch.Tensor, d: torch.Tensor, counts: list[int] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(A, D)`` of one call of a bias-free linear layer as ``r = min(d_in, d_out)`` factor
     rows with the same ``g_i = D_iᵀ A_i``, when ``r`` is below its token count (else None).
-    ``counts``: sample i's rows beyond ``counts[i]`` are zero padding, left out of its GEMM."""
-    batch, d_in, d_out = a.shape[0], a.shape[-1], d.shape[-1]
-    a, d = a.reshape(batch, -1, d_in), d.reshape(batch, -1, d_out)
-    if min(d_in, d_out) >= a.shape[1] or a.dtype != d.dtype or a.shape[1] != d.shape[1]:
+    With ``counts``, ``a`` and ``d`` are (N, ·) rows of every sample one after another (a head
+    at its rows with loss): one GEMM per sample over its own rows."""
+    d_in, d_out = a.shape[-1], d.shape[-1]
+    if counts is None:
+        batch = a.shape[0]
+        a, d = a.reshape(batch, -1, d_in), d.reshape(batch, -1, d_out)
+        rows = a.shape[1]
+    else:
+        batch, rows = len(counts), max(counts, default=0)
+    if min(d_in, d_out) >= rows or a.dtype != d.dtype or a.shape[-2] != d.shape[-2]:
         return None
     # d_out ≤ d_in: A' = g_i = D_iᵀ A_i (d_out rows), D' = I; else A' = I, D' = g_iᵀ = A_iᵀ D_i
     left, right = (d, a) if d_out <= d_in else (a, d)
-    if counts is None or min(counts) == a.shape[1]:
+    if counts is None:
         kept = torch.bmm(left.transpose(1, 2), right)
-    else:  # one GEMM per sample over its own rows
+    else:
         kept = a.new_empty(batch, left.shape[-1], right.shape[-1])
-        for i, n in enumerate(counts):
-            torch.mm(left[i, :n].T, right[i, :n], out=kept[i])
+        for i, (lhs, rhs) in enumerate(zip(left.split(counts), right.split(counts),
+                                           strict=True)):
+            torch.mm(lhs.T, rhs, out=kept[i])
     r = left.shape[-1]
     eye = torch.eye(r, dtype=a.dtype, device=a.device).expand(batch, r, r)
     return (kept, eye) if d_out <= d_in else (eye, kept)

@@ -42,6 +42,23 @@ def per_sample_loss(
     return token_loss.sum(dim=1) / counts.clamp(min=1)
 
 
+def per_sample_loss_at_rows(logits: torch.Tensor, targets: torch.Tensor,
+                            counts: torch.Tensor) -> torch.Tensor:
+    """``per_sample_loss`` from the logits at the rows with loss only, every sample's rows one
+    after another (sample i's: the next ``counts[i]``; see ``logit_rows_with_loss``).
+
+    Args:
+        logits: (N, V) logits, N = ``counts.sum()``.
+        targets: (N,) the token each row predicts.
+        counts: (B,) rows per sample; a sample without any gets ``ℓ_i = 0``.
+    """
+    token_loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
+    counts = counts.to(logits.device)
+    sample = torch.repeat_interleave(torch.arange(len(counts), device=logits.device), counts)
+    sums = torch.zeros(len(counts), device=logits.device).index_add(0, sample, token_loss)
+    return sums / counts.clamp(min=1)
+
+
 def trained_token_counts(labels: torch.Tensor) -> torch.Tensor:
     """(B,) number of positions that carry loss in each sample (after the shift)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)

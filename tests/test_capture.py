@@ -121,6 +121,20 @@ def test_peft_lora_default_modules_are_exactly_lora_weights():
     check_against_brute_force(model, batch, grads)
 
 
+def test_peft_lora_on_the_head_keeps_its_rows_per_token():
+    """A LoRA inside the output head: the head runs at every position (its adapters' rows are
+    per token) and only its rows with loss are kept as D arrives; exact against brute force."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    model = get_peft_model(tiny_llama(tie=False), cfg).eval()
+    batch = padded_batch(4, 9)
+    seen: list = []
+    gradsift.capture.forward_losses(model, batch, seen, head_at_rows=False)
+    assert seen[2] is None and seen[0].shape[0] == 4
+    grads = gradsift.per_sample_grads(model, batch)
+    assert any("lm_head.lora_A" in n for n in grads.param_names)
+    check_against_brute_force(model, batch, grads)
+
+
 def test_long_sequence_routes_agree():
     model = tiny_llama(layers=1)
     batch = padded_batch(3, 320)

@@ -299,9 +299,15 @@ class LayerFactors:
         return out
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Σ_i w_i g_i`` as ``(w ⊙ D)ᵀ A``: one GEMM."""
-        d = (self.d() * weights.view(-1, 1, 1)).reshape(-1, self.d_out)
-        return self.split(d.T @ self.a().reshape(d.shape[0], -1))
+        """``Σ_i w_i g_i`` as ``(w ⊙ D)ᵀ A``: one GEMM; with a compact side ``I``, the weighted
+        sum of the other side."""
+        a, d = self.a(), self.d()
+        if is_identity(a):  # A' = I: Σ_i w_i D'_iᵀ
+            return self.split(torch.tensordot(weights, d, dims=1).T.contiguous())
+        if is_identity(d):  # D' = I: Σ_i w_i A'_i
+            return self.split(torch.tensordot(weights, a, dims=1))
+        d = (d * weights.view(-1, 1, 1)).reshape(-1, self.d_out)
+        return self.split(d.T @ a.reshape(d.shape[0], -1))
 
     def per_sample(self) -> dict[str, torch.Tensor]:
         """Parameter name → (B, *param.shape) per-sample gradients."""

@@ -24,6 +24,9 @@ budget ``k`` of ``B`` candidates per step, and compares them in a **paired** des
 Every run writes ``<out>/<scenario>/<method>/seed_<s>/result.json``; a restarted suite skips
 the finished runs (resume at run granularity: a run killed half-way is run again).
 ``--suite smoke`` runs the pipeline on the tiny model in well under a minute (``make test``).
+``--stream FILE --target FILE`` adds a scenario on your own data (and runs only it, unless
+``--scenarios`` names more): the same paired comparison on a stream and target the suite has
+never seen.
 
 A method is a selector name, optionally with options: ``ftw@target_ema=0.8@min_cosine=0.1``
 runs ftw with the engine's ``target_ema`` (a ``SelectionConfig`` key) and the selector option
@@ -51,7 +54,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,23 @@ class Scenario:
     budget: int = 2
     accuracy: bool = False
     extra_methods: bool = False
+    stream_file: str | None = None  # a user's own stream and target (``custom_scenario``)
+    target_file: str | None = None
+
+
+def custom_scenario(stream: Path, target: Path, name: str | None = None, candidates: int = 8,
+                    budget: int = 2) -> Scenario:
+    """A scenario on a user's own files (gradsift's JSONL records, as ``gradsift run`` reads
+    them): the stream as given, the target's first ``eval_size`` records held out for the
+    evaluation and the rest drawn as target batches."""
+    for path, what in ((stream, "--stream"), (target, "--target")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {path} is not a file")
+    if not 0 < budget <= candidates:
+        raise ValueError(f"--budget {budget} must be between 1 and --candidates {candidates}")
+    return Scenario(name or f"custom-{target.stem}", f"stream {stream.name}, target "
+                    f"{target.name}", "custom", (), candidates=candidates, budget=budget,
+                    stream_file=str(stream.resolve()), target_file=str(target.resolve()))
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,8 @@ def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     from gradsift.sources import build_stream
     from gradsift.sources.arithmetic import arithmetic_records
 
+    if scenario.stream_file is not None:
+        return _copy_user_data(scenario, suite, folder)
     if (folder / "done").exists():
         return folder
     n_target = suite.eval_size + 4 * suite.target_batch_size
@@ -159,6 +181,39 @@ def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
         questions = arithmetic_records(random.Random(12345), suite.n_accuracy, noise_rate=0.0,
                                        exclude=seen)
         _write_jsonl(folder / "accuracy.jsonl", questions)
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def _copy_user_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
+    """A custom scenario's files, checked and copied (the runs never read the user's path);
+    a folder built from other files is refused, not reused."""
+    import hashlib
+
+    digest = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+              for name, path in (("stream", scenario.stream_file),
+                                 ("target", scenario.target_file))}
+    if (folder / "done").exists():
+        built = json.loads((folder / "source.json").read_text())
+        if built != digest:
+            raise ValueError(f"{folder} was built from other files than {scenario.stream_file} "
+                             f"and {scenario.target_file}: choose another --name or --out")
+        return folder
+    stream = _read_jsonl(Path(scenario.stream_file))
+    target = _read_jsonl(Path(scenario.target_file))
+    need = suite.eval_size + suite.target_batch_size
+    if len(target) < need:
+        raise ValueError(f"{scenario.target_file}: {len(target)} records; the suite needs at "
+                         f"least {need} ({suite.eval_size} held out for the evaluation and a "
+                         f"target batch of {suite.target_batch_size})")
+    need = suite.steps * scenario.candidates
+    if len(stream) < need:
+        raise ValueError(f"{scenario.stream_file}: {len(stream)} records; {suite.steps} steps "
+                         f"of {scenario.candidates} candidates need {need}")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "stream.jsonl", stream)
+    _write_jsonl(folder / "target.jsonl", target)
+    (folder / "source.json").write_text(json.dumps(digest))
     (folder / "done").write_text("ok")
     return folder
 
@@ -181,8 +236,19 @@ def _with_near_duplicates(stream: list[dict], target: list[dict], share: float) 
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {n}: a record must be a JSON object")
+            rows.append(row)
+    return rows
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -456,6 +522,9 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
     for m in methods or ():
         parse_method(m)
+    for sc in chosen:  # a user's files: checked (and refused if changed) before anything runs
+        if sc.stream_file is not None:
+            build_data(sc, suite, out / sc.name / "data")
     # first what decides (core methods and FTW's weight-stage ablations), then the rest
     seeds = list(seeds or suite.seeds)
     jobs = sorted(((seed, sc, m) for seed in seeds for sc in chosen
@@ -687,9 +756,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from "
                         "the I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--quiet", action="store_true")
+    own = parser.add_argument_group("your own data, as one more scenario")
+    own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
+    own.add_argument("--target", type=Path, help="a JSONL target set: its first eval_size "
+                     "records are held out for the evaluation, the rest are target batches")
+    own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
+    own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
+    own.add_argument("--budget", type=int, default=2, help="k (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     suite = SUITES[args.suite]
+    if (args.stream is None) != (args.target is None):
+        parser.error("--stream and --target go together")
+    if args.stream is not None:
+        custom = custom_scenario(args.stream, args.target, args.name, args.candidates,
+                                 args.budget)
+        suite = replace(suite, scenarios=(*suite.scenarios, custom))
+        if args.scenarios is None:
+            args.scenarios = custom.name
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")

@@ -87,3 +87,41 @@ def test_a_method_variant_names_engine_and_selector_options() -> None:
     suite = quality.SUITES["smoke"]
     assert "ftw@target_ema=0.8" in quality.methods_for(suite.scenarios[0],
                                                        ["ftw", "ftw@target_ema=0.8"])
+
+
+def _write(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_your_own_stream_and_target_run_as_a_scenario(tmp_path) -> None:
+    """--stream/--target: a scenario on files the suite has never seen, copied once and
+    refused when the same name is asked for with other files; bad files named with the line."""
+    kinds = ("the cat sat on the mat ", "def f(x): return x ")
+    stream = [{"id": f"s{i}", "text": kinds[i % 2] * (1 + i % 3)} for i in range(16)]
+    target = [{"id": f"t{i}", "text": "the dog sat on the log " * (1 + i % 2)} for i in range(8)]
+    _write(tmp_path / "stream.jsonl", stream)
+    _write(tmp_path / "target.jsonl", target)
+    out = tmp_path / "out"
+    args = ["--suite", "smoke", "--out", str(out), "--quiet", "--methods", "ftw,random",
+            "--seeds", "0", "--stream", str(tmp_path / "stream.jsonl"), "--target",
+            str(tmp_path / "target.jsonl"), "--name", "mine", "--candidates", "4"]
+    assert quality.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"mine"}
+    assert set(summary["mine"]["methods"]) == {"ftw", "random"}
+    data = out / "mine" / "data"
+    assert [json.loads(x)["id"] for x in (data / "target.jsonl").read_text().splitlines()] == \
+        [r["id"] for r in target]
+    result = json.loads((out / "mine" / "ftw" / "seed_0" / "result.json").read_text())
+    assert result["trained_samples"] == 3 * 2  # smoke: 3 steps of k=2
+    _write(tmp_path / "target.jsonl", target[::-1])
+    with pytest.raises(ValueError, match="built from other files"):
+        quality.main(args)
+    _write(tmp_path / "short.jsonl", target[:5])
+    with pytest.raises(ValueError, match=r"short.jsonl: 5 records; the suite needs at least 6"):
+        quality.main(args[:-6] + ["--target", str(tmp_path / "short.jsonl"), "--name", "x"])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(target[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not JSON"):
+        quality.main(args[:-6] + ["--target", str(tmp_path / "bad.jsonl"), "--name", "y"])
+    with pytest.raises(SystemExit):
+        quality.main(["--suite", "smoke", "--stream", str(tmp_path / "stream.jsonl")])

@@ -36,8 +36,9 @@ non-pad tokens per batch.
 
 Timing: ``--warmup`` steps per configuration first (so that AdamW's state exists and the
 Adam-geometry path runs), then ``--repeats`` timed steps, all configurations interleaved
-round-robin in one process (the starting configuration rotates every round) so that load from
-other processes falls on all of them alike. Wall-clock median (min), and median process CPU
+in one process, in a new order every round (a permutation drawn from ``--seed``), so that load
+from other processes, and whatever one step leaves behind for the next, falls on all of them
+alike. Wall-clock median (min), and median process CPU
 time, and the median count of minor page faults per step (memory the allocator mapped afresh
 and the step touched first). Every configuration runs with the same CPU allocator setting
 (``--cpu-allocator``, gradsift's default ``tuned``: ``gradsift.allocator``). On cpu the default
@@ -73,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -297,10 +299,14 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
     facts["setup_s"] = time.perf_counter() - t_setup
 
     n = len(runners)
+    orders = random.Random(args.seed)
     for i in range(args.warmup + args.repeats):
         timed = i >= args.warmup
-        for j in range(n):
-            c = (i + j) % n  # rotate the starting configuration every round
+        # a new order every round: a step slows the one after it (a small step before a large
+        # one, in measurements), so no configuration may always follow the same one
+        order = list(range(n))
+        orders.shuffle(order)
+        for c in order:
             runner, res = runners[c], results[c]
             faults0 = _minor_faults()
             cpu0 = time.process_time()
@@ -362,8 +368,8 @@ def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Name
         f"{statistics.fmean(plain_k.tokens):.0f} non-pad tokens.",
         f"Time: wall-clock median (min) of {args.repeats} steps per configuration after "
         f"{args.warmup} warm-up steps, all {len(results)} configurations interleaved "
-        f"round-robin in one process; CPU: median process CPU seconds. Load average at "
-        f"start / end: {args.load_start} / {_loadavg()}.",
+        f"in one process, in a new order every round; CPU: median process CPU seconds. "
+        f"Load average at start / end: {args.load_start} / {_loadavg()}.",
         "",
         "| configuration | step (s) | x plain B | x plain k | CPU (s) | capture | target "
         "| selection | update | other | selected | page faults (k) |",

@@ -79,3 +79,26 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError,
+               require: str | None = None) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-blank line (each with the key ``require``).
+
+    Raises:
+        error: a line is not JSON, not a JSON object, or lacks ``require`` (names file and line).
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or (require is not None and require not in row):
+                what = "" if require is None else f" with a {require!r} key"
+                raise error(f"{path}:{lineno}: expected a JSON object{what}")
+            rows.append(row)
+    return rows

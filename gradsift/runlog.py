@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradsift.jsonio import dumps_line
+from gradsift.jsonio import dumps_line, read_jsonl
 
 SELECTIONS = "selections.jsonl"
 METRICS = "metrics.jsonl"
@@ -117,16 +117,4 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         RunLogError: a line is not a JSON object with a ``step`` (names file and line).
     """
     path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RunLogError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or "step" not in record:
-                raise RunLogError(f"{path}:{lineno}: expected a JSON object with a 'step' key")
-            records.append(record)
-    return sorted(records, key=lambda r: r["step"])
+    return sorted(read_jsonl(path, RunLogError, require="step"), key=lambda r: r["step"])

@@ -64,6 +64,7 @@ import torch
 from gradsift.capture import forward_losses
 from gradsift.data import ExampleStream, load_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
+from gradsift.jsonio import read_jsonl
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 
@@ -171,8 +172,8 @@ def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     n_target = suite.eval_size + 4 * suite.target_batch_size
     build_stream(scenario.target, folder, seed=0, n_stream=suite.n_stream, n_target=n_target,
                  sources=list(scenario.sources), noise_rate=scenario.noise_rate)
-    stream = _read_jsonl(folder / "stream.jsonl")
-    target = _read_jsonl(folder / "target.jsonl")
+    stream = read_jsonl(folder / "stream.jsonl")
+    target = read_jsonl(folder / "target.jsonl")
     if scenario.duplicate_share > 0:
         stream = _with_near_duplicates(stream, target, scenario.duplicate_share)
         _write_jsonl(folder / "stream.jsonl", stream)
@@ -199,8 +200,8 @@ def _copy_user_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
             raise ValueError(f"{folder} was built from other files than {scenario.stream_file} "
                              f"and {scenario.target_file}: choose another --name or --out")
         return folder
-    stream = _read_jsonl(Path(scenario.stream_file))
-    target = _read_jsonl(Path(scenario.target_file))
+    stream = read_jsonl(Path(scenario.stream_file))
+    target = read_jsonl(Path(scenario.target_file))
     need = suite.eval_size + suite.target_batch_size
     if len(target) < need:
         raise ValueError(f"{scenario.target_file}: {len(target)} records; the suite needs at "
@@ -235,22 +236,6 @@ def _with_near_duplicates(stream: list[dict], target: list[dict], share: float) 
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {n}: a record must be a JSON object")
-            rows.append(row)
-    return rows
-
-
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -261,7 +246,7 @@ def seeded_stream(data: Path, seed: int) -> Path:
     """The scenario's stream in the order of ``seed`` (the same file for every method)."""
     path = data / f"stream_seed{seed}.jsonl"
     if not path.exists():
-        rows = _read_jsonl(data / "stream.jsonl")
+        rows = read_jsonl(data / "stream.jsonl")
         random.Random(seed).shuffle(rows)
         _write_jsonl(path, rows)
     return path
@@ -406,8 +391,8 @@ def _initial_loss(trainer: OnlineTrainer, scenario_dir: Path) -> float:
 
 
 def _count_wrong(selections: Path, stream: Path) -> int:
-    wrong = {r["id"] for r in _read_jsonl(stream) if r.get("wrong_answer")}
-    return sum(i in wrong for r in _read_jsonl(selections) for i in r["selected_ids"])
+    wrong = {r["id"] for r in read_jsonl(stream) if r.get("wrong_answer")}
+    return sum(i in wrong for r in read_jsonl(selections) for i in r["selected_ids"])
 
 
 def _snapshot(trainer: OnlineTrainer) -> dict[str, Any]:
@@ -457,7 +442,7 @@ def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Te
 def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
                         batch_size: int = 25) -> float:
     """Exact match of the first integer in a greedy answer (8 new tokens) with the truth."""
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     was = model.training
     model.eval()
     side = tokenizer.padding_side

@@ -121,7 +121,7 @@ def test_your_own_stream_and_target_run_as_a_scenario(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"short.jsonl: 5 records; the suite needs at least 6"):
         quality.main(args[:-6] + ["--target", str(tmp_path / "short.jsonl"), "--name", "x"])
     (tmp_path / "bad.jsonl").write_text(json.dumps(target[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         quality.main(args[:-6] + ["--target", str(tmp_path / "bad.jsonl"), "--name", "y"])
     with pytest.raises(SystemExit):
         quality.main(["--suite", "smoke", "--stream", str(tmp_path / "stream.jsonl")])

@@ -366,16 +366,18 @@ def _compact_linear(a: torch.Tensor, d: torch.Tensor, counts: list[int] | None =
     if min(d_in, d_out) >= rows or a.dtype != d.dtype or a.shape[-2] != d.shape[-2]:
         return None
     # d_out ≤ d_in: A' = g_i = D_iᵀ A_i (d_out rows), D' = I; else A' = I, D' = g_iᵀ = A_iᵀ D_i
+    # The sum over tokens runs in float32 (bf16 inputs are upcast): the compact rows are the
+    # per-sample gradient itself, and a bf16 sum over T tokens would round it.
     left, right = (d, a) if d_out <= d_in else (a, d)
     if counts is None:
-        kept = torch.bmm(left.transpose(1, 2), right)
+        kept = torch.bmm(left.transpose(1, 2).float(), right.float())
     else:
-        kept = a.new_empty(batch, left.shape[-1], right.shape[-1])
+        kept = a.new_empty(batch, left.shape[-1], right.shape[-1], dtype=torch.float32)
         for i, (lhs, rhs) in enumerate(zip(left.split(counts), right.split(counts),
                                            strict=True)):
-            torch.mm(lhs.T, rhs, out=kept[i])
+            torch.mm(lhs.T.float(), rhs.float(), out=kept[i])
     r = left.shape[-1]
-    eye = torch.eye(r, dtype=a.dtype, device=a.device).expand(batch, r, r)
+    eye = torch.eye(r, dtype=torch.float32, device=a.device).expand(batch, r, r)
     return (kept, eye) if d_out <= d_in else (eye, kept)
 
 
@@ -393,10 +395,10 @@ def _compact_embedding(ids: torch.Tensor, d: torch.Tensor
     if width >= ids.shape[1]:
         return None
     out_ids = ids.new_zeros(batch, width)
-    out_d = d.new_zeros(batch, width, dim)
+    out_d = d.new_zeros(batch, width, dim, dtype=torch.float32)  # summed in float32
     for i, (uniq, inverse) in enumerate(rows):
         out_ids[i, : len(uniq)] = uniq
-        out_d[i].index_add_(0, inverse, d[i])
+        out_d[i].index_add_(0, inverse, d[i].float())
     return out_ids, out_d
 
 

@@ -62,6 +62,7 @@ there: B=4, k=1, 2 timed steps after 1 warm-up; ``--plot FILE`` draws it).
 Usage::
 
     python -m gradsift.bench.step [--model tiny|smollm2-135m] [--device cpu|cuda]
+        [--dtype float32|bfloat16]
         [--batch-size 16] [--budget 4] [--seq-len 128] [--full|--lora]
         [--methods ftw,greats,cosine,loss,two-pass,random,ftw-truncated] [--score-layers 1]
         [--repeats 3] [--warmup 1] [--refresh 4] [--measure-refresh] [--threads N]
@@ -93,6 +94,7 @@ TWO_PASS = "two-pass"  # ftw's selection, then a separate forward+backward over 
 TRUNCATED = "ftw-truncated"  # ftw scoring the top --score-layers blocks, then a second pass
 DEFAULT_METHODS = f"ftw,greats,cosine,loss,{TWO_PASS},random,{TRUNCATED}"
 PLAIN_SPLIT = ("data", "compute")
+DTYPE_NAMES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -246,7 +248,7 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     from gradsift.config import load_config
 
     overrides = [
-        f"model={args.model}", f"device={args.device}", f"method={method}",
+        f"model={args.model}", f"device={args.device}", f"dtype={args.dtype}", f"method={method}",
         f"stream={stream}", f"target={target}",
         f"engine.candidates_per_step={args.batch_size}", f"engine.budget_per_step={args.budget}",
         f"max_length={args.seq_len}", f"engine.target_batch_size={args.target_batch_size}",
@@ -356,7 +358,7 @@ def markdown(results: list[Measured], facts: dict[str, Any], args: argparse.Name
         f"layers, {facts['other_params'] / 1e6:.2f}M trainable params outside them). "
         f"B={args.batch_size}, k={args.budget}, max_length={args.seq_len}, "
         f"target_batch_size={args.target_batch_size} (mean target example "
-        f"{facts['target_len']:.0f} tokens), AdamW, max_grad_norm 1.0, float32. "
+        f"{facts['target_len']:.0f} tokens), AdamW, max_grad_norm 1.0, {args.dtype}. "
         f"Device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
         + (f", CPU allocator {args.cpu_allocator}." if args.device == "cpu" else ".")
         + truncated,
@@ -429,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m or a model spec")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                        help="parameter dtype of every configuration (default float32; "
+                             "bfloat16 trains in bf16 and keeps gradsift's products in float32)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="B candidates per step (default 16; 4 with --seq-lens)")
     parser.add_argument("--budget", type=int, default=None,

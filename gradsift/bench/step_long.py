@@ -64,13 +64,14 @@ def configurations(score_layers: int) -> list[str]:
 # ----------------------------------------------------------------------------- worker
 
 
-def build_model(spec: str, device: str) -> tuple[torch.nn.Module, Any]:
+def build_model(spec: str, device: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     from gradsift.models import byte_tokenizer, load_model_and_tokenizer, tiny_llama
+    from gradsift.recipe import DTYPES
 
     if spec == "tiny":
         tok = byte_tokenizer()
-        return tiny_llama(tok).to(device).train(), tok
-    model, tok = load_model_and_tokenizer(spec)
+        return tiny_llama(tok, dtype=DTYPES[dtype]).to(device).train(), tok
+    model, tok = load_model_and_tokenizer(spec, dtype=DTYPES[dtype])
     return model.to(device).train(), tok
 
 
@@ -116,7 +117,7 @@ def worker(config: str, seq_len: int, args: argparse.Namespace) -> dict[str, Any
 
     torch.manual_seed(args.seed)
     device, cuda = args.device, args.device.startswith("cuda")
-    model, tok = build_model(args.model, device)
+    model, tok = build_model(args.model, device, args.dtype)
     steps = args.warmup + args.repeats
     records = stdlib_records(tok, args.batch_size * steps, seq_len)
     targets = stdlib_records(tok, TARGET_N, TARGET_LEN, skip=len(records) * seq_len)
@@ -181,6 +182,7 @@ def worker(config: str, seq_len: int, args: argparse.Namespace) -> dict[str, Any
 def _worker_argv(config: str, seq_len: int, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "gradsift.bench.step_long", "--worker", config,
             "--seq-len", str(seq_len), "--model", args.model, "--device", args.device,
+            "--dtype", args.dtype,
             "--batch-size", str(args.batch_size), "--budget", str(args.budget),
             "--score-layers", str(args.score_layers), "--repeats", str(args.repeats),
             "--warmup", str(args.warmup), "--seed", str(args.seed),
@@ -229,7 +231,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{facts.get('layers')} blocks, vocabulary {facts.get('vocab')}), full fine-tuning. "
         f"B={args.batch_size}, k={args.budget}, every record exactly T tokens of stdlib source, "
         f"loss on every token; {TARGET_N} target records of {TARGET_LEN} tokens, "
-        f"target_refresh 1; AdamW, clipping at 1.0, float32. Device: {args.device}, torch "
+        f"target_refresh 1; AdamW, clipping at 1.0, {args.dtype}. Device: {args.device}, torch "
         f"{torch.__version__}, {args.threads or torch.get_num_threads()} threads.",
         f"Time: median wall-clock step of {args.repeats} timed steps after {args.warmup} "
         f"warm-up steps, one fresh process per row. Peak memory: "
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--budget", type=int, default=1)
     parser.add_argument("--score-layers", type=int, default=1)

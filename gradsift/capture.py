@@ -42,6 +42,7 @@ from gradsift.layers import (  # noqa: F401  (re-exported: the registry's public
     register_layer_matcher,
     resolve_modules,
 )
+from gradsift.linear_factors import identity_factor
 from gradsift.loss import (
     logit_rows_with_loss,
     loss_positions,
@@ -377,7 +378,7 @@ def _compact_linear(a: torch.Tensor, d: torch.Tensor, counts: list[int] | None =
                                            strict=True)):
             torch.mm(lhs.T.float(), rhs.float(), out=kept[i])
     r = left.shape[-1]
-    eye = torch.eye(r, dtype=torch.float32, device=a.device).expand(batch, r, r)
+    eye = identity_factor(batch, r, a.device)
     return (kept, eye) if d_out <= d_in else (eye, kept)
 
 

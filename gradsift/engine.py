@@ -217,7 +217,9 @@ class OnlineTrainer:
                 self.state.trained_samples += len(indices)
                 self.state.trained_tokens += int(sum(
                     _n_label_tokens(examples[i]) for i in indices.tolist()))
-                self._params_nonfinite = not all(bool(torch.isfinite(p).all()) for p in params)
+                # one host sync for all parameters, not one per parameter
+                self._params_nonfinite = not bool(torch.stack(
+                    [torch.isfinite(p).all() for p in params]).all())
             else:  # like AMP's GradScaler: a non-finite loss or gradient makes no update
                 bad_loss = not torch.isfinite(result.candidates.losses[indices]).all()
                 skip = "non-finite loss" if bad_loss else "non-finite gradient"

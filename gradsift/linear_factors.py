@@ -98,15 +98,27 @@ def chunked_gram(materialize_g, materialize_h, b: int, b2: int, size: int,
     return out
 
 
+_EYES: dict[tuple[int, str], torch.Tensor] = {}  # one float32 I per (size, device)
+
+
+def identity_factor(batch: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(batch, size, size) ``I`` for every sample, as a view of one shared float32 ``I``: the
+    factor a compact layer keeps on one side (``capture._compact_linear``)."""
+    key = (size, str(torch.device(device)))
+    if key not in _EYES:
+        _EYES[key] = torch.eye(size, dtype=torch.float32, device=device)
+    return _EYES[key].expand(batch, size, size)
+
+
 def is_identity(x: torch.Tensor) -> bool:
-    """Whether (b, r, r) ``x`` is ``I`` for every sample: the factor a compact layer keeps on
-    one side (``capture._compact_linear``: ``A' = I`` or ``D' = I``), where a product is a copy."""
-    if x.dim() != 3 or x.shape[1] != x.shape[2] or x.shape[1] == 0:
+    """Whether ``x`` is an :func:`identity_factor` (or a slice of one): told by where it points,
+    not by its values, so the check reads nothing from the device (no host sync per layer). An
+    identity built any other way is multiplied as it stands: the same result, at GEMM cost."""
+    if x.dim() != 3 or x.shape[1] != x.shape[2] or x.shape[1] == 0 or x.stride(0) != 0:
         return False
-    if not bool((x.diagonal(dim1=1, dim2=2) == 1).all()):
-        return False
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    return bool((x == eye).all())
+    eye = _EYES.get((x.shape[1], str(x.device)))
+    return (eye is not None and x.dtype == eye.dtype and x.stride() == (0, *eye.stride())
+            and x.storage_offset() == 0 and x.data_ptr() == eye.data_ptr())
 
 
 def per_sample_products(lhs: torch.Tensor, rhs: torch.Tensor,
@@ -314,14 +326,23 @@ class LayerFactors:
         return self.split(self.materialize())
 
     def select(self, idx: torch.Tensor) -> LayerFactors:
-        return replace(self, inputs=self.inputs[idx], output_grads=self.output_grads[idx])
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return identity_factor(len(idx), x.shape[1], x.device) if is_identity(x) else x[idx]
+
+        return replace(self, inputs=pick(self.inputs), output_grads=pick(self.output_grads))
 
     @staticmethod
     def concat(parts: Sequence[LayerFactors]) -> LayerFactors:
         """Join along samples; shorter parts are zero-padded along tokens (a zero D row adds 0)."""
         t = max(p.inputs.shape[1] for p in parts)
-        return replace(parts[0], inputs=torch.cat([pad_tokens(p.inputs, t) for p in parts]),
-                       output_grads=torch.cat([pad_tokens(p.output_grads, t) for p in parts]))
+
+        def join(sides: list[torch.Tensor]) -> torch.Tensor:
+            if all(is_identity(x) and x.shape[1] == t for x in sides):
+                return identity_factor(sum(len(x) for x in sides), t, sides[0].device)
+            return torch.cat([pad_tokens(x, t) for x in sides])
+
+        return replace(parts[0], inputs=join([p.inputs for p in parts]),
+                       output_grads=join([p.output_grads for p in parts]))
 
     # ------------------------------------------- the weight alone, in parameter orientation
     def _lhs_rhs(self, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,7 +113,8 @@ _OPTIMIZERS: list[_OptimizerKind] = []
 def register_optimizer(name: str, matches: type | Callable[[torch.optim.Optimizer], bool],
                        has_momentum: bool = False) -> Callable[[Reader], Reader]:
     """Register ``read(param, group, state) -> ParamGeometry`` for optimizers that ``matches``
-    (a class, looked up with ``isinstance``, or a predicate); the first match wins."""
+    (a class, looked up with ``isinstance``, or a predicate); the first match wins. Its
+    preconditioner must be >= 0 elementwise (a diagonal metric); a negative entry is refused."""
     test = (lambda o: isinstance(o, matches)) if isinstance(matches, type) else matches
 
     def decorator(read: Reader) -> Reader:
@@ -232,6 +233,9 @@ def _read_adafactor(p: torch.Tensor, group: dict, state: dict) -> ParamGeometry:
     return ParamGeometry(_adafactor_p(state), None, 0.0, _adafactor_lr(group, state, p))
 
 
+_BUILT_IN = frozenset(k.name for k in _OPTIMIZERS)  # their P > 0 by construction
+
+
 def read_optimizer_state(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -298,6 +302,9 @@ def read_optimizer_state(
         if pc is None:
             uninitialized.append(name)
             pc = torch.ones_like(p, dtype=torch.float32)
+        elif kind.name not in _BUILT_IN and not bool((pc >= 0).all()):
+            raise ValueError(f"the reader registered as {kind.name!r} returned a preconditioner "
+                             f"with negative entries for {name!r}: P must be >= 0 elementwise")
         precond[name] = pc.detach().to(p.device)
 
     if uninitialized:

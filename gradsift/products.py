@@ -174,8 +174,9 @@ def _weight_products(uses: Sequence[Any], others: Sequence[Any] | None, augmente
     joint = theirs is not None and gram_p is cross_p
     # Q > 0 (Adam's P): K (and C) from √Q ⊙ [g; h] scaled in place, both sides of one GEMM
     # reading the same buffer, instead of Q ⊙ g written to a second one (half the traffic)
-    root = q.sqrt() if q is not None and (theirs is None or joint) and bool((q > 0).all()) \
-        else None
+    # (Q ≥ 0 always: every optimizer reader's P is, checked for registered ones in
+    # optim_state, so this needs no look at Q's values: no host sync per layer)
+    root = q.sqrt() if q is not None and (theirs is None or joint) else None
     step = max(1, INNER_BLOCK // mine.width)
     size = min(step, mine.rows) * mine.width
     # buffers reused by every block: a fresh multi-MB tensor per block costs page faults

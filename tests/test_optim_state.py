@@ -202,3 +202,12 @@ def test_a_registered_optimizer_kind_is_read(monkeypatch) -> None:
     assert state.momentum is None and state.lr["weight"] == 0.01
     with pytest.raises(ValueError, match="already registered"):
         optim_state.register_optimizer("torch.optim.RMSprop", torch.optim.RMSprop)(_read)
+
+    @optim_state.register_optimizer("flipped RMSprop", lambda o: getattr(o, "flipped", False))
+    def _negative(p, group, state):  # a broken reader: P < 0 is no metric
+        return optim_state.ParamGeometry(-torch.ones_like(p), None, 0.0, group["lr"])
+
+    optim_state._OPTIMIZERS.insert(0, optim_state._OPTIMIZERS.pop())  # it matches first
+    opt.flipped = True
+    with pytest.raises(ValueError, match="'flipped RMSprop'.*negative entries for 'weight'"):
+        read_optimizer_state(opt, model, ["weight"])

@@ -10,7 +10,7 @@ from test_capture import TOL, check_against_brute_force
 import gradsift
 import gradsift.products
 from gradsift.factors import FactorizedGrads
-from gradsift.linear_factors import is_identity, per_sample_products
+from gradsift.linear_factors import identity_factor, is_identity, per_sample_products
 from gradsift.objective import alignment, alignment_and_interaction, interaction
 
 
@@ -44,6 +44,42 @@ def test_products_against_brute_force(model_kind, route):
             assert rel_err(out.dots, ref @ m_flat) <= TOL
             assert rel_err(out.cross, (ref * cross_ref) @ ref_o.T) <= TOL
     assert grads.products(m, p).cross is None
+
+
+def test_products_of_compact_lora_layers_read_nothing_back(monkeypatch):
+    """K, b and C of a LoRA capture (every adapter compact, one side I) read no tensor value
+    back to the host: on a GPU each read is a sync, and one per layer dominated the step. The
+    I is told by where it points; the result still equals brute force."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)).eval()
+    batch, other_batch = padded_batch(4, 30), padded_batch(3, 20, seed=4)
+    grads = gradsift.per_sample_grads(model, batch)
+    other = gradsift.per_sample_grads(model, other_batch)
+    assert all(is_identity(u.inputs) or is_identity(u.output_grads) for u in grads.layers)
+    names = grads.param_names
+    p, m, p_flat, m_flat = _dicts(model, names)
+    reads = []
+
+    def count(name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        count(name)
+    out = grads.products(m, p, other=other, other_precondition=p)
+    monkeypatch.undo()
+    assert reads == []
+    ref, ref_o = brute_force_grads(model, batch, names), brute_force_grads(model, other_batch,
+                                                                           names)
+    assert rel_err(out.gram, (ref * p_flat) @ ref.T) <= TOL
+    assert rel_err(out.dots, ref @ m_flat) <= TOL
+    assert rel_err(out.cross, (ref * p_flat) @ ref_o.T) <= TOL
 
 
 def test_head_keeps_only_its_rows_with_loss():
@@ -101,14 +137,16 @@ def test_products_with_an_identity_side_are_copies():
     """``per_sample_products`` with I on either side equals the explicit sum over tokens."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 7, generator=gen)
-    eye = torch.eye(5).expand(3, 5, 5)
+    eye = identity_factor(3, 5)
     loop = torch.stack([sum(torch.outer(x[i, t], eye[i, t]) for t in range(5))
                         for i in range(3)])
     assert torch.equal(per_sample_products(x, eye), loop)
     assert torch.equal(per_sample_products(eye, x), loop.transpose(1, 2))
     not_eye = eye.clone()
     not_eye[1, 2, 3] = 0.5
-    assert not is_identity(not_eye) and is_identity(eye)
+    assert not is_identity(not_eye) and is_identity(eye) and is_identity(eye[1:])
+    assert not is_identity(torch.eye(5).expand(3, 5, 5))  # an I of its own is multiplied
+    assert torch.equal(per_sample_products(x, torch.eye(5).expand(3, 5, 5)), loop)
     assert rel_err(per_sample_products(x, not_eye), torch.bmm(x.transpose(1, 2), not_eye)) < 1e-6
 
 

@@ -135,9 +135,14 @@ class _Weight:
         """(b, |rows| × width) per-sample gradients of these weight rows, flattened."""
         view = out[: self.n * (rows.stop - rows.start) * self.width].view(
             self.n, rows.stop - rows.start, self.width)
+        self.write(rows, view)
+        return view.view(self.n, -1)
+
+    def write(self, rows: slice, view: torch.Tensor) -> None:
+        """``view (b, |rows|, width) = W_i[rows]`` (``view`` may be strided, e.g. columns of a
+        pack of several weights)."""
         for j, use in enumerate(self.uses):
             use.write(view, rows, add=j > 0)
-        return view.view(self.n, -1)
 
 
 def _entry(layer: Any, tensors: Tensors | None, what: str) -> Any:
@@ -186,27 +191,91 @@ def _weight_products(uses: Sequence[Any], others: Sequence[Any] | None, augmente
     for start in range(0, mine.rows, step):
         rows = slice(start, min(start + step, mine.rows))
         cols = (rows.stop - rows.start) * mine.width
-        g = mine.block(rows, buf)
-        out.dots.addmv_(g, m[rows].reshape(-1))
-        if root is not None:
-            if theirs is not None:
-                theirs.block(rows, buf[n * cols :])
-            gh = buf[: (n + n2) * cols].view(n + n2, cols).mul_(root[rows].reshape(1, -1))
-            (both if joint else out.gram).addmm_(gh[:n], gh.T)
-            continue
-        gq = g if q is None else torch.mul(g, q[rows].reshape(1, -1),
-                                           out=scaled[: n * cols].view(n, cols))
-        if theirs is None:
-            out.gram.addmm_(gq, g.T)
-            continue
-        h = theirs.block(rows, buf[n * cols :])
-        if joint:
-            both.addmm_(gq, buf[: (n + n2) * cols].view(n + n2, cols).T)
-            continue
+        mine.block(rows, buf)
+        if theirs is not None:
+            theirs.block(rows, buf[n * cols :])
+        _add_block(buf[: (n + n2) * cols].view(n + n2, cols), n, m[rows].reshape(-1),
+                   _rows_of(q, rows), _rows_of(root, rows), _rows_of(r, rows),
+                   joint, both, scaled, out)
+    if both is not None:
+        out.gram += both[:, :n]
+        out.cross += both[:, n:]
+
+
+def _rows_of(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if x is None else x[rows].reshape(-1)
+
+
+def _add_block(gh: torch.Tensor, n: int, m: torch.Tensor, q: torch.Tensor | None,
+               root: torch.Tensor | None, r: torch.Tensor | None, joint: bool,
+               both: torch.Tensor | None, scaled: torch.Tensor, out: Products) -> None:
+    """Add one block of columns to ``K``, ``b`` and ``C``: ``gh`` holds the candidates'
+    per-sample gradients ``g`` (first ``n`` rows) and the other batch's ``h`` (the rest), and
+    ``m``, ``q``, ``√q``, ``r`` are ``M``, ``Q``, ``√Q``, ``R`` at the same columns."""
+    g, h = gh[:n], gh[n:] if gh.shape[0] > n else None
+    n2, cols = gh.shape[0] - n, gh.shape[1]
+    out.dots.addmv_(g, m)
+    if root is not None:  # √Q ⊙ [g; h] in place: K (and C when R = Q) in one GEMM
+        gh.mul_(root.view(1, -1))
+        (both if joint else out.gram).addmm_(gh[:n], gh.T)
+        return
+    gq = g if q is None else torch.mul(g, q.view(1, -1), out=scaled[: n * cols].view(n, cols))
+    if h is None:
         out.gram.addmm_(gq, g.T)
-        hr = h if r is None else torch.mul(h, r[rows].reshape(1, -1),
-                                           out=scaled[: n2 * cols].view(n2, cols))
-        out.cross.addmm_(g, hr.T)
+        return
+    if joint:
+        both.addmm_(gq, gh.T)
+        return
+    out.gram.addmm_(gq, g.T)
+    hr = h if r is None else torch.mul(h, r.view(1, -1), out=scaled[: n2 * cols].view(n2, cols))
+    out.cross.addmm_(g, hr.T)
+
+
+def _packed_products(layers: Sequence[LayerFactors], others: Sequence[LayerFactors] | None,
+                     dense: Tensors, gram_p: Tensors | None, cross_p: Tensors | None,
+                     out: Products) -> None:
+    """``_weight_products`` for many small weights at once: their per-sample gradients side by
+    side in packs of at most ``INNER_BLOCK`` columns, so a pack costs one GEMM for ``K``
+    (one for ``b``, one for ``C``) instead of one per weight. (LoRA's adapters: 240 weights of
+    ~5k entries each on SmolLM2. On a GPU each small GEMM is a launch, and the launches, not
+    the arithmetic, made the step.)"""
+    mine = [_Weight([u], True) for u in layers]
+    theirs = None if others is None else [_Weight([v], True) for v in others]
+    n, n2 = mine[0].n, 0 if theirs is None else theirs[0].n
+    joint = theirs is not None and gram_p is cross_p
+    packs, size = [], 0
+    for i, w in enumerate(mine):
+        if not packs or size + w.rows * w.width > INNER_BLOCK:
+            packs.append([])
+            size = 0
+        packs[-1].append(i)
+        size += w.rows * w.width
+    widest = max(sum(mine[i].rows * mine[i].width for i in pack) for pack in packs)
+    buf = torch.empty((n + n2) * widest, device=mine[0].device)
+    rooted = gram_p is not None and (theirs is None or joint)
+    scaled = torch.empty(0 if rooted else max(n, n2) * widest, device=mine[0].device)
+    both = torch.zeros(n, n + n2, device=mine[0].device) if joint else None
+
+    def entries(tensors: Tensors | None, what: str, pack: list[int]) -> torch.Tensor | None:
+        if tensors is None:
+            return None
+        return torch.cat([layers[i].dense(tensors, what).reshape(-1) for i in pack])
+
+    for pack in packs:
+        cols = sum(mine[i].rows * mine[i].width for i in pack)
+        gh = buf[: (n + n2) * cols].view(n + n2, cols)
+        start = 0
+        for i in pack:
+            w = mine[i]
+            part = slice(start, start + w.rows * w.width)
+            w.write(slice(0, w.rows), gh[:n, part].unflatten(1, (w.rows, w.width)))
+            if theirs is not None:
+                theirs[i].write(slice(0, w.rows), gh[n:, part].unflatten(1, (w.rows, w.width)))
+            start = part.stop
+        q = entries(gram_p, "precondition", pack)
+        _add_block(gh, n, entries(dense, "dense", pack), q,
+                   q.sqrt() if rooted else None, entries(cross_p, "precondition", pack),
+                   joint, both, scaled, out)
     if both is not None:
         out.gram += both[:, :n]
         out.cross += both[:, n:]
@@ -230,6 +299,7 @@ def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | Non
                    None if other is None else torch.zeros(len(grads), len(other), device=dev))
     pairs = grads._paired_layers(other) if other is not None else None
     shared = {i for group in grads._groups for i in group}
+    small: list[int] = []  # weights of at most one block: formed side by side, in packs
     for i, layer in enumerate(grads.layers):
         if i in shared:
             continue
@@ -237,12 +307,19 @@ def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | Non
         if isinstance(layer, LayerFactors) and (
                 precondition is not None or other_precondition is not None
                 or linear_route(layer, layer, grads.route, True) == "materialize"):
+            if layer.d_out * layer.d_in_aug <= INNER_BLOCK:
+                small.append(i)
+                continue
             _weight_products([layer], None if theirs is None else [theirs], True, dense,
                              precondition, other_precondition, out)
             continue
         out.gram += layer.gram(layer, precondition, grads.route, True, dense, out.dots)
         if theirs is not None:
             out.cross += layer.gram(theirs, other_precondition, grads.route, False)
+    if small:
+        _packed_products([grads.layers[i] for i in small],
+                         None if pairs is None else [pairs[i][1] for i in small],
+                         dense, precondition, other_precondition, out)
     for group in grads._groups:
         uses = [grads.layers[i] for i in group]
         theirs = None if pairs is None else [pairs[i][1] for i in group]

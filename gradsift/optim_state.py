@@ -209,15 +209,14 @@ def _read_adam(p: torch.Tensor, group: dict, state: dict) -> ParamGeometry:
     m = state.get("exp_avg")
     v = state.get("exp_avg_sq")
     v_max = state.get("max_exp_avg_sq") if group.get("amsgrad", False) else None
-    zeros = torch.zeros_like(p, dtype=torch.float32)
+    def read(x: torch.Tensor | None) -> torch.Tensor:  # zeros only before the first step
+        return x.detach().float() if x is not None else torch.zeros_like(p, dtype=torch.float32)
+
     moments = AdamMoments(
-        v.detach().float() if v is not None else zeros,
-        (v_max.detach().float() if v_max is not None else zeros)
-        if group.get("amsgrad", False) else None,
+        read(v), read(v_max) if group.get("amsgrad", False) else None,
         _as_float(group["betas"][1]), int(_as_float(state.get("step", 0))),
         _as_float(group["eps"]))
-    return ParamGeometry(_adam_p(group, state),
-                         m.detach().float() if m is not None else zeros,
+    return ParamGeometry(_adam_p(group, state), read(m),
                          _as_float(group["betas"][0]), _as_float(group["lr"]), moments)
 
 

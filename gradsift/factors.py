@@ -195,9 +195,10 @@ class FactorizedGrads:
         """Parameter name → (B, *param.shape) per-sample gradients (memory ``B`` × params)."""
         return _sum_dicts(layer.per_sample() for layer in self.layers)
 
-    def select(self, indices: torch.Tensor) -> FactorizedGrads:
-        """The gradients of a subset of samples (views where possible)."""
-        idx = indices.to(self.losses.device)
+    def select(self, indices: torch.Tensor | slice) -> FactorizedGrads:
+        """The gradients of a subset of samples (views where possible: a ``slice`` of rows
+        is a view of every factor)."""
+        idx = indices if isinstance(indices, slice) else indices.to(self.losses.device)
         return FactorizedGrads([layer.select(idx) for layer in self.layers], self.losses[idx],
                                route=self.route)
 

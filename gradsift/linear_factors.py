@@ -325,9 +325,12 @@ class LayerFactors:
         """Parameter name → (B, *param.shape) per-sample gradients."""
         return self.split(self.materialize())
 
-    def select(self, idx: torch.Tensor) -> LayerFactors:
+    def select(self, idx: torch.Tensor | slice) -> LayerFactors:
         def pick(x: torch.Tensor) -> torch.Tensor:
-            return identity_factor(len(idx), x.shape[1], x.device) if is_identity(x) else x[idx]
+            if not is_identity(x):
+                return x[idx]
+            n = len(range(len(x))[idx]) if isinstance(idx, slice) else len(idx)
+            return identity_factor(n, x.shape[1], x.device)
 
         return replace(self, inputs=pick(self.inputs), output_grads=pick(self.output_grads))
 

@@ -41,7 +41,7 @@ from torch import nn
 from gradsift import distributed as ddp
 from gradsift.blocks import top_layers
 from gradsift.capture import Capture, capture, forward_losses, resolve_modules
-from gradsift.data import Example, collate
+from gradsift.data import IGNORE_INDEX, Example, collate
 from gradsift.distributed import DistributedConfig, Exchange
 from gradsift.factors import FactorizedGrads
 from gradsift.optim_state import read_optimizer_state
@@ -75,6 +75,15 @@ class SelectionConfig:
             (``b``, ``K``, ``g_V`` and the optimizer state ``P``, ``m`` it reads) then covers
             the scored parameters only: it selects on the top of the model. Not supported
             under a launcher yet.
+        target_with_candidates: when a fresh target batch is due, it rides in the
+            candidates' forward+backward: one capture of B + n rows, split after, instead of
+            a capture of its own. The same ``g_V``, ``K``, ``b`` and cross Gram (each row's
+            gradient does not depend on its neighbours); one pass fewer, at the price of
+            padding the target examples to the candidates' width. For a launch-bound GPU, where
+            a pass costs its number of operations, not its tokens; on a CPU the separate pass
+            over the short target examples is cheaper. Used when the candidates are one
+            micro-batch, no parameter needs the retained graph, and not under a launcher;
+            otherwise the target has its own pass.
     """
 
     budget_per_step: int = 4
@@ -84,6 +93,7 @@ class SelectionConfig:
     micro_batch_size: int | None = None
     modules: list[str] | None = None
     score_layers: int | None = None
+    target_with_candidates: bool = False
 
     def __post_init__(self) -> None:
         for name in ("budget_per_step", "target_batch_size", "target_refresh"):
@@ -91,6 +101,9 @@ class SelectionConfig:
         for name in ("micro_batch_size", "score_layers"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
+        if not isinstance(self.target_with_candidates, bool):
+            raise ValueError(f"target_with_candidates must be true or false, got "
+                             f"{self.target_with_candidates!r}")
         if isinstance(self.target_ema, bool) or not isinstance(self.target_ema, int | float) \
                 or not 0.0 <= self.target_ema < 1.0:
             raise ValueError(f"target_ema must be a number in [0, 1), got {self.target_ema!r}")
@@ -252,6 +265,16 @@ class SelectionStep:
         t0 = time.perf_counter()
         second_pass = self.second_pass or self.graph_start is not None
         retain = bool(self.other_params) and not second_pass
+        needs_target = self.selector.needs_target
+        due = needs_target and (self.target_grad is None
+                                or self.calls % self.config.target_refresh == 0)
+        riding = (due and self.config.target_with_candidates and len(batches) == 1
+                  and not retain)
+        if riding:  # the target batch joins the candidates' pass (its rows after theirs)
+            self._draw_target_batch()
+            target_rows = to_device(collate(self.target_batch, self.pad_token_id),
+                                    self.device)
+            batches = [join_batches(batches[0], target_rows, self.pad_token_id)]
         captures = [capture(self.model, b, modules=self.module_names, route=self.route,
                             retain_graph=retain, graph_start=self.graph_start)
                     for b in batches]
@@ -260,9 +283,13 @@ class SelectionStep:
 
         # 2. the target gradient g_V, refreshed every `target_refresh` calls.
         t0 = time.perf_counter()
-        needs_target = self.selector.needs_target
-        refresh = self.config.target_refresh
-        if needs_target and (self.target_grad is None or self.calls % refresh == 0):
+        if riding:
+            n = len(candidates) - len(self.target_batch)
+            target = candidates.select(slice(n, None))
+            candidates = candidates.select(slice(0, n))
+            batches = [split_batch(batches[0], n)]
+            self.target_grad = self._refresh_target(self._target_from(target))
+        elif due:
             self.target_grad = self._refresh_target()
         timing["target"] = time.perf_counter() - t0
 
@@ -299,11 +326,13 @@ class SelectionStep:
         timing["update"] = time.perf_counter() - t0
         return StepResult(candidates, selection, weights, timing)
 
-    def _refresh_target(self) -> dict[str, torch.Tensor]:
-        """A fresh ``g_V``, blended into the earlier ones when ``target_ema`` is set:
-        ``ĝ_n = a ĝ_{n−1} + (1−a) g_n`` with ``a = β(1−β^{n−1})/(1−β^n)``, the bias-corrected
-        EMA (so ``ĝ_1 = g_1``)."""
-        fresh = self._target_gradient()
+    def _refresh_target(self, fresh: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """A fresh ``g_V`` (``fresh``, or from a target pass of its own), blended into the
+        earlier ones when ``target_ema`` is set: ``ĝ_n = a ĝ_{n−1} + (1−a) g_n`` with
+        ``a = β(1−β^{n−1})/(1−β^n)``, the bias-corrected EMA (so ``ĝ_1 = g_1``)."""
+        if fresh is None:
+            fresh = self._target_gradient()
         beta = float(self.config.target_ema)
         self.target_refreshes += 1
         n = self.target_refreshes
@@ -313,17 +342,23 @@ class SelectionStep:
         return {name: keep * self.target_grad[name] + (1.0 - keep) * g
                 for name, g in fresh.items()}
 
-    def _target_gradient(self) -> dict[str, torch.Tensor]:
+    def _draw_target_batch(self) -> None:
         n = min(self.config.target_batch_size, len(self.target_examples))
         picks = torch.randperm(len(self.target_examples), generator=self.target_generator)[:n]
         self.target_batch = [self.target_examples[i] for i in picks.tolist()]
+
+    def _target_gradient(self) -> dict[str, torch.Tensor]:
+        self._draw_target_batch()
         if ddp.is_distributed():
             return self._distributed_target_gradient()
-        samples = FactorizedGrads.concat([
+        return self._target_from(FactorizedGrads.concat([
             capture(self.model, b, modules=self.module_names, route=self.route,
                     graph_start=self.graph_start).grads
-            for b in self.batches(self.target_batch)])
-        # the per-example factors stay only for selectors that read them (noise of b)
+            for b in self.batches(self.target_batch)]))
+
+    def _target_from(self, samples: FactorizedGrads) -> dict[str, torch.Tensor]:
+        """``g_V``, the mean of the target examples' gradients; their factors stay only for
+        selectors that read them (the noise of ``b``)."""
         self.target_samples = samples if self.selector.needs_target_samples else None
         return samples.weighted_sum(torch.full((len(samples),), 1.0 / len(samples)))
 
@@ -633,6 +668,26 @@ class SelectionStep:
             n: t.to(self.device) for n, t in grad.items()}
         self.target_samples = None
         self.selector.load_state_dict(state.get("selector") or {})
+
+
+def join_batches(first: dict[str, Any], second: dict[str, Any], pad_token_id: int
+                 ) -> dict[str, Any]:
+    """Two collated batches as one: ``second``'s rows after ``first``'s, both right-padded to
+    the wider one (pads: ``pad_token_id``, mask 0, label -100)."""
+    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]),
+                                                   value=value) for b in (first, second)])
+           for key, value in fill.items()}
+    for key in ("ids", "sources"):
+        if key in first and key in second:
+            out[key] = [*first[key], *second[key]]
+    return out
+
+
+def split_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` rows of a collated batch (tensors and lists alike)."""
+    return {key: value[:n] for key, value in batch.items()}
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -213,3 +213,55 @@ def test_target_ema_is_the_bias_corrected_average_of_the_target_batches():
     assert not torch.allclose(step.target_grad[names[0]], batch_grads[-1][names[0]])
     with pytest.raises(ValueError, match="target_ema must be a number in \\[0, 1\\)"):
         SelectionConfig(target_ema=1.0)
+
+
+@pytest.mark.parametrize("second_pass", [False, True])
+def test_the_target_rides_in_the_candidates_pass(monkeypatch, second_pass):
+    """``target_with_candidates``: one capture per step (B + n rows) instead of two; g_V is
+    still the mean gradient of the target batch by a plain ``.backward()``, the candidates'
+    losses their own, and selection and update those of the separate target pass."""
+    import gradsift.step
+
+    calls = []
+    real_capture = gradsift.step.capture
+    monkeypatch.setattr(gradsift.step, "capture",
+                        lambda *a, **k: calls.append(a[1]["input_ids"].shape) or
+                        real_capture(*a, **k))
+    targets = make_examples(10, seed=5)
+    targets[0].input_ids += [7] * 9  # wider than every candidate: the join pads them
+    targets[0].labels += [7] * 9
+    runs = {}
+    for ride in (False, True):
+        model = tiny_llama(seed=2)
+        cfg = SelectionConfig(budget_per_step=2, target_batch_size=4,
+                              target_with_candidates=ride)
+        step = SelectionStep(model, get_selector("ftw"), targets, cfg, seed=4)
+        step.second_pass = second_pass
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        names = list(step.captured_shapes)
+        calls.clear()
+        picked = []
+        for call in range(3):
+            candidates = make_examples(5, seed=6 + call)
+            result = step.run(step.batches(candidates), opt)
+            update = {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+            picked.append((result.selection.indices.tolist(), result.weights.clone(), update))
+            ref = reference_losses(model, collate(candidates, 0))
+            assert torch.allclose(result.candidates.losses, ref, rtol=1e-5, atol=1e-6)
+            model.zero_grad()
+            reference_losses(model, collate(step.target_batch, 0)).mean().backward()
+            for n in names:
+                want = dict(model.named_parameters())[n].grad
+                assert torch.allclose(step.target_grad[n], want, rtol=1e-4, atol=1e-6), n
+            for n, g in update.items():
+                dict(model.named_parameters())[n].grad = g
+            opt.step()
+            opt.zero_grad()
+        runs[ride] = picked
+        assert len(calls) == (3 if ride else 6)  # one capture a step, or two
+        if ride:
+            assert all(shape[0] == 5 + 4 for shape in calls)
+    for (i0, w0, u0), (i1, w1, u1) in zip(runs[False], runs[True], strict=True):
+        assert i0 == i1 and torch.allclose(w0, w1, atol=1e-5)
+        for n in u0:
+            assert torch.allclose(u0[n], u1[n], rtol=1e-4, atol=1e-6), n

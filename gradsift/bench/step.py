@@ -24,6 +24,9 @@ configuration sees the same B records):
 * ``gradsift two-pass`` -- ``ftw``'s step with the update from a second pass: score with the
   one forward+backward over B of the capture, then train with a separate forward+backward over
   the k selected (the way GREATS' reference code trains; ``SelectionStep.second_pass``).
+* ``gradsift ftw-target-rides`` (not in the defaults) -- ``ftw`` with
+  ``engine.target_with_candidates``: the target batch in the candidates' capture, no target
+  pass of its own (its ``target`` column is then only the split and the mean).
 * ``gradsift ftw-truncated`` -- ``ftw`` with truncated scoring (``engine.score_layers`` =
   ``--score-layers``, default 1): capture over the top L blocks (and the modules above them)
   only, then the update from a separate forward+backward over the k selected.
@@ -92,6 +95,7 @@ from gradsift.bench import emit, quiet
 SPLIT = ("capture", "target", "selection", "update", "other")
 TWO_PASS = "two-pass"  # ftw's selection, then a separate forward+backward over the k
 TRUNCATED = "ftw-truncated"  # ftw scoring the top --score-layers blocks, then a second pass
+RIDING = "ftw-target-rides"  # ftw with the target batch in the candidates' pass
 DEFAULT_METHODS = f"ftw,greats,cosine,loss,{TWO_PASS},random,{TRUNCATED}"
 PLAIN_SPLIT = ("data", "compute")
 DTYPE_NAMES = ("float32", "bfloat16")
@@ -244,7 +248,8 @@ def build_data(folder: Path, n_stream: int, n_target: int) -> tuple[Path, Path]:
 
 
 def make_config(args: argparse.Namespace, stream: Path, target: Path, method: str,
-                refresh: int = 1, score_layers: int | None = None) -> Any:
+                refresh: int = 1, score_layers: int | None = None,
+                extra: tuple[str, ...] = ()) -> Any:
     from gradsift.config import load_config
 
     overrides = [
@@ -260,7 +265,7 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     overrides.append(f"cpu_allocator={args.cpu_allocator}")
     if score_layers is not None:
         overrides.append(f"engine.score_layers={score_layers}")
-    return load_config(None, overrides)
+    return load_config(None, [*overrides, *extra])
 
 
 def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], dict[str, Any]]:
@@ -291,9 +296,10 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         gradsift_configs.append(("ftw", args.refresh))
     for method, refresh in gradsift_configs:
         name = f"gradsift {method}" + (f" (refresh {refresh})" if refresh != 1 else "")
-        selector = "ftw" if method in (TWO_PASS, TRUNCATED) else method
+        selector = "ftw" if method in (TWO_PASS, TRUNCATED, RIDING) else method
         layers = args.score_layers if method == TRUNCATED else None
-        run = setup(make_config(args, stream, target, selector, refresh, layers),
+        extra = ("engine.target_with_candidates=true",) if method == RIDING else ()
+        run = setup(make_config(args, stream, target, selector, refresh, layers, extra),
                     tmp / name.replace(" ", "-").replace("(", "").replace(")", ""))
         run.trainer.selection.second_pass = method == TWO_PASS
         runners.append(GradsiftRunner(name, run))

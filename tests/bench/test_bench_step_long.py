@@ -12,8 +12,9 @@ from gradsift.bench import step_long
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(model="tiny", device="cpu", batch_size=2, budget=1, score_layers=1, repeats=1,
-                warmup=1, seed=0, threads=1, seq_lens=[16], ghost_max_len=8, load_start="n/a")
+    base = dict(model="tiny", device="cpu", dtype="float32", batch_size=2, budget=1,
+                score_layers=1, repeats=1, warmup=1, seed=0, threads=1, seq_lens=[16],
+                ghost_max_len=8, load_start="n/a")
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -345,7 +345,9 @@ class SelectionStep:
     def _draw_target_batch(self) -> None:
         n = min(self.config.target_batch_size, len(self.target_examples))
         picks = torch.randperm(len(self.target_examples), generator=self.target_generator)[:n]
-        self.target_batch = [self.target_examples[i] for i in picks.tolist()]
+        # in length order (stable): ``_target_batches`` splits it there
+        self.target_batch = sorted((self.target_examples[i] for i in picks.tolist()),
+                                   key=lambda ex: len(ex.input_ids))
 
     def _target_gradient(self) -> dict[str, torch.Tensor]:
         self._draw_target_batch()
@@ -354,7 +356,21 @@ class SelectionStep:
         return self._target_from(FactorizedGrads.concat([
             capture(self.model, b, modules=self.module_names, route=self.route,
                     graph_start=self.graph_start).grads
-            for b in self.batches(self.target_batch)]))
+            for b in self._target_batches()]))
+
+    def _target_batches(self) -> list[dict[str, Any]]:
+        """The target batch collated by length: without a micro-batch size, the shorter and
+        the longer half go in two passes when that pads at least a quarter fewer positions
+        (target examples are short and uneven; a pass costs its padded positions on a CPU).
+        ``target_batch`` is in length order, so its rows match the factors'."""
+        if self.config.micro_batch_size is not None or len(self.target_batch) < 4:
+            return self.batches(self.target_batch)
+        lengths = [len(ex.input_ids) for ex in self.target_batch]
+        half = len(lengths) // 2
+        if lengths[half - 1] * half + lengths[-1] * (len(lengths) - half) \
+                > 0.75 * lengths[-1] * len(lengths):
+            return self.batches(self.target_batch)
+        return self.batches(self.target_batch[:half]) + self.batches(self.target_batch[half:])
 
     def _target_from(self, samples: FactorizedGrads) -> dict[str, torch.Tensor]:
         """``g_V``, the mean of the target examples' gradients; their factors stay only for

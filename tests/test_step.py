@@ -261,7 +261,38 @@ def test_the_target_rides_in_the_candidates_pass(monkeypatch, second_pass):
         assert len(calls) == (3 if ride else 6)  # one capture a step, or two
         if ride:
             assert all(shape[0] == 5 + 4 for shape in calls)
-    for (i0, w0, u0), (i1, w1, u1) in zip(runs[False], runs[True], strict=True):
-        assert i0 == i1 and torch.allclose(w0, w1, atol=1e-5)
-        for n in u0:
-            assert torch.allclose(u0[n], u1[n], rtol=1e-4, atol=1e-6), n
+    # the first call starts from the same state: the same update; later calls drift apart by
+    # float order (two target passes or one joined pass), which Adam's normalized steps amplify
+    (i0, w0, u0), (i1, w1, u1) = runs[False][0], runs[True][0]
+    assert i0 == i1 and torch.allclose(w0, w1, atol=1e-6)
+    for n in u0:
+        assert torch.allclose(u0[n], u1[n], rtol=1e-4, atol=1e-6), n
+    for (i0, w0, _), (i1, w1, _) in zip(runs[False][1:], runs[True][1:], strict=True):
+        assert i0 == i1 and torch.allclose(w0, w1, atol=1e-4)
+
+
+def test_uneven_target_examples_are_captured_in_two_passes_by_length():
+    """The target batch in length order; the shorter and the longer half in two passes when
+    that pads at least a quarter fewer positions (8 x 30 = 240 positions against 4 x 5 + 4 x 30
+    = 140 here), one pass otherwise; g_V is the plain ``.backward()`` mean either way."""
+    from gradsift.data import Example
+
+    def examples(lengths, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [Example(id=f"t{seed}-{i}", source="t", input_ids=ids, labels=[-100] + ids[1:])
+                for i, n in enumerate(lengths)
+                for ids in [torch.randint(0, 64, (n,), generator=g).tolist()]]
+
+    for lengths, passes in (([5, 30] * 4, 2), ([20] * 8, 1), ([18, 20, 22, 24] * 2, 1)):
+        model = tiny_llama(seed=2)
+        step = SelectionStep(model, get_selector("ftw"), examples(lengths, 1),
+                             SelectionConfig(budget_per_step=2, target_batch_size=8), seed=4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        step.run(step.batches(make_examples(5, seed=6)), opt)
+        assert [len(ex.input_ids) for ex in step.target_batch] == sorted(lengths)
+        assert len(step._target_batches()) == passes
+        model.zero_grad()
+        reference_losses(model, collate(step.target_batch, 0)).mean().backward()
+        for n, p in model.named_parameters():
+            if n in step.target_grad:
+                assert torch.allclose(step.target_grad[n], p.grad, rtol=1e-4, atol=1e-6), n

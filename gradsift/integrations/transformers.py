@@ -144,6 +144,9 @@ class GradSiftConfig(TrainingArguments):
         "help": "draw a fresh target batch every this many selections"})
     target_ema: float = field(default=_DEFAULTS.target_ema, metadata={
         "help": "average the target gradient over refreshes with this decay (0: off)"})
+    target_with_candidates: bool = field(default=_DEFAULTS.target_with_candidates, metadata={
+        "help": "a due target batch rides in the candidates' forward+backward (one pass "
+                "fewer; meant for GPUs, where a small model's step is launch-bound)"})
     capture_modules: list[str] | None = field(default=None, metadata={
         "help": "module names to capture (default: every trainable module of a known kind)"})
     score_layers: int | None = field(default=None, metadata={
@@ -184,6 +187,7 @@ class GradSiftConfig(TrainingArguments):
                                target_batch_size=self.target_batch_size,
                                target_refresh=self.target_refresh,
                                target_ema=self.target_ema,
+                               target_with_candidates=self.target_with_candidates,
                                modules=self.capture_modules,
                                score_layers=self.score_layers)
 
@@ -208,6 +212,8 @@ class GradSiftTrainer(Trainer):
         target_batch_size: target examples per target gradient.
         target_refresh: draw a fresh target batch every this many selections.
         target_ema: average the target gradient over refreshes (``SelectionConfig``).
+        target_with_candidates: the target batch rides in the candidates' pass
+            (``SelectionConfig.target_with_candidates``; default: off).
         modules: module names to capture (default: every trainable module of a known kind).
         score_layers: truncated scoring with the top L blocks (``SelectionConfig.score_layers``;
             default: off).
@@ -225,6 +231,7 @@ class GradSiftTrainer(Trainer):
         target_batch_size: int | None = None,
         target_refresh: int | None = None,
         target_ema: float | None = None,
+        target_with_candidates: bool | None = None,
         modules: list[str] | None = None,
         score_layers: int | None = None,
         distributed: DistributedConfig | dict[str, Any] | None = None,
@@ -255,6 +262,8 @@ class GradSiftTrainer(Trainer):
                                      _DEFAULTS.target_batch_size),
             target_refresh=option(target_refresh, "target_refresh", _DEFAULTS.target_refresh),
             target_ema=option(target_ema, "target_ema", _DEFAULTS.target_ema),
+            target_with_candidates=option(target_with_candidates, "target_with_candidates",
+                                          _DEFAULTS.target_with_candidates),
             modules=option(modules, "capture_modules", None),
             score_layers=option(score_layers, "score_layers", None),
         )
@@ -406,6 +415,8 @@ class GradSiftTrainer(Trainer):
             config["engine"]["score_layers"] = cfg.score_layers
         if cfg.target_ema:
             config["engine"]["target_ema"] = cfg.target_ema
+        if cfg.target_with_candidates:
+            config["engine"]["target_with_candidates"] = True
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "config.yaml").write_text(
             yaml.safe_dump(config, sort_keys=False))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from reference import ListStream, tiny_llama
 from reference import token_rows as rows
@@ -127,7 +128,8 @@ def test_trainer_takes_its_options_from_gradsift_config(tmp_path):
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     args = GradSiftConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, max_steps=2,
                           learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
-                          seed=0, budget_per_step=3, selector="cosine")
+                          seed=0, budget_per_step=3, selector="cosine",
+                          target_with_candidates=True)
     trainer = GradSiftTrainer(model=model, args=args, train_dataset=rows(12, 0, "train"),
                               data_collator=GradSiftCollator(pad_token_id=0),
                               target_dataset=rows(8, 1, "target"))
@@ -136,6 +138,9 @@ def test_trainer_takes_its_options_from_gradsift_config(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(len(r["selected_ids"]) == 3 for r in records)
     assert trainer.selector.name == "cosine"
+    assert trainer.selection_config.target_with_candidates
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["engine"]["target_with_candidates"] is True
 
 
 def test_a_trainer_run_renders_in_gradsift_report(tmp_path):

@@ -359,11 +359,13 @@ class SelectionStep:
             for b in self._target_batches()]))
 
     def _target_batches(self) -> list[dict[str, Any]]:
-        """The target batch collated by length: without a micro-batch size, the shorter and
-        the longer half go in two passes when that pads at least a quarter fewer positions
-        (target examples are short and uneven; a pass costs its padded positions on a CPU).
-        ``target_batch`` is in length order, so its rows match the factors'."""
-        if self.config.micro_batch_size is not None or len(self.target_batch) < 4:
+        """The target batch collated by length: on a CPU, without a micro-batch size, the
+        shorter and the longer half go in two passes when that pads at least a quarter fewer
+        positions (target examples are short and uneven; a CPU pass costs its padded
+        positions, a GPU pass its launches: one pass there). ``target_batch`` is in length
+        order, so its rows match the factors'."""
+        if (self.config.micro_batch_size is not None or len(self.target_batch) < 4
+                or self.device.type != "cpu"):
             return self.batches(self.target_batch)
         lengths = [len(ex.input_ids) for ex in self.target_batch]
         half = len(lengths) // 2

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,17 +256,14 @@ class GradSiftTrainer(Trainer):
             get_selector(selector, **(option(selector_options, "selector_options", None) or {}))
             if isinstance(selector, str) else selector
         )
-        self.selection_config = SelectionConfig(
-            budget_per_step=option(budget_per_step, "budget_per_step", _DEFAULTS.budget_per_step),
-            target_batch_size=option(target_batch_size, "target_batch_size",
-                                     _DEFAULTS.target_batch_size),
-            target_refresh=option(target_refresh, "target_refresh", _DEFAULTS.target_refresh),
-            target_ema=option(target_ema, "target_ema", _DEFAULTS.target_ema),
-            target_with_candidates=option(target_with_candidates, "target_with_candidates",
-                                          _DEFAULTS.target_with_candidates),
-            modules=option(modules, "capture_modules", None),
-            score_layers=option(score_layers, "score_layers", None),
-        )
+        # the config's step options (or the defaults), with the keyword arguments given on top
+        given = {"budget_per_step": budget_per_step, "target_batch_size": target_batch_size,
+                 "target_refresh": target_refresh, "target_ema": target_ema,
+                 "target_with_candidates": target_with_candidates, "modules": modules,
+                 "score_layers": score_layers}
+        self.selection_config = replace(
+            base.selection_config() if base is not None else SelectionConfig(),
+            **{key: value for key, value in given.items() if value is not None})
         if not isinstance(distributed, DistributedConfig):
             distributed = DistributedConfig.from_dict(
                 distributed if distributed is not None else getattr(base, "distributed", None))

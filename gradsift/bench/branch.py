@@ -62,6 +62,7 @@ from gradsift.bench.quality import (
     nan_to_none,
     paired_interval,
     parse_method,
+    sign_test,
 )
 from gradsift.engine import OnlineTrainer
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
@@ -244,15 +245,6 @@ def _finished(path: Path, methods: set[str]) -> bool:
 
 def load_results(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*/ref-*/seed_*/branch.json"))]
-
-
-def sign_test(better: int, worse: int) -> float:
-    """Two-sided sign test of ``better`` against ``worse`` states (ties left out): the
-    probability of a split at least this uneven if either method were as likely to win."""
-    from scipy import stats
-
-    n = better + worse
-    return float(stats.binomtest(better, n).pvalue) if n else 1.0
 
 
 def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, Any]:

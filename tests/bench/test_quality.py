@@ -45,6 +45,30 @@ def test_paired_interval_is_the_t_interval() -> None:
     assert (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half))
 
 
+def test_seeds_for_power_match_the_published_paired_t_sample_sizes() -> None:
+    # G*Power, matched pairs, two-sided α = 0.05, power 0.8: d_z 0.5 → 34, 0.8 → 15, 1.0 → 10
+    assert quality.seeds_for_power(0.5, 1.0) == 34
+    assert quality.seeds_for_power(-0.08, 0.1) == 15  # the sign does not matter
+    assert quality.seeds_for_power(0.3, 0.3) == 10
+    assert math.isinf(quality.seeds_for_power(0.0, 1.0))
+    assert math.isinf(quality.seeds_for_power(0.001, 1.0, most=50))
+
+
+def test_seeds_for_power_reach_the_power_in_simulation() -> None:
+    # brute force: at n seeds, the share of simulated paired t-tests that reject ≈ 0.8
+    from scipy import stats
+
+    n = quality.seeds_for_power(1.0, 1.0)  # 10; 9 seeds give about 0.76
+    rng = np.random.default_rng(0)
+    d = rng.normal(1.0, 1.0, size=(40000, int(n)))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    power = float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1)))
+    assert 0.79 <= power <= 0.82
+    d = d[:, : int(n) - 1]  # one seed fewer: below the power
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n - 1))
+    assert float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 2))) < 0.8
+
+
 def test_near_duplicates_replace_the_requested_share() -> None:
     stream = [{"id": f"a{i}", "source": "arithmetic", "prompt": f"Question: What is {i}?",
                "response": " 1", "wrong_answer": i % 3 == 0} for i in range(40)]
@@ -62,7 +86,8 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
     assert set(summary) == {"label-noise", "redundancy"}
     for block in summary.values():
         assert set(block["methods"]) == {"ftw", "random"}
-        assert block["paired"]["ftw − random"]["n"] == 2
+        pair = block["paired"]["ftw − random"]
+        assert pair["n"] == 2 and pair["lower"] + pair["higher"] <= 2
     ftw = summary["label-noise"]["methods"]["ftw"]
     assert ftw["calibration"]["n"] >= 3 and 0.0 <= ftw["accuracy"] <= 1.0
     assert -1.0 <= ftw["calibration"]["corr_next"] <= 1.0  # Adam's exact next step, probed

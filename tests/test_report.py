@@ -119,6 +119,20 @@ def test_summary_numbers_match_hand_computation(compare_dir: Path) -> None:
         {"capture": 0.25, "target": 0.02, "selection": 0.01, "update": 0.05, "total": 0.33})
     assert summary["skipped"] == []
 
+    # paired: ftw (best mean final) − random per seed: final (1.2 − 1.6, 1.45 − 1.4)
+    pairs = {p["metric"]: p for p in summary["paired"]}
+    assert {(p["best"], p["other"]) for p in summary["paired"]} == {("ftw", "random")}
+    final = pairs["final_target_loss"]
+    d = [1.2 - 1.6, 1.45 - 1.4]
+    half = 12.706204736174707 * abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5  # t_{0.975, 1}·sd/√2
+    assert final["mean"] == pytest.approx(sum(d) / 2)
+    assert (final["lo"], final["hi"]) == pytest.approx((sum(d) / 2 - half, sum(d) / 2 + half))
+    assert (final["n"], final["lower"], final["higher"]) == (2, 1, 1)
+    assert final["sign_p"] == pytest.approx(1.0)
+    assert pairs["auc_target_loss"]["mean"] == pytest.approx(
+        (auc(2.0, 1.5, 1.2) - auc(2.0, 1.8, 1.6) + auc(2.0, 1.7, 1.45) - auc(2.0, 1.9, 1.4)) / 2)
+    assert pairs["auc_target_loss"]["lower"] == 2
+
 
 def test_steps_to_random_final_is_null_without_random(tmp_path: Path) -> None:
     write_run(tmp_path / "ftw" / "seed_0", "ftw", 0, TARGET["ftw", 0], 75)
@@ -146,6 +160,7 @@ def test_write_report_embeds_plots(compare_dir: Path) -> None:
     assert saved == sorted(["ftw_weights.png", "source_shares.png", "step_time.png",
                             "target_loss_vs_steps.png", "target_loss_vs_tokens.png"])
     assert "<table>" in html and "ftw" in html and "random" in html
+    assert "Paired differences" in html and "ftw − random" in html
     assert (compare_dir / "summary.json").is_file()
 
 
@@ -160,11 +175,15 @@ def test_markdown_table_lists_each_method(compare_dir: Path) -> None:
     table = markdown_table(summarize_compare(compare_dir))
     lines = table.splitlines()
     assert lines[0].startswith("| method |")
-    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    rows = {line.split("|")[1].strip(): line for line in lines[2:] if line.startswith("|")}
     assert set(rows) == {"ftw", "random"}
     assert list(rows) == ["ftw", "random"]  # ordered by final target loss
     assert "1.3250 ± 0.1768" in rows["ftw"] and "3.0 (2/2)" in rows["ftw"]
     assert "4.0 (1/2)" in rows["random"]
+    paired = [line for line in lines if line.startswith("paired ")]
+    assert [line.split(":")[0] for line in paired] == ["paired ftw − random (final)",
+                                                       "paired ftw − random (AUC)"]
+    assert "-0.1750 [95% CI" in paired[0] and "over 2 seeds; lower on 1, higher on 1" in paired[0]
 
 
 def test_missing_file_error_names_the_file(compare_dir: Path) -> None:

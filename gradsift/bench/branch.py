@@ -60,11 +60,10 @@ from gradsift.bench.quality import (
     build_data,
     make_trainer,
     nan_to_none,
-    paired_interval,
     parse_method,
-    sign_test,
 )
 from gradsift.engine import OnlineTrainer
+from gradsift.report.paired import paired_interval, sign_test
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 from gradsift.step import set_weighted_gradients
 

@@ -66,6 +66,7 @@ from gradsift.data import ExampleStream, load_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.jsonio import read_jsonl
 from gradsift.optim_state import read_optimizer_state
+from gradsift.report.paired import describe, paired_comparison
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 
 logger = logging.getLogger(__name__)
@@ -570,47 +571,6 @@ def steps_to_reach(res: RunResult, level: float) -> float:
                 math.inf)
 
 
-def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and 95 % t-interval of paired differences over seeds."""
-    from scipy import stats
-
-    d = np.asarray(diffs, dtype=np.float64)
-    mean = float(d.mean())
-    if d.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
-    return mean, mean - half, mean + half
-
-
-def sign_test(better: int, worse: int) -> float:
-    """Two-sided sign test of ``better`` against ``worse`` (ties left out): the probability
-    of a split at least this uneven if either method were as likely to win."""
-    from scipy import stats
-
-    n = better + worse
-    return float(stats.binomtest(better, n).pvalue) if n else 1.0
-
-
-def seeds_for_power(mean: float, sd: float, power: float = 0.8, alpha: float = 0.05,
-                    most: int = 1000) -> float:
-    """The fewest seeds ``n`` at which a two-sided paired t-test at level ``alpha`` detects a
-    true mean difference ``mean`` (per-seed sd ``sd``) with probability ``power``: the
-    noncentral t, ``P(|T| > t_{1−α/2, n−1})`` with noncentrality ``√n · mean / sd``.
-    ``inf`` when ``most`` seeds are not enough (or the difference is 0)."""
-    from scipy import stats
-
-    if not (math.isfinite(mean) and math.isfinite(sd)) or sd <= 0 or mean == 0:
-        return math.inf
-    effect = abs(mean) / sd
-    for n in range(2, most + 1):
-        crit = stats.t.ppf(1 - alpha / 2, n - 1)
-        nc = math.sqrt(n) * effect
-        reached = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
-        if reached >= power:
-            return float(n)
-    return math.inf
-
-
 # the methods every ftw variant is paired against, where both ran on the same seed
 PAIRED_AGAINST = ("random", "greats", "cosine", "ftw")
 
@@ -647,18 +607,13 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
         pairs = {}
         for mine in [m for m in methods if m.startswith("ftw")]:
             for other in PAIRED_AGAINST:
-                common = [s for s in seeds if (mine, s) in runs and (other, s) in runs]
-                if other == mine or len(common) < 2:
+                if other == mine:
                     continue
-                diffs = [primary(runs[(mine, s)], suite) - primary(runs[(other, s)], suite)
-                         for s in common]
-                mean, lo, hi = paired_interval(diffs)
-                lower = sum(d < 0 for d in diffs)
-                higher = sum(d > 0 for d in diffs)
-                pairs[f"{mine} − {other}"] = {
-                    "mean": mean, "lo": lo, "hi": hi, "n": len(common),
-                    "lower": lower, "higher": higher, "sign_p": sign_test(lower, higher),
-                    "seeds_for_80pct_power": seeds_for_power(mean, float(np.std(diffs, ddof=1)))}
+                pair = paired_comparison(
+                    {s: primary(r, suite) for (m, s), r in runs.items() if m == mine},
+                    {s: primary(r, suite) for (m, s), r in runs.items() if m == other})
+                if pair is not None:
+                    pairs[f"{mine} − {other}"] = pair
         out[sc] = {"methods": table, "paired": pairs}
     return out
 
@@ -714,10 +669,7 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"| {r['final']:.4f} | {r['auc']:.4f} | {r['steps_to_random_final']:g} "
                          f"| {acc} | {r['wrong_answers_trained']:.1f} | {corr} |")
         for name, p in block["paired"].items():
-            lines.append(f"\npaired {name}: {p['mean']:+.4f} [95% CI {p['lo']:+.4f}, "
-                         f"{p['hi']:+.4f}] over {p['n']} seeds; lower on {p['lower']}, higher "
-                         f"on {p['higher']} (sign test p {p['sign_p']:.2g}); seeds to detect "
-                         f"this mean at 80 % power: {p['seeds_for_80pct_power']:g}")
+            lines.append(f"\npaired {name}: {describe(p)}")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,8 @@
 - :func:`write_report` — ``DIR/report.html`` for a compare directory (``DIR/<method>/seed_<s>/``).
 - :func:`write_run_report` — ``RUN_DIR/report.html`` for a single run directory.
 - :func:`report` — either of the two, by what ``path`` is.
+- :mod:`gradsift.report.paired` — paired differences over seeds: interval, sign test, seeds
+  needed for 80 % power.
 """
 
 from __future__ import annotations

@@ -96,6 +96,26 @@ def _summary_table(summary: dict[str, Any], colors: dict[str, str]) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def _paired_table(summary: dict[str, Any]) -> str:
+    """The best method against each other, per seed (``gradsift.report.paired``)."""
+    pairs = summary.get("paired") or []
+    if not pairs:
+        return ("<p class=\"note\">No paired differences: they need at least two methods "
+                "with two or more common seeds.</p>")
+    head = ["difference", "metric", "mean", "95 % interval", "seeds", "lower / higher",
+            "sign test p", "seeds for 80 % power"]
+    rows = []
+    for p in pairs:
+        metric = "final target loss" if p["metric"] == "final_target_loss" else "AUC"
+        cells = [html.escape(f"{p['best']} − {p['other']}"), metric, f"{p['mean']:+.4f}",
+                 f"[{p['lo']:+.4f}, {p['hi']:+.4f}]", str(p["n"]),
+                 f"{p['lower']} / {p['higher']}", f"{p['sign_p']:.2g}",
+                 f"{p['seeds_for_80pct_power']:g}"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    return f"<table>{header}{''.join(rows)}</table>"
+
+
 def write_report(compare_dir: str | Path, skip_incomplete: bool = False) -> Path:
     """Summarize a compare directory and write ``DIR/report.html`` (plots also in ``DIR/plots/``).
 
@@ -144,7 +164,9 @@ def write_report(compare_dir: str | Path, skip_incomplete: bool = False) -> Path
     definitions = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>"
                           for k, v in summary["definitions"].items())
     body = (f"<h2>Summary</h2>{_summary_table(summary, colors)}"
-            f"<p class=\"note\">{' '.join(notes)}</p><ul class=\"note\">{definitions}</ul>"
+            f"<p class=\"note\">{' '.join(notes)}</p>"
+            f"<h2>Paired differences</h2>{_paired_table(summary)}"
+            f"<ul class=\"note\">{definitions}</ul>"
             f"<h2>Plots</h2>{_render_figures(figures, compare_dir / 'plots')}")
     out = compare_dir / "report.html"
     out.write_text(_page("gradsift comparison", str(compare_dir), body), encoding="utf-8")

@@ -14,6 +14,10 @@ Definitions (per run, then aggregated over a method's seeds):
   it (null if never, or if there are no ``random`` runs). Reported as the mean over the seeds
   that reached it, with how many did.
 - **trained tokens**, **wall seconds**: means over seeds of the last cumulative values.
+- **paired**: the method with the lowest mean final target loss against each other method, on
+  the seeds both ran (a seed gives every method the same stream order, initialisation and target
+  draws): per metric (final target loss, AUC) the mean difference with its 95 % t-interval, the
+  sign count and test, and the seeds needed for 80 % power (``gradsift.report.paired``).
 - **seconds per step**: per phase (capture, target, selection, update) the mean over steps of
   ``selections.jsonl``'s ``timing``, then the mean over seeds; ``wall_seconds_per_step`` is
   wall seconds / steps (includes evaluation and logging).
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from gradsift.report.paired import describe, paired_comparison
 from gradsift.report.runs import PHASES, Run, load_compare
 
 RANDOM = "random"
@@ -123,6 +128,28 @@ def summarize_runs(runs: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
     return methods
 
 
+def paired_against_best(runs: dict[str, list[Run]]) -> list[dict[str, Any]]:
+    """The best method (lowest mean final target loss) minus each other method, per seed,
+    for the final target loss and the AUC: ``{"best", "other", "metric", **comparison}`` for
+    every pair with at least two common finite seeds."""
+    methods = summarize_runs(runs)
+    ranked = ranked_methods({"methods": methods})
+    if len(ranked) < 2:
+        return []
+    best = ranked[0]
+    metrics = {"final_target_loss": lambda r: r.final_target_loss,
+               "auc_target_loss": lambda r: trapezoid_auc(*r.eval_curve(finite=False))}
+    out = []
+    for other in ranked[1:]:
+        for metric, value in metrics.items():
+            per_seed = {name: {r.seed: value(r) for r in runs[name] if value(r) is not None}
+                        for name in (best, other)}
+            pair = paired_comparison(per_seed[best], per_seed[other])
+            if pair is not None:
+                out.append({"best": best, "other": other, "metric": metric, **pair})
+    return out
+
+
 def summarize_compare(compare_dir: str | Path, skip_incomplete: bool = False) -> dict[str, Any]:
     """Summarize a compare directory and write it to ``DIR/summary.json``.
 
@@ -166,8 +193,12 @@ def summary_from_runs(runs: dict[str, list[Run]], compare_dir: str | Path,
                                      "seeds of random's final target loss; mean over seeds "
                                      "that reached it",
             "std": "sample standard deviation over seeds (ddof=1); null with one seed",
+            "paired": "the best method (lowest mean final target loss) minus each other, per "
+                      "seed both ran: mean, 95 % t-interval, seeds lower / higher, sign test, "
+                      "and the seeds a paired t-test needs for 80 % power at that mean",
         },
         "methods": summarize_runs(runs),
+        "paired": paired_against_best(runs),
         "skipped": skipped or [],
     }
 
@@ -211,6 +242,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {m['n_seeds']} | {final_s} | {fmt_number(auc['mean'], '.4f')} | {reach_s} "
             f"| {fmt_number(tokens, ',.0f')} | {fmt_number(m['wall_seconds_per_step'], '.3f')} |")
+    for p in summary.get("paired", []):
+        metric = "final" if p["metric"] == "final_target_loss" else "AUC"
+        lines.append(f"\npaired {p['best']} − {p['other']} ({metric}): {describe(p)}")
     if summary.get("skipped"):
         lines.append(f"\n{len(summary['skipped'])} incomplete run(s) skipped.")
     return "\n".join(lines)

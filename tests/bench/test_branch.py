@@ -88,7 +88,6 @@ def test_summary_by_hand() -> None:
     assert (r["lo"], r["hi"]) == pytest.approx((r["diff"] - half, r["diff"] + half))
     assert (r["better"], r["worse"]) == (2, 0)
     assert r["sign_p"] == pytest.approx(0.5)  # 2 of 2: 2 * (1/2)^2
-    assert quality.sign_test(9, 1) == pytest.approx(2 * 11 / 2**10)  # P(≤1 or ≥9 of 10)
 
 
 def test_cli_smoke_and_resume(tmp_path, capsys) -> None:

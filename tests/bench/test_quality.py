@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from gradsift.bench import quality
@@ -34,39 +33,6 @@ def test_metrics_match_hand_computation() -> None:
     assert quality.auc(r) == pytest.approx((10 + 7 + 1.35 + 1.1) / 10)
     assert quality.steps_to_reach(r, 1.5) == 8
     assert math.isinf(quality.steps_to_reach(r, 0.5))
-
-
-def test_paired_interval_is_the_t_interval() -> None:
-    diffs = [-0.1, -0.3, 0.05, -0.2, -0.15]
-    mean, lo, hi = quality.paired_interval(diffs)
-    d = np.array(diffs)
-    half = 2.7764451051977987 * d.std(ddof=1) / math.sqrt(5)  # t_{0.975, 4}
-    assert mean == pytest.approx(d.mean())
-    assert (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half))
-
-
-def test_seeds_for_power_match_the_published_paired_t_sample_sizes() -> None:
-    # G*Power, matched pairs, two-sided α = 0.05, power 0.8: d_z 0.5 → 34, 0.8 → 15, 1.0 → 10
-    assert quality.seeds_for_power(0.5, 1.0) == 34
-    assert quality.seeds_for_power(-0.08, 0.1) == 15  # the sign does not matter
-    assert quality.seeds_for_power(0.3, 0.3) == 10
-    assert math.isinf(quality.seeds_for_power(0.0, 1.0))
-    assert math.isinf(quality.seeds_for_power(0.001, 1.0, most=50))
-
-
-def test_seeds_for_power_reach_the_power_in_simulation() -> None:
-    # brute force: at n seeds, the share of simulated paired t-tests that reject ≈ 0.8
-    from scipy import stats
-
-    n = quality.seeds_for_power(1.0, 1.0)  # 10; 9 seeds give about 0.76
-    rng = np.random.default_rng(0)
-    d = rng.normal(1.0, 1.0, size=(40000, int(n)))
-    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
-    power = float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1)))
-    assert 0.79 <= power <= 0.82
-    d = d[:, : int(n) - 1]  # one seed fewer: below the power
-    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n - 1))
-    assert float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 2))) < 0.8
 
 
 def test_near_duplicates_replace_the_requested_share() -> None:

@@ -63,7 +63,7 @@ from gradsift.bench.quality import (
     parse_method,
 )
 from gradsift.engine import OnlineTrainer
-from gradsift.report.paired import paired_interval, sign_test
+from gradsift.report.paired import paired_interval, seeds_for_power, sign_test
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 from gradsift.step import set_weighted_gradients
 
@@ -270,11 +270,14 @@ def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, A
                 by_seed: dict[int, list[float]] = {}
                 for d, (_, seed) in zip(diff, pairs, strict=True):
                     by_seed.setdefault(seed, []).append(d)
-                mean, lo, hi = paired_interval([float(np.mean(v)) for v in by_seed.values()])
+                per_seed = [float(np.mean(v)) for v in by_seed.values()]
+                mean, lo, hi = paired_interval(per_seed)
                 better, worse = int(sum(d < 0 for d in diff)), int(sum(d > 0 for d in diff))
+                power_n = (seeds_for_power(mean, float(np.std(per_seed, ddof=1)))
+                           if len(per_seed) > 1 else math.nan)
                 entry.update(same=float(np.mean(same)), diff=mean, lo=lo, hi=hi,
                              seeds=len(by_seed), better=better, worse=worse,
-                             sign_p=sign_test(better, worse))
+                             sign_p=sign_test(better, worse), seeds_for_80pct_power=power_n)
             table[m] = entry
         out[f"{sc} (reference {ref})"] = table
     return out
@@ -287,14 +290,15 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
         lines += [f"\n**{title}**\n",
                   f"| method | states | mean one-step gain | × random's | same rows as {versus} | "
                   f"{versus} − method (loss after), 95 % CI over seeds | {versus} lower / "
-                  "higher (states) | sign test p |", "|---|---|---|---|---|---|---|---|"]
+                  "higher (states) | sign test p | seeds for 80 % power |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m, e in sorted(table.items(), key=lambda kv: -kv[1]["gain"]):
             if "diff" in e:
                 ci = (f"{e['diff']:+.4f} [{e['lo']:+.4f}, {e['hi']:+.4f}] ({e['seeds']})")
                 rest = (f"{e['same']:.0%} | {ci} | {e['better']} / {e['worse']} | "
-                        f"{e['sign_p']:.2g}")
+                        f"{e['sign_p']:.2g} | {e.get('seeds_for_80pct_power', math.nan):g}")
             else:
-                rest = "– | – | – | –"
+                rest = "– | – | – | – | –"
             lines.append(f"| {m} | {e['states']} | {e['gain']:.4f} | "
                          f"{e['gain_vs_random']:.2f} | {rest} |")
     return "\n".join(lines) + "\n"

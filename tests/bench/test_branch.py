@@ -88,6 +88,8 @@ def test_summary_by_hand() -> None:
     assert (r["lo"], r["hi"]) == pytest.approx((r["diff"] - half, r["diff"] + half))
     assert (r["better"], r["worse"]) == (2, 0)
     assert r["sign_p"] == pytest.approx(0.5)  # 2 of 2: 2 * (1/2)^2
+    # per-seed means −0.05, −0.025: effect |mean|/sd = 0.0375/0.0177 = 2.12 → 5 seeds
+    assert r["seeds_for_80pct_power"] == 5
 
 
 def test_cli_smoke_and_resume(tmp_path, capsys) -> None:

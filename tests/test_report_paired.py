@@ -20,7 +20,9 @@ def test_paired_interval_is_the_t_interval() -> None:
 
 
 def test_seeds_for_power_match_the_published_paired_t_sample_sizes() -> None:
-    # G*Power, matched pairs, two-sided α = 0.05, power 0.8: d_z 0.5 → 34, 0.8 → 15, 1.0 → 10
+    # G*Power, matched pairs, two-sided α = 0.05, power 0.8: d_z 0.2 → 199, 0.5 → 34, 0.8 → 15,
+    # 1.0 → 10
+    assert paired.seeds_for_power(0.2, 1.0) == 199
     assert paired.seeds_for_power(0.5, 1.0) == 34
     assert paired.seeds_for_power(-0.08, 0.1) == 15  # the sign does not matter
     assert paired.seeds_for_power(0.3, 0.3) == 10

@@ -52,7 +52,11 @@ def seeds_for_power(mean: float, sd: float, power: float = 0.8, alpha: float = 0
     if not (math.isfinite(mean) and math.isfinite(sd)) or sd <= 0 or mean == 0:
         return math.inf
     effect = abs(mean) / sd
-    for n in range(2, most + 1):
+    # the z-test's n is a lower bound of the t-test's: start the search just below it
+    start = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) ** 2 / effect**2
+    if start > most:
+        return math.inf
+    for n in range(max(2, int(start) - 2), most + 1):
         crit = stats.t.ppf(1 - alpha / 2, n - 1)
         nc = math.sqrt(n) * effect
         reached = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)

@@ -128,11 +128,12 @@ def summarize_runs(runs: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
     return methods
 
 
-def paired_against_best(runs: dict[str, list[Run]]) -> list[dict[str, Any]]:
-    """The best method (lowest mean final target loss) minus each other method, per seed,
-    for the final target loss and the AUC: ``{"best", "other", "metric", **comparison}`` for
-    every pair with at least two common finite seeds."""
-    methods = summarize_runs(runs)
+def paired_against_best(runs: dict[str, list[Run]],
+                        methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The best method (lowest mean final target loss in ``methods``, the output of
+    :func:`summarize_runs`) minus each other method, per seed, for the final target loss and
+    the AUC: ``{"best", "other", "metric", **comparison}`` for every pair with at least two
+    common finite seeds."""
     ranked = ranked_methods({"methods": methods})
     if len(ranked) < 2:
         return []
@@ -183,6 +184,7 @@ def write_summary(summary: dict[str, Any], compare_dir: str | Path) -> Path:
 def summary_from_runs(runs: dict[str, list[Run]], compare_dir: str | Path,
                       skipped: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The summary dict of :func:`summarize_compare` from runs already loaded (writes nothing)."""
+    methods = summarize_runs(runs)
     return {
         "compare_dir": str(compare_dir),
         "random_final_target_loss": _mean([r.final_target_loss for r in runs.get(RANDOM, [])]),
@@ -197,8 +199,8 @@ def summary_from_runs(runs: dict[str, list[Run]], compare_dir: str | Path,
                       "seed both ran: mean, 95 % t-interval, seeds lower / higher, sign test, "
                       "and the seeds a paired t-test needs for 80 % power at that mean",
         },
-        "methods": summarize_runs(runs),
-        "paired": paired_against_best(runs),
+        "methods": methods,
+        "paired": paired_against_best(runs, methods),
         "skipped": skipped or [],
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Replace ``path`` with one JSON object per line (keys sorted), atomically: processes that
+    write the same file at once (suite shards building shared data) each rename a complete
+    file of their own into place."""
+    return write_text_atomic(path, "".join(
+        json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
 
 
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError,

@@ -175,3 +175,35 @@ def test_licence_table_matches_package_metadata():
     wordnet = Path("/usr/share/doc/wordnet-base/copyright")
     if wordnet.is_file():
         assert "License: WordNet3.0" in wordnet.read_text()
+
+
+def _write_many(path: str, tag: int, start, seconds: float) -> None:
+    import time
+
+    from gradsift.jsonio import write_jsonl
+
+    rows = [{"id": f"{tag}-{i}", "text": "x" * 200} for i in range(200)]
+    start.wait()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        write_jsonl(path, rows)
+
+
+def test_processes_writing_the_same_jsonl_at_once_each_leave_a_whole_file(tmp_path):
+    # suite shards started side by side build the same data folder; before, they shared one
+    # temporary name and one of them failed on the rename
+    import multiprocessing as mp
+
+    path = tmp_path / "stream.jsonl"
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_many, args=(str(path), tag, start, 1.5))
+             for tag in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 200 and len({json.loads(line)["id"][0] for line in lines}) == 1
+    assert not list(tmp_path.glob(".*.tmp*"))

@@ -64,7 +64,7 @@ import torch
 from gradsift.capture import forward_losses
 from gradsift.data import ExampleStream, load_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
-from gradsift.jsonio import read_jsonl
+from gradsift.jsonio import read_jsonl, write_jsonl
 from gradsift.optim_state import read_optimizer_state
 from gradsift.report.paired import describe, paired_comparison
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
@@ -177,12 +177,12 @@ def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     target = read_jsonl(folder / "target.jsonl")
     if scenario.duplicate_share > 0:
         stream = _with_near_duplicates(stream, target, scenario.duplicate_share)
-        _write_jsonl(folder / "stream.jsonl", stream)
+        write_jsonl(folder / "stream.jsonl", stream)
     if scenario.accuracy:
         seen = frozenset(r["prompt"] for r in stream + target if "prompt" in r)
         questions = arithmetic_records(random.Random(12345), suite.n_accuracy, noise_rate=0.0,
                                        exclude=seen)
-        _write_jsonl(folder / "accuracy.jsonl", questions)
+        write_jsonl(folder / "accuracy.jsonl", questions)
     (folder / "done").write_text("ok")
     return folder
 
@@ -213,8 +213,8 @@ def _copy_user_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
         raise ValueError(f"{scenario.stream_file}: {len(stream)} records; {suite.steps} steps "
                          f"of {scenario.candidates} candidates need {need}")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(folder / "stream.jsonl", stream)
-    _write_jsonl(folder / "target.jsonl", target)
+    write_jsonl(folder / "stream.jsonl", stream)
+    write_jsonl(folder / "target.jsonl", target)
     (folder / "source.json").write_text(json.dumps(digest))
     (folder / "done").write_text("ok")
     return folder
@@ -237,19 +237,13 @@ def _with_near_duplicates(stream: list[dict], target: list[dict], share: float) 
     return out
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def seeded_stream(data: Path, seed: int) -> Path:
     """The scenario's stream in the order of ``seed`` (the same file for every method)."""
     path = data / f"stream_seed{seed}.jsonl"
     if not path.exists():
         rows = read_jsonl(data / "stream.jsonl")
         random.Random(seed).shuffle(rows)
-        _write_jsonl(path, rows)
+        write_jsonl(path, rows)
     return path
 
 

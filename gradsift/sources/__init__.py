@@ -18,7 +18,6 @@ answer), byte-identical for the same seed, package versions and Python version.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gradsift.jsonio import write_jsonl
 from gradsift.sources.arithmetic import arithmetic_records
 from gradsift.sources.code import code_records, human_eval_missing
 from gradsift.sources.text import (
@@ -126,14 +126,6 @@ def _with_right_answer(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def build_stream(
     target: str,
     out_dir: str | Path,
@@ -190,8 +182,8 @@ def build_stream(
     random.Random(f"gradsift.sources:{seed}:mix").shuffle(stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "stream.jsonl", stream)
-    _write_jsonl(out / "target.jsonl", held_out)
+    write_jsonl(out / "stream.jsonl", stream)
+    write_jsonl(out / "target.jsonl", held_out)
     manifest = {
         "seed": seed,
         "target": target,

@@ -576,6 +576,8 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
         runs = {(r.method, r.seed): r for r in results if r.scenario == sc}
         methods = sorted({m for m, _ in runs})
         seeds = sorted({s for _, s in runs})
+        by_seed = {m: {s: primary(r, suite) for (m2, s), r in runs.items() if m2 == m}
+                   for m in methods}  # the primary metric, per method and seed
         table = {}
         for m in methods:
             rs = [runs[(m, s)] for s in seeds if (m, s) in runs]
@@ -587,8 +589,8 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
             cal = [c for r in rs for c in r.calibration if c]
             table[m] = {
                 "n_seeds": len(rs),
-                "primary": float(np.mean([primary(r, suite) for r in rs])),
-                "primary_sd": float(np.std([primary(r, suite) for r in rs], ddof=1))
+                "primary": float(np.mean(list(by_seed[m].values()))),
+                "primary_sd": float(np.std(list(by_seed[m].values()), ddof=1))
                 if len(rs) > 1 else math.nan,
                 "final": float(np.mean([r.losses[-1] for r in rs])),
                 "auc": float(np.mean([auc(r) for r in rs])),
@@ -601,11 +603,9 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
         pairs = {}
         for mine in [m for m in methods if m.startswith("ftw")]:
             for other in PAIRED_AGAINST:
-                if other == mine:
+                if other == mine or other not in by_seed:
                     continue
-                pair = paired_comparison(
-                    {s: primary(r, suite) for (m, s), r in runs.items() if m == mine},
-                    {s: primary(r, suite) for (m, s), r in runs.items() if m == other})
+                pair = paired_comparison(by_seed[mine], by_seed[other])
                 if pair is not None:
                     pairs[f"{mine} − {other}"] = pair
         out[sc] = {"methods": table, "paired": pairs}

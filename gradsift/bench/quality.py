@@ -578,6 +578,8 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
         seeds = sorted({s for _, s in runs})
         by_seed = {m: {s: primary(r, suite) for (m2, s), r in runs.items() if m2 == m}
                    for m in methods}  # the primary metric, per method and seed
+        auc_by_seed = {m: {s: auc(r) for (m2, s), r in runs.items() if m2 == m}
+                       for m in methods}  # the secondary: the whole curve, per seed
         table = {}
         for m in methods:
             rs = [runs[(m, s)] for s in seeds if (m, s) in runs]
@@ -600,7 +602,7 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
                 "trained_samples": float(np.mean([r.trained_samples for r in rs])),
                 "calibration": _calibration_fit(cal),
             }
-        pairs = {}
+        pairs, pairs_auc = {}, {}
         for mine in [m for m in methods if m.startswith("ftw")]:
             for other in PAIRED_AGAINST:
                 if other == mine or other not in by_seed:
@@ -608,7 +610,9 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
                 pair = paired_comparison(by_seed[mine], by_seed[other])
                 if pair is not None:
                     pairs[f"{mine} − {other}"] = pair
-        out[sc] = {"methods": table, "paired": pairs}
+                    pairs_auc[f"{mine} − {other}"] = paired_comparison(
+                        auc_by_seed[mine], auc_by_seed[other])
+        out[sc] = {"methods": table, "paired": pairs, "paired_auc": pairs_auc}
     return out
 
 
@@ -664,6 +668,9 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"| {acc} | {r['wrong_answers_trained']:.1f} | {corr} |")
         for name, p in block["paired"].items():
             lines.append(f"\npaired {name}: {describe(p)}")
+            p_auc = block.get("paired_auc", {}).get(name)
+            if p_auc is not None:  # the secondary metric, on the same seeds
+                lines.append(f"\npaired {name}, AUC: {describe(p_auc)}")
     return "\n".join(lines) + "\n"
 
 

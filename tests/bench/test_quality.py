@@ -59,6 +59,17 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
     assert -1.0 <= ftw["calibration"]["corr_next"] <= 1.0  # Adam's exact next step, probed
     assert (tmp_path / "plots" / "quality_label-noise.png").stat().st_size > 0
     assert "paired ftw − random" in (tmp_path / "quality.md").read_text()
+    # the secondary metric paired on the same seeds: AUC by hand from each run's curve
+    for sc, block in summary.items():
+        def hand_auc(method: str, seed: int, sc: str = sc) -> float:
+            r = json.loads((tmp_path / sc / method / f"seed_{seed}" / "result.json").read_text())
+            s, v = r["steps"], r["losses"]
+            area = sum((s[i + 1] - s[i]) * (v[i] + v[i + 1]) / 2 for i in range(len(s) - 1))
+            return area / (s[-1] - s[0])
+        diffs = [hand_auc("ftw", seed) - hand_auc("random", seed) for seed in (0, 1)]
+        pair = block["paired_auc"]["ftw − random"]
+        assert pair["n"] == 2 and pair["mean"] == pytest.approx(sum(diffs) / 2)
+    assert "paired ftw − random, AUC:" in (tmp_path / "quality.md").read_text()
     # restart: every run is finished, nothing runs again
     before = {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
     quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",

@@ -32,6 +32,11 @@ Usage::
     python -m gradsift.bench.branch --suite full [--out runs/branch] [--seeds 0,1,2,3,4]
         [--scenarios label-noise,code] [--methods ftw,greats,cosine,random]
         [--reference random] [--shard I/N] [--threads 1] [--report-only]
+        [--stream my_stream.jsonl --target my_target.jsonl [--name mine]
+         [--candidates 8 --budget 2]]
+
+``--stream``/``--target`` add a user's own data as one more scenario (as in
+``gradsift.bench.quality``: the target's first ``eval_size`` records are the held-out set).
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ from gradsift.bench.quality import (
     SUITES,
     Scenario,
     Suite,
+    add_own_data_arguments,
     build_data,
     make_trainer,
     nan_to_none,
     parse_method,
+    with_own_data,
 )
 from gradsift.engine import OnlineTrainer
 from gradsift.report.paired import paired_interval, seeds_for_power, sign_test
@@ -354,11 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
     parser.add_argument("--quiet", action="store_true")
+    add_own_data_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    suite = SUITES[args.suite]
+    suite = with_own_data(parser, args, SUITES[args.suite])
     out = args.out or Path(f"runs/branch-{args.suite}")
 
     def split(text: str | None) -> list[str] | None:

@@ -733,24 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from "
                         "the I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--quiet", action="store_true")
-    own = parser.add_argument_group("your own data, as one more scenario")
-    own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
-    own.add_argument("--target", type=Path, help="a JSONL target set: its first eval_size "
-                     "records are held out for the evaluation, the rest are target batches")
-    own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
-    own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
-    own.add_argument("--budget", type=int, default=2, help="k (default 2)")
+    add_own_data_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    suite = SUITES[args.suite]
-    if (args.stream is None) != (args.target is None):
-        parser.error("--stream and --target go together")
-    if args.stream is not None:
-        custom = custom_scenario(args.stream, args.target, args.name, args.candidates,
-                                 args.budget)
-        suite = replace(suite, scenarios=(*suite.scenarios, custom))
-        if args.scenarios is None:
-            args.scenarios = custom.name
+    suite = with_own_data(parser, args, SUITES[args.suite])
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")
@@ -772,6 +758,32 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(markdown(summary))
     return 0
+
+
+def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--stream``/``--target`` (and ``--name``, ``--candidates``, ``--budget``): a user's own
+    data as one more scenario (``custom_scenario``); this suite and ``bench.branch``."""
+    own = parser.add_argument_group("your own data, as one more scenario")
+    own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
+    own.add_argument("--target", type=Path, help="a JSONL target set: its first eval_size "
+                     "records are held out for the evaluation, the rest are target batches")
+    own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
+    own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
+    own.add_argument("--budget", type=int, default=2, help="k (default 2)")
+
+
+def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  suite: Suite) -> Suite:
+    """``suite`` with the user's scenario added, which becomes the only one run unless
+    ``--scenarios`` names others."""
+    if (args.stream is None) != (args.target is None):
+        parser.error("--stream and --target go together")
+    if args.stream is None:
+        return suite
+    custom = custom_scenario(args.stream, args.target, args.name, args.candidates, args.budget)
+    if args.scenarios is None:
+        args.scenarios = custom.name
+    return replace(suite, scenarios=(*suite.scenarios, custom))
 
 
 def nan_to_none(x: Any) -> Any:

@@ -108,3 +108,30 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
         branch.main(args[:-1] + ["ftw@target_refresh=2"])
     with pytest.raises(ValueError, match="unknown scenario"):
         branch.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios", "nope"])
+
+
+def test_your_own_stream_and_target_run_as_a_scenario(tiny, tmp_path) -> None:
+    """--stream/--target: the one-step bench on files it has never seen; its first state is
+    the engine's own run on them (same held-out loss before the first step)."""
+    kinds = ("the cat sat on the mat ", "def f(x): return x ")
+    stream = [{"id": f"s{i}", "text": kinds[i % 2] * (1 + i % 3)} for i in range(16)]
+    target = [{"id": f"t{i}", "text": "the dog sat on the log " * (1 + i % 2)} for i in range(8)]
+    for name, rows in (("stream", stream), ("target", target)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["--suite", "smoke", "--out", str(out), "--quiet", "--methods", "ftw,random",
+            "--seeds", "0", "--stream", str(tmp_path / "stream.jsonl"), "--target",
+            str(tmp_path / "target.jsonl"), "--name", "mine", "--candidates", "4"]
+    assert branch.main(args) == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {"mine (reference random)"}
+    data = out / "mine" / "data"
+    assert [json.loads(x)["id"] for x in (data / "target.jsonl").read_text().splitlines()] == \
+        [r["id"] for r in target]
+    res = json.loads((out / "mine" / "ref-random" / "seed_0" / "branch.json").read_text())
+    suite = quality.SUITES["smoke"]
+    scenario = quality.custom_scenario(tmp_path / "stream.jsonl", tmp_path / "target.jsonl",
+                                       "mine", candidates=4)
+    own = _standalone(tiny, scenario, suite, "random", data, tmp_path / "own", 0)
+    assert res["steps"][0]["before"] == pytest.approx(own[0], abs=1e-6)
+    with pytest.raises(SystemExit):  # one without the other
+        branch.main(["--suite", "smoke", "--target", str(tmp_path / "target.jsonl")])

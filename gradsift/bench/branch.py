@@ -22,7 +22,13 @@ difference of the loss after the step, ``L(ftw) − L(m)``, with a 95 % t-interv
 trajectory count once), and a two-sided sign test over the states where the two differ (this
 one treats the states as independent).
 
-Every (scenario, seed) writes ``<out>/<scenario>/ref-<reference>/seed_<s>/branch.json``; a
+``--horizon H`` asks whether a one-step lead lasts: the run is cut into segments of ``H``
+steps, and from each segment's first state every method trains ``H`` steps on its own
+selections (the same candidates and target draws for all) before the held-out loss is
+compared; the reference's segment is the trajectory (``run_rollouts``; a capture per method
+and step, so about ``H`` times the cost of ``H = 1``, whose methods share one capture).
+
+Every (scenario, seed) writes ``<out>/<scenario>/ref-<reference>[-h<H>]/seed_<s>/branch.json``; a
 restarted run skips those that hold every requested method. The report goes to
 ``<out>/branch.md`` and ``<out>/branch.png`` (the paired differences with their intervals).
 ``--suite smoke`` runs the tiny model in seconds (``make test``).
@@ -31,7 +37,7 @@ Usage::
 
     python -m gradsift.bench.branch --suite full [--out runs/branch] [--seeds 0,1,2,3,4]
         [--scenarios label-noise,code] [--methods ftw,greats,cosine,random]
-        [--reference random] [--shard I/N] [--threads 1] [--report-only]
+        [--reference random] [--horizon 1] [--shard I/N] [--threads 1] [--report-only]
         [--stream my_stream.jsonl --target my_target.jsonl [--name mine]
          [--candidates 8 --budget 2]]
 
@@ -208,15 +214,103 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _path(out: Path, scenario: str, reference: str, seed: int) -> Path:
-    return out / scenario / f"ref-{reference}" / f"seed_{seed}" / "branch.json"
+class _DrawsTarget(Selector):
+    """``selector``, with the target batch drawn and its gradient formed at every step, as
+    for the target-aware methods: every method's segment then sees the same target draws
+    (and the one-step branches' draws)."""
+
+    name = "draws-target"
+    needs = "grads"
+    needs_target = True
+
+    def __init__(self, selector: Selector, samples: bool):
+        super().__init__()
+        self.inner, self.samples = selector, samples
+
+    @property
+    def needs_target_samples(self) -> bool:
+        return self.samples
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        return self.inner.select(ctx)
+
+
+def _snapshot(trainer: OnlineTrainer) -> dict[str, Any]:
+    """Everything a step reads or moves: parameters, optimizer, stream position, the target
+    and selector generators, the counters (the selector itself holds no state here)."""
+    step = trainer.selection.state_dict()
+    step.pop("selector")
+    return {"model": _state(trainer), "stream": copy.deepcopy(trainer.stream.state_dict()),
+            "step": copy.deepcopy(step), "counters": copy.deepcopy(trainer.state)}
+
+
+def _rewind(trainer: OnlineTrainer, snap: dict[str, Any], selector: Selector) -> None:
+    """Back to ``snap``, with ``selector`` choosing from there."""
+    _restore(trainer, snap["model"])
+    trainer.stream.load_state_dict(copy.deepcopy(snap["stream"]))
+    trainer.selection.selector = selector
+    trainer.selection.load_state_dict({**copy.deepcopy(snap["step"]), "selector": {}})
+    trainer.state = copy.deepcopy(snap["counters"])
+
+
+def run_rollouts(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
+                 methods: Sequence[str], reference: str, seed: int, data: Path,
+                 run_dir: Path, horizon: int) -> dict[str, Any]:
+    """``horizon``-step gains from common states: the run is cut into segments of
+    ``horizon`` steps; from each segment's first state every method trains ``horizon`` steps
+    on its own selections (the same candidates and target draws for all), and the held-out
+    loss after them is measured. The reference's segment is the trajectory: the next segment
+    starts where it ended. ``horizon=1`` is ``run_branches`` at full cost (a capture per
+    method and step instead of one shared one); the whole run as one segment is the quality
+    suite's run of every method from the same seed."""
+    if not 1 <= horizon <= suite.steps:
+        raise ValueError(f"horizon must be between 1 and the suite's {suite.steps} steps, "
+                         f"got {horizon}")
+    selectors = make_selectors(methods, reference)
+    samples = any(s.needs_target_samples for s in selectors.values())
+    selectors = {m: s if s.needs_target and s.needs_target_samples == samples
+                 else _DrawsTarget(s, samples) for m, s in selectors.items()}
+    trainer = make_trainer(base, tokenizer, scenario, suite, selectors[reference], seed, data,
+                           run_dir)
+    t0 = time.perf_counter()
+    before = trainer.evaluate()
+    rows = []
+    order = [m for m in selectors if m != reference] + [reference]  # the trajectory last
+    for start in range(0, suite.steps - horizon + 1, horizon):
+        snap = _snapshot(trainer)
+        after, selected, weights = {}, {}, {}
+        for m in order:
+            _rewind(trainer, snap, selectors[m])
+            trainer.runlog.enabled = m == reference  # the log holds the trajectory only
+            records = [trainer.step() for _ in range(horizon)]
+            if any(r is None for r in records):
+                raise RuntimeError(f"{data}: the stream ended within steps {start + 1}-"
+                                   f"{start + horizon}")
+            after[m] = trainer.evaluate()
+            selected[m] = [r["selected_ids"] for r in records]
+            weights[m] = [[round(float(w), 6) for w in r["weights"]] for r in records]
+        rows.append({"step": start + horizon, "start": start, "before": before,
+                     "after": after, "selected": selected, "weights": weights})
+        before = after[reference]
+    return {"scenario": scenario.name, "reference": reference, "horizon": horizon,
+            "seed": seed, "methods": list(selectors), "steps": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _path(out: Path, scenario: str, reference: str, seed: int, horizon: int = 1) -> Path:
+    ref = f"ref-{reference}" + (f"-h{horizon}" if horizon > 1 else "")
+    return out / scenario / ref / f"seed_{seed}" / "branch.json"
 
 
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods: Sequence[str],
               reference: str, seeds: Sequence[int] | None, shard: tuple[int, int] = (0, 1),
-              quiet: bool = False) -> list[dict[str, Any]]:
+              quiet: bool = False, horizon: int = 1) -> list[dict[str, Any]]:
     """Every (scenario, seed) not finished with all ``methods`` (every n-th from the i-th
-    with ``shard=(i, n)``), then every finished result under ``out``."""
+    with ``shard=(i, n)``), then every finished result under ``out``. ``horizon > 1``:
+    ``run_rollouts`` instead of ``run_branches``."""
+    if not 1 <= horizon <= suite.steps:
+        raise ValueError(f"--horizon must be between 1 and the suite's {suite.steps} steps, "
+                         f"got {horizon}")
     from gradsift.models import load_model_and_tokenizer
 
     make_selectors(methods, reference)  # a bad name or option fails before any run
@@ -228,16 +322,20 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     wanted = set(methods) | {reference}
     jobs = [(seed, sc) for seed in (seeds or suite.seeds) for sc in chosen]
     todo = [(seed, sc) for seed, sc in jobs if not _finished(
-        _path(out, sc.name, reference, seed), wanted)][shard[0]::shard[1]]
+        _path(out, sc.name, reference, seed, horizon), wanted)][shard[0]::shard[1]]
     if todo:
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)
         for n, (seed, sc) in enumerate(todo, 1):
-            path = _path(out, sc.name, reference, seed)
+            path = _path(out, sc.name, reference, seed, horizon)
             data = build_data(sc, suite, out / sc.name / "data")
-            res = run_branches(base, tokenizer, sc, suite, methods, reference, seed, data,
-                               path.parent)
+            if horizon == 1:
+                res = run_branches(base, tokenizer, sc, suite, methods, reference, seed, data,
+                                   path.parent)
+            else:
+                res = run_rollouts(base, tokenizer, sc, suite, methods, reference, seed, data,
+                                   path.parent, horizon)
             path.write_text(json.dumps(res))
             if not quiet:
                 print(f"[{n}/{len(todo)}] {sc.name} seed {seed}: {res['seconds']:.0f} s",
@@ -257,8 +355,10 @@ def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, A
     """Per scenario and reference: each method's mean one-step gain, its ratio to random's,
     how often it selected the rows ``versus`` selected, and the paired ``L(versus) − L(m)``."""
     out: dict[str, Any] = {}
-    for sc, ref in sorted({(r["scenario"], r["reference"]) for r in results}):
-        runs = [r for r in results if r["scenario"] == sc and r["reference"] == ref]
+    for sc, ref, h in sorted({(r["scenario"], r["reference"], r.get("horizon", 1))
+                              for r in results}):
+        runs = [r for r in results if r["scenario"] == sc and r["reference"] == ref
+                and r.get("horizon", 1) == h]
         methods = list(dict.fromkeys(m for r in runs for m in r["methods"]))
         gains = {m: [row["before"] - row["after"][m] for r in runs for row in r["steps"]
                      if m in row["after"]] for m in methods}
@@ -286,7 +386,8 @@ def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, A
                              seeds=len(by_seed), better=better, worse=worse,
                              sign_p=sign_test(better, worse), seeds_for_80pct_power=power_n)
             table[m] = entry
-        out[f"{sc} (reference {ref})"] = table
+        out[f"{sc} (reference {ref})" if h == 1 else
+            f"{sc} (reference {ref}, {h} steps from each state)"] = table
     return out
 
 
@@ -356,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versus", default="ftw", help="the method the others are paired "
                         "against in the report (default: ftw)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
+    parser.add_argument("--horizon", type=int, default=1, help="steps each method trains "
+                        "from a common state before the held-out loss is compared (default 1;"
+                        " H > 1 cuts the run into segments of H steps)")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th pending run from the "
                         "I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
@@ -378,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         i, n = (int(x) for x in args.shard.split("/"))
         seeds = [int(s) for s in split(args.seeds) or []] or None
         results = run_suite(suite, out, split(args.scenarios), split(args.methods) or [],
-                            args.reference, seeds, shard=(i, n), quiet=args.quiet)
+                            args.reference, seeds, shard=(i, n), quiet=args.quiet,
+                            horizon=args.horizon)
     if not results:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 1

@@ -59,6 +59,38 @@ def test_branches_equal_the_engines_own_steps(tiny, tmp_path, monkeypatch) -> No
         assert rows[0]["before"] == pytest.approx(own[0], abs=1e-6)
 
 
+def test_rollouts_equal_the_engines_own_runs_and_one_step_branches(tiny, tmp_path) -> None:
+    suite = quality.SUITES["smoke"]
+    scenario = suite.scenarios[0]
+    data = quality.build_data(scenario, suite, tmp_path / "data")
+    methods = ["greats", "ftw", "cosine", "random"]
+    # the whole run as one segment: every method's rollout is its own run from the seed
+    whole = branch.run_rollouts(*tiny, scenario, suite, methods, "random", 0, data,
+                                tmp_path / "whole", horizon=suite.steps)
+    (row,) = whole["steps"]
+    for m in methods:
+        own = _standalone(tiny, scenario, suite, m, data, tmp_path / m, suite.steps)
+        assert row["before"] == pytest.approx(own[0], abs=1e-6)
+        assert row["after"][m] == pytest.approx(own[-1], abs=1e-5)
+    assert len(row["selected"]["ftw"]) == suite.steps
+    # one step per segment: the shared-capture branches, computed another way
+    one = branch.run_rollouts(*tiny, scenario, suite, methods, "random", 0, data,
+                              tmp_path / "one", horizon=1)
+    shared = branch.run_branches(*tiny, scenario, suite, methods, "random", 0, data,
+                                 tmp_path / "shared")
+    for a, b in zip(one["steps"], shared["steps"], strict=True):
+        assert a["before"] == pytest.approx(b["before"], abs=1e-6)
+        for m in methods:
+            assert a["after"][m] == pytest.approx(b["after"][m], abs=1e-5)
+            assert a["selected"][m] == [b["selected"][m]]
+    # the trajectory's log holds the reference's steps only
+    logged = (tmp_path / "one" / "selections.jsonl").read_text().splitlines()
+    assert len(logged) == suite.steps
+    with pytest.raises(ValueError, match="horizon must be between 1"):
+        branch.run_rollouts(*tiny, scenario, suite, methods, "random", 0, data,
+                            tmp_path / "bad", horizon=suite.steps + 1)
+
+
 def test_summary_by_hand() -> None:
     def row(step, before, after, selected):
         return {"step": step, "before": before, "after": after, "selected": selected,
@@ -104,6 +136,14 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
     assert set(res["methods"]) == {"ftw", "cosine", "random"}
     assert "| ftw |" in (tmp_path / "branch.md").read_text()
     assert (tmp_path / "branch.png").stat().st_size > 0
+    # segments of H steps: their own files and their own table
+    assert branch.main(args + ["--horizon", "3"]) == 0
+    res = json.loads((path.parent.parent.parent / "ref-random-h3" / "seed_0" /
+                      "branch.json").read_text())
+    assert res["horizon"] == 3 and [r["start"] for r in res["steps"]] == [0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"redundancy (reference random)",
+                            "redundancy (reference random, 3 steps from each state)"}
     with pytest.raises(ValueError, match="engine options"):
         branch.main(args[:-1] + ["ftw@target_refresh=2"])
     with pytest.raises(ValueError, match="unknown scenario"):

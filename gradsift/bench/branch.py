@@ -73,6 +73,7 @@ from gradsift.bench.quality import (
     make_trainer,
     nan_to_none,
     parse_method,
+    stream_ended,
     with_own_data,
 )
 from gradsift.engine import OnlineTrainer
@@ -186,7 +187,7 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
         start = _state(trainer)
         record = trainer.step()
         if record is None:
-            raise RuntimeError(f"{data}: the stream ended at step {step}")
+            raise stream_ended(trainer, data, step)
         ctx, choices = branches.ctx, dict(branches.choices)
         assert ctx is not None
         done = {_key(choices[reference]): trainer.evaluate()}
@@ -284,8 +285,7 @@ def run_rollouts(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             trainer.runlog.enabled = m == reference  # the log holds the trajectory only
             records = [trainer.step() for _ in range(horizon)]
             if any(r is None for r in records):
-                raise RuntimeError(f"{data}: the stream ended within steps {start + 1}-"
-                                   f"{start + horizon}")
+                raise stream_ended(trainer, data, start + records.index(None) + 1)
             after[m] = trainer.evaluate()
             selected[m] = [r["selected_ids"] for r in records]
             weights[m] = [[round(float(w), 6) for w in r["weights"]] for r in records]

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from gradsift.capture import forward_losses
-from gradsift.data import ExampleStream, load_examples
+from gradsift.data import DataError, ExampleStream, load_examples, read_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.jsonio import read_jsonl, write_jsonl
 from gradsift.optim_state import read_optimizer_state
@@ -220,6 +220,30 @@ def _copy_user_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     return folder
 
 
+def stream_ended(trainer: OnlineTrainer, data: Path, step: int) -> RuntimeError:
+    """The error for a stream that ran out before the suite's last step, with its skips."""
+    skipped = trainer.stream.skipped
+    why = f"; records skipped: {skipped}" if skipped else ""
+    return RuntimeError(f"{data}: the stream ended at step {step}{why}")
+
+
+def check_user_data(scenario: Scenario, suite: Suite, data: Path, tokenizer: Any) -> None:
+    """Every record of a user's stream and target must train within the suite's token
+    limit: a skipped target record would shift the held-out set, a skipped stream record the
+    candidate batches, so the run is refused, with the counts, instead."""
+    for name, flag, source in (("target.jsonl", "--target", scenario.target_file),
+                               ("stream.jsonl", "--stream", scenario.stream_file)):
+        hint = (f"at max_length={suite.max_length} tokens (the suite's limit; --max-length "
+                "raises it)")
+        try:
+            _, skipped = read_examples(data / name, tokenizer, suite.max_length)
+        except DataError as err:
+            raise ValueError(f"{flag} {source}: no record is usable {hint}: {err}") from err
+        if skipped:
+            raise ValueError(f"{flag} {source}: {sum(skipped.values())} records would be "
+                             f"skipped {hint}: {skipped}")
+
+
 def _with_near_duplicates(stream: list[dict], target: list[dict], share: float) -> list[dict]:
     """Replace ``share`` of the stream by near-copies of one correct record of the target's
     kind: the same question with a small edit each time (spacing, punctuation, a prefix)."""
@@ -325,6 +349,8 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
+    if scenario.stream_file is not None:
+        check_user_data(scenario, suite, data, tokenizer)
     stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
     target = load_examples(data / "target.jsonl", tokenizer, suite.max_length)
     config = EngineConfig(**{
@@ -356,7 +382,7 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
         before = _snapshot(trainer) if selector.needs_target else None
         record = trainer.step()
         if record is None:
-            raise RuntimeError(f"{data}: the stream ended at step {step}")
+            raise stream_ended(trainer, data, step)
         if before is not None:
             calibration.append(_calibrate(trainer, selector, before))
         chosen = set(record["selected_ids"])
@@ -770,6 +796,8 @@ def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
     own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
     own.add_argument("--budget", type=int, default=2, help="k (default 2)")
+    own.add_argument("--max-length", type=int, help="tokens per record, prompt and answer "
+                     "(default: the suite's, 40 in full; every record must train within it)")
 
 
 def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -778,6 +806,10 @@ def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
     ``--scenarios`` names others."""
     if (args.stream is None) != (args.target is None):
         parser.error("--stream and --target go together")
+    if args.max_length is not None:
+        if args.max_length < 2:
+            parser.error(f"--max-length must be at least 2, got {args.max_length}")
+        suite = replace(suite, max_length=args.max_length)
     if args.stream is None:
         return suite
     custom = custom_scenario(args.stream, args.target, args.name, args.candidates, args.budget)

@@ -63,7 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradsift.bench.quality import (
+from gradsift.bench.quality import nan_to_none, parse_method
+from gradsift.bench.scenarios import (
     MAX_GRAD_NORM,
     SUITES,
     Scenario,
@@ -71,8 +72,6 @@ from gradsift.bench.quality import (
     add_own_data_arguments,
     build_data,
     make_trainer,
-    nan_to_none,
-    parse_method,
     stream_ended,
     with_own_data,
 )

@@ -4,10 +4,11 @@
 LoRA online on real streams built by ``gradsift.sources`` under every method, with the same
 budget ``k`` of ``B`` candidates per step, and compares them in a **paired** design:
 
-* **Scenarios** (``SCENARIOS``): label noise (arithmetic, 25 % wrong answers in the stream;
-  the target is correct answers; exact-match accuracy of greedy answers on 100 held-out
-  questions too), domain shift to code, verse as a second target domain, redundancy (a share
-  of the stream is near-copies of one target-like record), and label noise at ``k/B = 1/8``.
+* **Scenarios** (``gradsift.bench.scenarios``): label noise (arithmetic, 25 % wrong answers
+  in the stream; the target is correct answers; exact-match accuracy of greedy answers on 100
+  held-out questions too), domain shift to code, verse as a second target domain, redundancy
+  (a share of the stream is near-copies of one target-like record), and label noise at
+  ``k/B = 1/8``.
 * **Seeds.** A seed fixes the stream order, the LoRA initialisation, the target draws and the
   selector's generator, identically for every method: the methods of one seed differ only in
   what they select.
@@ -43,28 +44,35 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from gradsift.bench.scenarios import (
+    MAX_GRAD_NORM,
+    SUITES,
+    Scenario,
+    Suite,
+    add_own_data_arguments,
+    build_data,
+    make_trainer,
+    stream_ended,
+    with_own_data,
+)
 from gradsift.capture import forward_losses
-from gradsift.data import DataError, ExampleStream, load_examples, read_examples
-from gradsift.engine import EngineConfig, OnlineTrainer
-from gradsift.jsonio import read_jsonl, write_jsonl
+from gradsift.engine import OnlineTrainer
+from gradsift.jsonio import read_jsonl
 from gradsift.optim_state import read_optimizer_state
 from gradsift.report.paired import describe, paired_comparison
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
@@ -78,199 +86,6 @@ PHASES = (("ftw", "greats", "random"),
 # candidates for FTW's default weighting run on every scenario, like the core methods
 DEFAULT_CANDIDATES = ("ftw-next-step", "ftw-next-step-weights", "ftw-filter-only")
 EXTRA_METHODS = ("ftw-nnls", "ftw-weight-only", "ftw-sgd", "opus", "loss", "gradnorm", "full")
-MAX_GRAD_NORM = 1.0
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One stream/target setting of the suite."""
-
-    name: str
-    description: str
-    target: str
-    sources: tuple[str, ...]
-    noise_rate: float = 0.25
-    duplicate_share: float = 0.0
-    candidates: int = 8
-    budget: int = 2
-    accuracy: bool = False
-    extra_methods: bool = False
-    stream_file: str | None = None  # a user's own stream and target (``custom_scenario``)
-    target_file: str | None = None
-
-
-def custom_scenario(stream: Path, target: Path, name: str | None = None, candidates: int = 8,
-                    budget: int = 2) -> Scenario:
-    """A scenario on a user's own files (gradsift's JSONL records, as ``gradsift run`` reads
-    them): the stream as given, the target's first ``eval_size`` records held out for the
-    evaluation and the rest drawn as target batches."""
-    for path, what in ((stream, "--stream"), (target, "--target")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{what}: {path} is not a file")
-    if not 0 < budget <= candidates:
-        raise ValueError(f"--budget {budget} must be between 1 and --candidates {candidates}")
-    return Scenario(name or f"custom-{target.stem}", f"stream {stream.name}, target "
-                    f"{target.name}", "custom", (), candidates=candidates, budget=budget,
-                    stream_file=str(stream.resolve()), target_file=str(target.resolve()))
-
-
-@dataclass(frozen=True)
-class Suite:
-    """Sizes of one suite run (model, steps, lengths, evaluation)."""
-
-    model: str
-    scenarios: tuple[Scenario, ...]
-    seeds: tuple[int, ...]
-    steps: int
-    max_length: int
-    lr: float
-    eval_size: int
-    eval_every: int
-    target_batch_size: int
-    n_stream: int
-    n_accuracy: int
-    lora_r: int = 8
-    extra_seeds: int = 3  # the ablations and weaker baselines run on this many seeds
-
-
-_MIXED = ("code", "verse", "arithmetic")
-SCENARIOS = (
-    Scenario("label-noise", "arithmetic target; 25% wrong answers among the stream's "
-             "arithmetic", "arithmetic", _MIXED, accuracy=True, extra_methods=True),
-    Scenario("code", "held-out code target; mixed stream", "code", _MIXED),
-    Scenario("verse", "held-out verse target; mixed stream", "verse", _MIXED),
-    Scenario("redundancy", "arithmetic target; 25% of the stream are near-copies of one "
-             "correct arithmetic record", "arithmetic", _MIXED, duplicate_share=0.25,
-             extra_methods=True),
-    Scenario("label-noise-1of8", "label noise at k/B = 2/16", "arithmetic", _MIXED,
-             candidates=16, budget=2, accuracy=True),
-)
-SUITES = {
-    "full": Suite("smollm2-135m", SCENARIOS, (0, 1, 2, 3, 4), steps=12, max_length=40,
-                  lr=2e-3, eval_size=64, eval_every=4, target_batch_size=8, n_stream=1200,
-                  n_accuracy=100),
-    "smoke": Suite("tiny", (
-        Scenario("label-noise", "smoke", "arithmetic", _MIXED, candidates=4, budget=2,
-                 accuracy=True),
-        Scenario("redundancy", "smoke", "arithmetic", _MIXED, duplicate_share=0.5,
-                 candidates=4, budget=2),
-    ), (0, 1), steps=3, max_length=24, lr=1e-2, eval_size=4, eval_every=2,
-        target_batch_size=2, n_stream=40, n_accuracy=4, extra_seeds=2),
-}
-
-
-# ----------------------------------------------------------------------------- data
-def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
-    """``stream.jsonl``, ``target.jsonl`` (eval examples first) and, for arithmetic,
-    ``accuracy.jsonl`` (questions in neither), built once per scenario with seed 0."""
-    from gradsift.sources import build_stream
-    from gradsift.sources.arithmetic import arithmetic_records
-
-    if scenario.stream_file is not None:
-        return _copy_user_data(scenario, suite, folder)
-    if (folder / "done").exists():
-        return folder
-    n_target = suite.eval_size + 4 * suite.target_batch_size
-    build_stream(scenario.target, folder, seed=0, n_stream=suite.n_stream, n_target=n_target,
-                 sources=list(scenario.sources), noise_rate=scenario.noise_rate)
-    stream = read_jsonl(folder / "stream.jsonl")
-    target = read_jsonl(folder / "target.jsonl")
-    if scenario.duplicate_share > 0:
-        stream = _with_near_duplicates(stream, target, scenario.duplicate_share)
-        write_jsonl(folder / "stream.jsonl", stream)
-    if scenario.accuracy:
-        seen = frozenset(r["prompt"] for r in stream + target if "prompt" in r)
-        questions = arithmetic_records(random.Random(12345), suite.n_accuracy, noise_rate=0.0,
-                                       exclude=seen)
-        write_jsonl(folder / "accuracy.jsonl", questions)
-    (folder / "done").write_text("ok")
-    return folder
-
-
-def _copy_user_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
-    """A custom scenario's files, checked and copied (the runs never read the user's path);
-    a folder built from other files is refused, not reused."""
-    import hashlib
-
-    digest = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
-              for name, path in (("stream", scenario.stream_file),
-                                 ("target", scenario.target_file))}
-    if (folder / "done").exists():
-        built = json.loads((folder / "source.json").read_text())
-        if built != digest:
-            raise ValueError(f"{folder} was built from other files than {scenario.stream_file} "
-                             f"and {scenario.target_file}: choose another --name or --out")
-        return folder
-    stream = read_jsonl(Path(scenario.stream_file))
-    target = read_jsonl(Path(scenario.target_file))
-    need = suite.eval_size + suite.target_batch_size
-    if len(target) < need:
-        raise ValueError(f"{scenario.target_file}: {len(target)} records; the suite needs at "
-                         f"least {need} ({suite.eval_size} held out for the evaluation and a "
-                         f"target batch of {suite.target_batch_size})")
-    need = suite.steps * scenario.candidates
-    if len(stream) < need:
-        raise ValueError(f"{scenario.stream_file}: {len(stream)} records; {suite.steps} steps "
-                         f"of {scenario.candidates} candidates need {need}")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "stream.jsonl", stream)
-    write_jsonl(folder / "target.jsonl", target)
-    (folder / "source.json").write_text(json.dumps(digest))
-    (folder / "done").write_text("ok")
-    return folder
-
-
-def stream_ended(trainer: OnlineTrainer, data: Path, step: int) -> RuntimeError:
-    """The error for a stream that ran out before the suite's last step, with its skips."""
-    skipped = trainer.stream.skipped
-    why = f"; records skipped: {skipped}" if skipped else ""
-    return RuntimeError(f"{data}: the stream ended at step {step}{why}")
-
-
-def check_user_data(scenario: Scenario, suite: Suite, data: Path, tokenizer: Any) -> None:
-    """Every record of a user's stream and target must train within the suite's token
-    limit: a skipped target record would shift the held-out set, a skipped stream record the
-    candidate batches, so the run is refused, with the counts, instead."""
-    for name, flag, source in (("target.jsonl", "--target", scenario.target_file),
-                               ("stream.jsonl", "--stream", scenario.stream_file)):
-        hint = (f"at max_length={suite.max_length} tokens (the suite's limit; --max-length "
-                "raises it)")
-        try:
-            _, skipped = read_examples(data / name, tokenizer, suite.max_length)
-        except DataError as err:
-            raise ValueError(f"{flag} {source}: no record is usable {hint}: {err}") from err
-        if skipped:
-            raise ValueError(f"{flag} {source}: {sum(skipped.values())} records would be "
-                             f"skipped {hint}: {skipped}")
-
-
-def _with_near_duplicates(stream: list[dict], target: list[dict], share: float) -> list[dict]:
-    """Replace ``share`` of the stream by near-copies of one correct record of the target's
-    kind: the same question with a small edit each time (spacing, punctuation, a prefix)."""
-    rng = random.Random(7)
-    template = next(r for r in stream if r.get("source") == target[0].get("source")
-                    and not r.get("wrong_answer"))
-    edits = ["", " ", "  ", "Q. ", "Quick one. ", "Please answer. ", "Again: ", "Hmm. "]
-    out = list(stream)
-    slots = rng.sample(range(len(out)), int(share * len(out)))
-    for n, i in enumerate(slots):
-        prompt = template["prompt"]
-        edit = edits[n % len(edits)]
-        prompt = edit + prompt if n % 2 == 0 else prompt.replace("?", " ?" if n % 4 else "?")
-        out[i] = {**template, "id": f"dup/{n}", "source": "duplicate", "prompt": prompt}
-    return out
-
-
-def seeded_stream(data: Path, seed: int) -> Path:
-    """The scenario's stream in the order of ``seed`` (the same file for every method)."""
-    path = data / f"stream_seed{seed}.jsonl"
-    if not path.exists():
-        rows = read_jsonl(data / "stream.jsonl")
-        random.Random(seed).shuffle(rows)
-        write_jsonl(path, rows)
-    return path
-
-
 # ---------------------------------------------------------------------- the probe
 class _Probe(Selector):
     """Wraps a selector; records ``bᵀw`` and ``wᵀKw`` of its choice in Adam's geometry."""
@@ -330,39 +145,6 @@ def eval_steps(suite: Suite) -> list[int]:
     """Step 0, every ``eval_every`` steps, and every step of the last 20 %."""
     tail = set(range(int(math.floor(0.8 * suite.steps)) + 1, suite.steps + 1))
     return sorted({0, *range(suite.eval_every, suite.steps + 1, suite.eval_every), *tail})
-
-
-def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
-                 selector: Selector, seed: int, data: Path, run_dir: Path,
-                 engine_options: dict[str, Any] | None = None) -> OnlineTrainer:
-    """A LoRA copy of ``base`` (initialised by ``seed``), AdamW, the seed's stream and the
-    scenario's target, in an online trainer that logs to ``run_dir``."""
-    from peft import LoraConfig, get_peft_model
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=suite.lora_r, lora_alpha=2 * suite.lora_r, lora_dropout=0.0,
-            task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
-    if scenario.stream_file is not None:
-        check_user_data(scenario, suite, data, tokenizer)
-    stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
-    target = load_examples(data / "target.jsonl", tokenizer, suite.max_length)
-    config = EngineConfig(**{
-        "candidates_per_step": scenario.candidates, "budget_per_step": scenario.budget,
-        "target_batch_size": suite.target_batch_size, "eval_size": suite.eval_size,
-        "eval_every": 0, "checkpoint_every": 0, "max_grad_norm": MAX_GRAD_NORM,
-        **(engine_options or {})})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("selections.jsonl", "metrics.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
-    return OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
-                         pad_token_id=tokenizer.pad_token_id, seed=seed)
 
 
 def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
@@ -784,38 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(markdown(summary))
     return 0
-
-
-def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--stream``/``--target`` (and ``--name``, ``--candidates``, ``--budget``): a user's own
-    data as one more scenario (``custom_scenario``); this suite and ``bench.branch``."""
-    own = parser.add_argument_group("your own data, as one more scenario")
-    own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
-    own.add_argument("--target", type=Path, help="a JSONL target set: its first eval_size "
-                     "records are held out for the evaluation, the rest are target batches")
-    own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
-    own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
-    own.add_argument("--budget", type=int, default=2, help="k (default 2)")
-    own.add_argument("--max-length", type=int, help="tokens per record, prompt and answer "
-                     "(default: the suite's, 40 in full; every record must train within it)")
-
-
-def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                  suite: Suite) -> Suite:
-    """``suite`` with the user's scenario added, which becomes the only one run unless
-    ``--scenarios`` names others."""
-    if (args.stream is None) != (args.target is None):
-        parser.error("--stream and --target go together")
-    if args.max_length is not None:
-        if args.max_length < 2:
-            parser.error(f"--max-length must be at least 2, got {args.max_length}")
-        suite = replace(suite, max_length=args.max_length)
-    if args.stream is None:
-        return suite
-    custom = custom_scenario(args.stream, args.target, args.name, args.candidates, args.budget)
-    if args.scenarios is None:
-        args.scenarios = custom.name
-    return replace(suite, scenarios=(*suite.scenarios, custom))
 
 
 def nan_to_none(x: Any) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradsift.bench import branch, quality
+from gradsift.bench import branch, quality, scenarios
 from gradsift.models import load_model_and_tokenizer
 from gradsift.select import get_selector
 
@@ -24,7 +24,7 @@ def tiny():
 def _standalone(tiny, scenario, suite, method, data, folder, steps):
     """A normal online run of ``method``: its held-out loss after each of ``steps`` steps."""
     name, _, options = quality.parse_method(method)
-    trainer = quality.make_trainer(*tiny, scenario, suite,
+    trainer = scenarios.make_trainer(*tiny, scenario, suite,
                                    get_selector(name, **options), 0, data, folder)
     return [trainer.evaluate()] + [
         (trainer.step(), trainer.evaluate())[1] for _ in range(steps)]
@@ -32,11 +32,11 @@ def _standalone(tiny, scenario, suite, method, data, folder, steps):
 
 def test_branches_equal_the_engines_own_steps(tiny, tmp_path, monkeypatch) -> None:
     # clip hard, so the branches must clip like the engine does to agree with it
-    monkeypatch.setattr(quality, "MAX_GRAD_NORM", 1e-3)
+    monkeypatch.setattr(scenarios, "MAX_GRAD_NORM", 1e-3)
     monkeypatch.setattr(branch, "MAX_GRAD_NORM", 1e-3)
-    suite = quality.SUITES["smoke"]
+    suite = scenarios.SUITES["smoke"]
     scenario = suite.scenarios[0]
-    data = quality.build_data(scenario, suite, tmp_path / "data")
+    data = scenarios.build_data(scenario, suite, tmp_path / "data")
     methods = ["greats", "ftw", "random", "cosine"]
     res = branch.run_branches(*tiny, scenario, suite, methods, "random", 0, data,
                               tmp_path / "branches", verify=True)
@@ -60,9 +60,9 @@ def test_branches_equal_the_engines_own_steps(tiny, tmp_path, monkeypatch) -> No
 
 
 def test_rollouts_equal_the_engines_own_runs_and_one_step_branches(tiny, tmp_path) -> None:
-    suite = quality.SUITES["smoke"]
+    suite = scenarios.SUITES["smoke"]
     scenario = suite.scenarios[0]
-    data = quality.build_data(scenario, suite, tmp_path / "data")
+    data = scenarios.build_data(scenario, suite, tmp_path / "data")
     methods = ["greats", "ftw", "random"]
     # the whole run as one segment: every method's rollout is its own run from the seed
     whole = branch.run_rollouts(*tiny, scenario, suite, methods, "random", 0, data,
@@ -168,8 +168,8 @@ def test_your_own_stream_and_target_run_as_a_scenario(tiny, tmp_path) -> None:
     assert [json.loads(x)["id"] for x in (data / "target.jsonl").read_text().splitlines()] == \
         [r["id"] for r in target]
     res = json.loads((out / "mine" / "ref-random" / "seed_0" / "branch.json").read_text())
-    suite = quality.SUITES["smoke"]
-    scenario = quality.custom_scenario(tmp_path / "stream.jsonl", tmp_path / "target.jsonl",
+    suite = scenarios.SUITES["smoke"]
+    scenario = scenarios.custom_scenario(tmp_path / "stream.jsonl", tmp_path / "target.jsonl",
                                        "mine", candidates=4)
     own = _standalone(tiny, scenario, suite, "random", data, tmp_path / "own", 0)
     assert res["steps"][0]["before"] == pytest.approx(own[0], abs=1e-6)

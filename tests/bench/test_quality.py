@@ -7,9 +7,8 @@ import math
 
 import pytest
 
-from gradsift.bench import quality
+from gradsift.bench import quality, scenarios
 from gradsift.bench.quality import RunResult
-from gradsift.models import load_model_and_tokenizer
 
 
 def _result(method: str, seed: int, losses: list[float]) -> RunResult:
@@ -17,7 +16,7 @@ def _result(method: str, seed: int, losses: list[float]) -> RunResult:
 
 
 def test_eval_steps_cover_the_last_fifth_at_every_step() -> None:
-    suite = quality.SUITES["full"]
+    suite = scenarios.SUITES["full"]
     steps = quality.eval_steps(suite)
     assert steps[0] == 0 and steps[-1] == suite.steps
     tail = [s for s in range(1, suite.steps + 1) if s > 0.8 * suite.steps]
@@ -25,7 +24,7 @@ def test_eval_steps_cover_the_last_fifth_at_every_step() -> None:
 
 
 def test_metrics_match_hand_computation() -> None:
-    suite = quality.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
+    suite = scenarios.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
                           eval_every=4, target_batch_size=1, n_stream=1, n_accuracy=1)
     r = _result("ftw", 0, [3.0, 2.0, 1.5, 1.2, 1.0])
     # last 20 % of 10 steps: steps 9 and 10
@@ -34,16 +33,6 @@ def test_metrics_match_hand_computation() -> None:
     assert quality.auc(r) == pytest.approx((10 + 7 + 1.35 + 1.1) / 10)
     assert quality.steps_to_reach(r, 1.5) == 8
     assert math.isinf(quality.steps_to_reach(r, 0.5))
-
-
-def test_near_duplicates_replace_the_requested_share() -> None:
-    stream = [{"id": f"a{i}", "source": "arithmetic", "prompt": f"Question: What is {i}?",
-               "response": " 1", "wrong_answer": i % 3 == 0} for i in range(40)]
-    out = quality._with_near_duplicates(stream, [{"source": "arithmetic"}], 0.25)
-    dups = [r for r in out if r["source"] == "duplicate"]
-    assert len(out) == 40 and len(dups) == 10
-    assert len({r["response"] for r in dups}) == 1 and not any(r["wrong_answer"] for r in dups)
-    assert len({r["id"] for r in out}) == 40
 
 
 def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
@@ -87,7 +76,7 @@ def test_a_method_variant_names_engine_and_selector_options() -> None:
         quality.parse_method("ftw@target_ema")
     with pytest.raises(ValueError, match="target_ema"):
         quality.parse_method("ftw@target_ema=2")
-    suite = quality.SUITES["smoke"]
+    suite = scenarios.SUITES["smoke"]
     assert "ftw@target_ema=0.8" in quality.methods_for(suite.scenarios[0],
                                                        ["ftw", "ftw@target_ema=0.8"])
 
@@ -128,33 +117,3 @@ def test_your_own_stream_and_target_run_as_a_scenario(tmp_path) -> None:
         quality.main(args[:-6] + ["--target", str(tmp_path / "bad.jsonl"), "--name", "y"])
     with pytest.raises(SystemExit):
         quality.main(["--suite", "smoke", "--stream", str(tmp_path / "stream.jsonl")])
-
-
-def test_your_own_records_must_train_within_the_token_limit(tmp_path) -> None:
-    """A chat record whose answer lies past max_length would be skipped, shifting the batches:
-    refused with the count and the flag; --max-length makes room."""
-    stream = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"What is {i}+1?"},
-                                           {"role": "assistant", "content": f"{i + 1}"}]}
-              for i in range(16)]
-    plain = [{"id": f"p{i}", "text": "the cat sat on the mat"} for i in range(16)]
-    target = [{"id": f"t{i}", "text": "the dog sat on the log"} for i in range(8)]
-    _write(tmp_path / "stream.jsonl", stream + plain)
-    _write(tmp_path / "target.jsonl", target)
-    args = ["--suite", "smoke", "--out", str(tmp_path / "out"), "--quiet", "--methods",
-            "random", "--seeds", "0", "--stream", str(tmp_path / "stream.jsonl"), "--target",
-            str(tmp_path / "target.jsonl"), "--candidates", "4"]
-    tokenizer = load_model_and_tokenizer("tiny")[1]
-    tokens = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
-                               add_special_tokens=False)["input_ids"]) for r in stream)
-    assert tokens > quality.SUITES["smoke"].max_length  # the template's system turn fills it
-    with pytest.raises(ValueError, match=r"--stream .*stream.jsonl: 16 records would be "
-                                         r"skipped at max_length=24 .*--max-length"):
-        quality.main(args)
-    _write(tmp_path / "chat.jsonl", stream)
-    with pytest.raises(ValueError, match=r"--stream .*chat.jsonl: no record is usable at "
-                                         r"max_length=24 .*--max-length"):
-        quality.main(args[:-5] + [str(tmp_path / "chat.jsonl")] + args[-4:] + ["--name", "c"])
-    assert quality.main(args + ["--max-length", str(tokens + 8)]) == 0
-    result = json.loads((tmp_path / "out" / "custom-target" / "random" / "seed_0" /
-                         "result.json").read_text())
-    assert result["trained_samples"] == 3 * 2

@@ -1,0 +1,54 @@
+"""The benches' shared settings: scenario data, and a user's own files checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradsift.bench import quality, scenarios
+from gradsift.models import load_model_and_tokenizer
+
+
+def _write(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_near_duplicates_replace_the_requested_share() -> None:
+    stream = [{"id": f"a{i}", "source": "arithmetic", "prompt": f"Question: What is {i}?",
+               "response": " 1", "wrong_answer": i % 3 == 0} for i in range(40)]
+    out = scenarios._with_near_duplicates(stream, [{"source": "arithmetic"}], 0.25)
+    dups = [r for r in out if r["source"] == "duplicate"]
+    assert len(out) == 40 and len(dups) == 10
+    assert len({r["response"] for r in dups}) == 1 and not any(r["wrong_answer"] for r in dups)
+    assert len({r["id"] for r in out}) == 40
+
+
+def test_your_own_records_must_train_within_the_token_limit(tmp_path) -> None:
+    """A chat record whose answer lies past max_length would be skipped, shifting the batches:
+    refused with the count and the flag; --max-length makes room."""
+    stream = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"What is {i}+1?"},
+                                           {"role": "assistant", "content": f"{i + 1}"}]}
+              for i in range(16)]
+    plain = [{"id": f"p{i}", "text": "the cat sat on the mat"} for i in range(16)]
+    target = [{"id": f"t{i}", "text": "the dog sat on the log"} for i in range(8)]
+    _write(tmp_path / "stream.jsonl", stream + plain)
+    _write(tmp_path / "target.jsonl", target)
+    args = ["--suite", "smoke", "--out", str(tmp_path / "out"), "--quiet", "--methods",
+            "random", "--seeds", "0", "--stream", str(tmp_path / "stream.jsonl"), "--target",
+            str(tmp_path / "target.jsonl"), "--candidates", "4"]
+    tokenizer = load_model_and_tokenizer("tiny")[1]
+    tokens = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
+                               add_special_tokens=False)["input_ids"]) for r in stream)
+    assert tokens > scenarios.SUITES["smoke"].max_length  # the template's system turn fills it
+    with pytest.raises(ValueError, match=r"--stream .*stream.jsonl: 16 records would be "
+                                         r"skipped at max_length=24 .*--max-length"):
+        quality.main(args)
+    _write(tmp_path / "chat.jsonl", stream)
+    with pytest.raises(ValueError, match=r"--stream .*chat.jsonl: no record is usable at "
+                                         r"max_length=24 .*--max-length"):
+        quality.main(args[:-5] + [str(tmp_path / "chat.jsonl")] + args[-4:] + ["--name", "c"])
+    assert quality.main(args + ["--max-length", str(tokens + 8)]) == 0
+    result = json.loads((tmp_path / "out" / "custom-target" / "random" / "seed_0" /
+                         "result.json").read_text())
+    assert result["trained_samples"] == 3 * 2

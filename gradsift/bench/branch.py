@@ -395,7 +395,8 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
     lines = []
     for title, table in summary.items():
         lines += [f"\n**{title}**\n",
-                  f"| method | states | mean one-step gain | × random's | same rows as {versus} | "
+                  "| method | states | mean gain (loss before − after) | × random's | "
+                  f"same rows as {versus} | "
                   f"{versus} − method (loss after), 95 % CI over seeds | {versus} lower / "
                   "higher (states) | sign test p | seeds for 80 % power |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -253,6 +253,12 @@ def _rewind(trainer: OnlineTrainer, snap: dict[str, Any], selector: Selector) ->
     trainer.state = copy.deepcopy(snap["counters"])
 
 
+def _check_horizon(horizon: int, suite: Suite) -> None:
+    if not 1 <= horizon <= suite.steps:
+        raise ValueError(f"horizon must be between 1 and the suite's {suite.steps} steps, "
+                         f"got {horizon}")
+
+
 def run_rollouts(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
                  methods: Sequence[str], reference: str, seed: int, data: Path,
                  run_dir: Path, horizon: int) -> dict[str, Any]:
@@ -263,9 +269,7 @@ def run_rollouts(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
     starts where it ended. ``horizon=1`` is ``run_branches`` at full cost (a capture per
     method and step instead of one shared one); the whole run as one segment is the quality
     suite's run of every method from the same seed."""
-    if not 1 <= horizon <= suite.steps:
-        raise ValueError(f"horizon must be between 1 and the suite's {suite.steps} steps, "
-                         f"got {horizon}")
+    _check_horizon(horizon, suite)
     selectors = make_selectors(methods, reference)
     samples = any(s.needs_target_samples for s in selectors.values())
     selectors = {m: s if s.needs_target and s.needs_target_samples == samples
@@ -307,9 +311,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     """Every (scenario, seed) not finished with all ``methods`` (every n-th from the i-th
     with ``shard=(i, n)``), then every finished result under ``out``. ``horizon > 1``:
     ``run_rollouts`` instead of ``run_branches``."""
-    if not 1 <= horizon <= suite.steps:
-        raise ValueError(f"--horizon must be between 1 and the suite's {suite.steps} steps, "
-                         f"got {horizon}")
+    _check_horizon(horizon, suite)  # before the model loads
     from gradsift.models import load_model_and_tokenizer
 
     make_selectors(methods, reference)  # a bad name or option fails before any run

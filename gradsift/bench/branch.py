@@ -39,10 +39,10 @@ Usage::
         [--scenarios label-noise,code] [--methods ftw,greats,cosine,random]
         [--reference random] [--horizon 1] [--shard I/N] [--threads 1] [--report-only]
         [--stream my_stream.jsonl --target my_target.jsonl [--name mine]
-         [--candidates 8 --budget 2]]
+         [--candidates 8 --budget 2] [--eval-size 64]]
 
 ``--stream``/``--target`` add a user's own data as one more scenario (as in
-``gradsift.bench.quality``: the target's first ``eval_size`` records are the held-out set).
+``gradsift.bench.quality``: the target's first ``--eval-size`` records are the held-out set).
 """
 
 from __future__ import annotations

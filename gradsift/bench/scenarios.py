@@ -47,21 +47,25 @@ class Scenario:
     extra_methods: bool = False
     stream_file: str | None = None  # a user's own stream and target (``custom_scenario``)
     target_file: str | None = None
+    eval_size: int | None = None  # a user's held-out set (default: the suite's eval_size)
 
 
 def custom_scenario(stream: Path, target: Path, name: str | None = None, candidates: int = 8,
-                    budget: int = 2) -> Scenario:
+                    budget: int = 2, eval_size: int | None = None) -> Scenario:
     """A scenario on a user's own files (gradsift's JSONL records, as ``gradsift run`` reads
-    them): the stream as given, the target's first ``eval_size`` records held out for the
-    evaluation and the rest drawn as target batches."""
+    them): the stream as given, the target's first ``eval_size`` records (default: the
+    suite's) held out for the evaluation and the rest drawn as target batches."""
     for path, what in ((stream, "--stream"), (target, "--target")):
         if not path.is_file():
             raise FileNotFoundError(f"{what}: {path} is not a file")
     if not 0 < budget <= candidates:
         raise ValueError(f"--budget {budget} must be between 1 and --candidates {candidates}")
+    if eval_size is not None and eval_size < 1:
+        raise ValueError(f"--eval-size must be at least 1, got {eval_size}")
     return Scenario(name or f"custom-{target.stem}", f"stream {stream.name}, target "
                     f"{target.name}", "custom", (), candidates=candidates, budget=budget,
-                    stream_file=str(stream.resolve()), target_file=str(target.resolve()))
+                    stream_file=str(stream.resolve()), target_file=str(target.resolve()),
+                    eval_size=eval_size)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ SUITES = {
 }
 
 
+def held_out_size(scenario: Scenario, suite: Suite) -> int:
+    """How many of the target's first records are the held-out evaluation set."""
+    return scenario.eval_size if scenario.eval_size is not None else suite.eval_size
+
+
 def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     """``stream.jsonl``, ``target.jsonl`` (eval examples first) and, for arithmetic,
     ``accuracy.jsonl`` (questions in neither), built once per scenario with seed 0."""
@@ -141,22 +150,27 @@ def _copy_user_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     a folder built from other files is refused, not reused."""
     import hashlib
 
-    digest = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
-              for name, path in (("stream", scenario.stream_file),
-                                 ("target", scenario.target_file))}
+    held_out = held_out_size(scenario, suite)
+    digest: dict[str, Any] = {
+        name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        for name, path in (("stream", scenario.stream_file), ("target", scenario.target_file))}
+    digest["eval_size"] = held_out
     if (folder / "done").exists():
         built = json.loads((folder / "source.json").read_text())
+        built.setdefault("eval_size", suite.eval_size)  # folders of before --eval-size
         if built != digest:
             raise ValueError(f"{folder} was built from other files than {scenario.stream_file} "
-                             f"and {scenario.target_file}: choose another --name or --out")
+                             f"and {scenario.target_file}, or for another --eval-size "
+                             f"({built['eval_size']}, now {held_out}): choose another --name "
+                             "or --out")
         return folder
     stream = read_jsonl(Path(scenario.stream_file))
     target = read_jsonl(Path(scenario.target_file))
-    need = suite.eval_size + suite.target_batch_size
+    need = held_out + suite.target_batch_size
     if len(target) < need:
         raise ValueError(f"{scenario.target_file}: {len(target)} records; the suite needs at "
-                         f"least {need} ({suite.eval_size} held out for the evaluation and a "
-                         f"target batch of {suite.target_batch_size})")
+                         f"least {need} ({held_out} held out for the evaluation and a target "
+                         f"batch of {suite.target_batch_size}; --eval-size sets the first)")
     need = suite.steps * scenario.candidates
     if len(stream) < need:
         raise ValueError(f"{scenario.stream_file}: {len(stream)} records; {suite.steps} steps "
@@ -243,7 +257,7 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
     target = load_examples(data / "target.jsonl", tokenizer, suite.max_length)
     config = EngineConfig(**{
         "candidates_per_step": scenario.candidates, "budget_per_step": scenario.budget,
-        "target_batch_size": suite.target_batch_size, "eval_size": suite.eval_size,
+        "target_batch_size": suite.target_batch_size, "eval_size": held_out_size(scenario, suite),
         "eval_every": 0, "checkpoint_every": 0, "max_grad_norm": MAX_GRAD_NORM,
         **(engine_options or {})})
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,8 +272,10 @@ def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
     data as one more scenario (``custom_scenario``); this suite and ``bench.branch``."""
     own = parser.add_argument_group("your own data, as one more scenario")
     own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
-    own.add_argument("--target", type=Path, help="a JSONL target set: its first eval_size "
+    own.add_argument("--target", type=Path, help="a JSONL target set: its first --eval-size "
                      "records are held out for the evaluation, the rest are target batches")
+    own.add_argument("--eval-size", type=int, help="the held-out set's size (default: the "
+                     "suite's, 64 in full): a small target set can spare fewer")
     own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
     own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
     own.add_argument("--budget", type=int, default=2, help="k (default 2)")
@@ -278,8 +294,12 @@ def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(f"--max-length must be at least 2, got {args.max_length}")
         suite = replace(suite, max_length=args.max_length)
     if args.stream is None:
+        if args.eval_size is not None:
+            parser.error("--eval-size sizes the held-out part of --target: give --stream and "
+                         "--target with it")
         return suite
-    custom = custom_scenario(args.stream, args.target, args.name, args.candidates, args.budget)
+    custom = custom_scenario(args.stream, args.target, args.name, args.candidates, args.budget,
+                             args.eval_size)
     if args.scenarios is None:
         args.scenarios = custom.name
     return replace(suite, scenarios=(*suite.scenarios, custom))

@@ -52,3 +52,39 @@ def test_your_own_records_must_train_within_the_token_limit(tmp_path) -> None:
     result = json.loads((tmp_path / "out" / "custom-target" / "random" / "seed_0" /
                          "result.json").read_text())
     assert result["trained_samples"] == 3 * 2
+
+
+def test_a_small_target_set_holds_out_eval_size_records(tmp_path) -> None:
+    """--eval-size N: the held-out loss at step 0 is the base model's mean loss on the target's
+    first N records (LoRA starts at zero), computed here by a plain forward per record."""
+    import torch
+
+    words = ["cat", "dog", "owl", "fox", "elk", "ram", "hen", "bee", "ant", "yak"]
+    target = [{"id": f"t{i}", "text": f"the {w} sat on the {w} mat"} for i, w in
+              enumerate(words)]
+    stream = [{"id": f"s{i}", "text": f"record {i} of the stream"} for i in range(16)]
+    _write(tmp_path / "stream.jsonl", stream)
+    _write(tmp_path / "target.jsonl", target[:5])
+    args = ["--suite", "smoke", "--out", str(tmp_path / "out"), "--quiet", "--methods",
+            "random", "--seeds", "0", "--stream", str(tmp_path / "stream.jsonl"), "--target",
+            str(tmp_path / "target.jsonl"), "--candidates", "4"]
+    with pytest.raises(ValueError, match=r"target.jsonl: 5 records; .* least 6 \(4 held out.*"
+                                         r"--eval-size"):
+        quality.main(args)  # the smoke suite holds out 4 and draws batches of 2
+    _write(tmp_path / "target.jsonl", target)
+    assert quality.main(args + ["--eval-size", "6", "--name", "small"]) == 0
+    result = json.loads((tmp_path / "out" / "small" / "random" / "seed_0" /
+                         "result.json").read_text())
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    model.eval()
+    max_length = scenarios.SUITES["smoke"].max_length
+    with torch.no_grad():
+        losses = []
+        for record in target[:6]:
+            ids = torch.tensor([tokenizer(record["text"])["input_ids"][:max_length]])
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    assert result["losses"][0] == pytest.approx(sum(losses) / 6, rel=1e-4)
+    with pytest.raises(ValueError, match="another --eval-size \\(6, now 7\\)"):
+        quality.main(args + ["--eval-size", "7", "--name", "small"])
+    with pytest.raises(SystemExit):
+        quality.main(["--suite", "smoke", "--eval-size", "6"])

@@ -41,3 +41,12 @@ for half in "a 0,1,2,3,4" "b 5,6,7,8,9"; do
       --methods ftw,greats,cosine,random --seeds $2 --out $OUT/demo10/$1 &
 done
 wait
+
+# amendment 2: four steps from each state on the new targets (exploratory)
+for t in definition aphorism; do
+  $PY -m gradsift.bench.branch --suite full --out $OUT/branch-unseen-h4 \
+      --stream $OUT/unseen/$t/stream.jsonl --target $OUT/unseen/$t/target.jsonl \
+      --name unseen-$t --methods ftw,greats,cosine,random --horizon 4 --seeds 0,1,2,3 \
+      --threads 1 --quiet &
+done
+wait

@@ -414,13 +414,15 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path, versus: str = "ftw") -> Path:
-    """One panel per scenario: each method's mean ``L(versus) − L(m)`` after one step with its
-    95 % interval over seeds (left of zero: ``versus`` moved the held-out loss further)."""
+def plot(summary: dict[str, Any], path: Path, versus: str = "ftw", horizon: int = 1) -> Path:
+    """One panel per scenario: each method's mean ``L(versus) − L(m)`` after ``horizon`` steps
+    (0: several, each panel's title says how many) with its 95 % interval over seeds (left of
+    zero: ``versus`` moved the held-out loss further)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     titles = list(summary)
     fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.6), squeeze=False)
@@ -438,7 +440,10 @@ def plot(summary: dict[str, Any], path: Path, versus: str = "ftw") -> Path:
         ax.axvline(0.0, color="k", lw=0.8)
         ax.set_yticks(y, [m for m, _ in rows], fontsize=7)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(f"L({versus}) − L(method) after one step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.tick_params(axis="x", labelsize=7)
+        after = {0: "the steps in the title", 1: "one step"}.get(horizon, f"{horizon} steps")
+        ax.set_xlabel(f"L({versus}) − L(method) after {after}", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -493,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
     (out / "branch.md").write_text(markdown(summary, args.versus))
-    plot(summary, out / "branch.png", args.versus)
+    horizons = {r.get("horizon", 1) for r in results}  # a folder may hold several
+    plot(summary, out / "branch.png", args.versus, horizons.pop() if len(horizons) == 1 else 0)
     if not args.quiet:
         print(markdown(summary, args.versus))
     return 0

@@ -54,7 +54,7 @@ def test_your_own_records_must_train_within_the_token_limit(tmp_path) -> None:
     assert result["trained_samples"] == 3 * 2
 
 
-def test_a_small_target_set_holds_out_eval_size_records(tmp_path) -> None:
+def test_a_small_target_set_holds_out_eval_size_records(tmp_path, capsys) -> None:
     """--eval-size N: the held-out loss at step 0 is the base model's mean loss on the target's
     first N records (LoRA starts at zero), computed here by a plain forward per record."""
     import torch
@@ -88,3 +88,4 @@ def test_a_small_target_set_holds_out_eval_size_records(tmp_path) -> None:
         quality.main(args + ["--eval-size", "7", "--name", "small"])
     with pytest.raises(SystemExit):
         quality.main(["--suite", "smoke", "--eval-size", "6"])
+    assert "--eval-size sizes the held-out part of --target" in capsys.readouterr().err

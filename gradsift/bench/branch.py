@@ -439,7 +439,7 @@ def plot(summary: dict[str, Any], path: Path, versus: str = "ftw", horizon: int 
         ax.plot(mean[~ok], y[~ok], "o", ms=4)
         ax.axvline(0.0, color="k", lw=0.8)
         ax.set_yticks(y, [m for m, _ in rows], fontsize=7)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title.replace(" (", "\n(", 1), fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.tick_params(axis="x", labelsize=7)
         after = {0: "the steps in the title", 1: "one step"}.get(horizon, f"{horizon} steps")

@@ -50,3 +50,11 @@ for t in definition aphorism; do
       --threads 1 --quiet &
 done
 wait
+
+# amendment 3: a one-step screen of two options (exploratory)
+for sc in label-noise code; do
+  $PY -m gradsift.bench.branch --suite full --out $OUT/branch-screen --scenarios $sc \
+      --methods ftw,ftw@momentum_correction=true,ftw-next-step-weights,cosine,random \
+      --seeds 0,1,2 --threads 1 --quiet &
+done
+wait

@@ -414,10 +414,11 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path, versus: str = "ftw", horizon: int = 1) -> Path:
+def plot(summary: dict[str, Any], path: Path, versus: str = "ftw", horizon: int | None = 1
+         ) -> Path:
     """One panel per scenario: each method's mean ``L(versus) − L(m)`` after ``horizon`` steps
-    (0: several, each panel's title says how many) with its 95 % interval over seeds (left of
-    zero: ``versus`` moved the held-out loss further)."""
+    (None: several, each panel's title says how many) with its 95 % interval over seeds (left
+    of zero: ``versus`` moved the held-out loss further)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,7 +443,7 @@ def plot(summary: dict[str, Any], path: Path, versus: str = "ftw", horizon: int 
         ax.set_title(title.replace(" (", "\n(", 1), fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.tick_params(axis="x", labelsize=7)
-        after = {0: "the steps in the title", 1: "one step"}.get(horizon, f"{horizon} steps")
+        after = {None: "the steps in the title", 1: "one step"}.get(horizon, f"{horizon} steps")
         ax.set_xlabel(f"L({versus}) − L(method) after {after}", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -499,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
     (out / "branch.md").write_text(markdown(summary, args.versus))
     horizons = {r.get("horizon", 1) for r in results}  # a folder may hold several
-    plot(summary, out / "branch.png", args.versus, horizons.pop() if len(horizons) == 1 else 0)
+    plot(summary, out / "branch.png", args.versus,
+         horizons.pop() if len(horizons) == 1 else None)
     if not args.quiet:
         print(markdown(summary, args.versus))
     return 0

@@ -36,6 +36,18 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    ``d̄`` its mean and ``se`` its standard error, ``w = w_unif + s (w_nnls − w_unif)``,
    ``s = d̄² / (d̄² + se²)`` (0 when ``d̄ ≤ 0``): the signal-to-noise shrinkage of a mean.
 
+Options the suite measured (none is a default; BENCHMARKS.md):
+
+* ``temperature τ > 0`` (stochastic subsets): each greedy addition is drawn instead of taken,
+  ``p_j ∝ exp((gain_j / max gain − 1)/τ)`` over the candidates with a positive gain; no 1-swap
+  polish and no top-``k`` comparison, which would undo the draw.
+* ``norm_clip c > 0`` (outlier gradients): every gradient is clipped to ``c`` times the median
+  norm of the finite candidates in the metric, ``f_i = min(1, c·median_j √K_jj / √K_ii)``;
+  the selection runs on ``f_i b_i`` and ``f_i f_j K_ij`` and the training weights are
+  ``w_i f_i`` renormalized, so the update is the clipped gradients' weighted mean.
+* ``weight_align`` (cross-fitting): the weight stage fits on another estimate of ``b`` (and
+  ``target_align`` on other target examples) than the one that chose the subset.
+
 Everything runs in float64 NumPy on the CPU: ``K`` is ``B×B`` and the solves are ``k×k``.
 """
 
@@ -53,7 +65,7 @@ import torch
 SUBSETS = ("greedy", "topk", "uniform")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
 # how b enters the subset choice: as measured, or corrected for the target batch's noise
-ALIGNMENTS = ("mean", "posterior")
+ALIGNMENTS = ("mean", "posterior", "lcb")
 # the "uniform" subset: every subset of size k is scored when there are at most this many
 EXHAUSTIVE_MAX = 4096
 # 1-swap polishing: at most SWAP_EVALS NNLS fits, by default only when n_eligible * k is small.
@@ -74,6 +86,7 @@ class FTWResult:
         n_filtered: of those, passing the cosine threshold (eligible for budget).
         note: why fewer than ``k`` were selected ('' otherwise).
         shrink: the NNLS share ``s`` of the ``shrink`` weighting (None for other weightings).
+        n_clipped: candidates whose gradient ``norm_clip`` scaled down.
     """
 
     indices: torch.Tensor
@@ -84,6 +97,7 @@ class FTWResult:
     n_filtered: int
     note: str = ""
     shrink: float | None = None
+    n_clipped: int = 0
 
 
 def _solve_nnls(k_ss: np.ndarray, b_s: np.ndarray, ridge: float) -> np.ndarray:
@@ -135,8 +149,12 @@ def _fit(
     return [i for i, kept in zip(idx, keep, strict=True) if kept], w[keep]
 
 
-def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float) -> list[int]:
+def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
+            temperature: float = 0.0, generator: torch.Generator | None = None) -> list[int]:
     """Greedy forward selection on the gain ``r_j²/s_j`` with NNLS refits (indices into b).
+
+    With ``temperature > 0`` each addition is drawn with ``p_j ∝ exp((gain_j/max − 1)/τ)``
+    among the positive gains (``generator`` is the only randomness).
 
     The Schur complements ``s`` are kept up to date by incremental (pivoted) Cholesky: adding
     ``j`` appends the row ``c = (K_j − c_jᵀ C)/√s_j`` to ``C = L⁻¹ K_S,:`` and ``s −= c²``:
@@ -170,6 +188,11 @@ def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float) -
         j = int(np.argmax(gain))
         if gain[j] <= tol * max(f, f_scale):
             break
+        if temperature > 0.0:
+            useful = gain > tol * max(f, f_scale)
+            logits = np.where(useful, (gain / gain[j] - 1.0) / temperature, -np.inf)
+            j = int(torch.multinomial(torch.softmax(torch.as_tensor(logits), 0), 1,
+                                      generator=generator))
         new, w_new = _fit(b, kmat, chosen + [j], ridge)
         f_new = float(b[new] @ w_new) if new else 0.0
         for i in set(chosen + [j]) - set(new):
@@ -296,8 +319,12 @@ def denoised_alignment(
       candidate's gradient norm does not change its factor. Signs are kept, so the filter
       keeps the same candidates; with ``τ² = 0`` (no spread beyond the noise) ``b`` is kept.
 
-    Returns the alignment and the mean factor ``f_i`` (1.0 when ``b`` is kept). Non-finite
-    entries stay non-finite (the filter drops them).
+    * ``"lcb"``: the lower confidence bound ``b_i − se_i`` (one standard error): a candidate
+      must be aligned on the evidence, not on its mean alone, to pass the filter.
+
+    Returns the alignment and a summary: the mean factor ``f_i`` (``posterior``), the share of
+    candidates with ``b_i > 0`` whose bound stays above zero (``lcb``), 1.0 when ``b`` is kept.
+    Non-finite entries stay non-finite (the filter drops them).
     """
     if kind not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {kind!r}")
@@ -305,6 +332,11 @@ def denoised_alignment(
     b = bt.mean(dim=0)
     if kind == "mean" or bt.shape[0] < 2:
         return b, 1.0
+    if kind == "lcb":
+        bound = b - (bt.var(dim=0, unbiased=True) / bt.shape[0]).sqrt()
+        positive = b > 0.0
+        kept = float((bound[positive] > 0.0).double().mean()) if bool(positive.any()) else 1.0
+        return bound, kept
     n2 = torch.ones_like(b) if norms is None else norms.detach().to(b) ** 2
     cos2, noise2 = b**2 / n2, bt.var(dim=0, unbiased=True) / bt.shape[0] / n2
     ok = torch.isfinite(cos2) & torch.isfinite(noise2)
@@ -341,6 +373,10 @@ def ftw_solve(
     swap_evals: int | None = None,
     fill: bool = False,
     target_align: torch.Tensor | None = None,
+    weight_align: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    norm_clip: float = 0.0,
 ) -> FTWResult:
     """Filter-then-Weight with diagnostics; see ``filter_then_weight`` for the arguments."""
     _validate(align, gram, k)
@@ -349,6 +385,14 @@ def ftw_solve(
     ):
         raise ValueError(f"target_align must be (n_target, {align.shape[0]}), got "
                          f"{tuple(target_align.shape)}")
+    if weight_align is not None and tuple(weight_align.shape) != tuple(align.shape):
+        raise ValueError(f"weight_align must be ({align.shape[0]},) like align, got "
+                         f"{tuple(weight_align.shape)}")
+    if temperature < 0.0 or (temperature > 0.0 and subset != "greedy"):
+        raise ValueError(f"temperature must be >= 0 and needs subset='greedy', got "
+                         f"{temperature} with subset={subset!r}")
+    if not norm_clip >= 0.0:
+        raise ValueError(f"norm_clip must be >= 0 (0: off), got {norm_clip}")
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
     if weighting not in WEIGHTINGS:
@@ -360,6 +404,18 @@ def ftw_solve(
     k_all = gram.detach().to("cpu", torch.float64).numpy()
     finite = np.isfinite(b_all) & np.isfinite(k_all).all(axis=0) & np.isfinite(k_all).all(axis=1)
     finite &= np.where(finite, np.diag(k_all), 0.0) > 0.0
+    b_w_all = b_all if weight_align is None else (
+        weight_align.detach().to("cpu", torch.float64).numpy())
+    per_target_all = None if target_align is None else (
+        target_align.detach().to("cpu", torch.float64).numpy())
+    clip = np.ones_like(b_all)
+    if norm_clip > 0.0 and finite.any():
+        norms = np.sqrt(np.where(finite, np.diag(k_all), 1.0))
+        clip[finite] = np.minimum(1.0, norm_clip * np.median(norms[finite]) / norms[finite])
+        b_all, b_w_all = b_all * clip, b_w_all * clip
+        k_all = k_all * np.outer(clip, clip)
+        if per_target_all is not None:
+            per_target_all = per_target_all * clip[None, :]
     positive = finite & (b_all > 0.0)
     eligible = positive.copy()
     if min_cosine > 0.0:
@@ -368,6 +424,7 @@ def ftw_solve(
         eligible &= cos >= min_cosine
     pos = np.flatnonzero(eligible)
     b = b_all[pos]
+    b_w = b_w_all[pos]
     kmat = k_all[np.ix_(pos, pos)]
     kmat = 0.5 * (kmat + kmat.T)
 
@@ -381,6 +438,8 @@ def ftw_solve(
             chosen = sorted(_best_uniform(b, kmat, k))
         elif subset == "topk":
             options.append(top)
+        elif temperature > 0.0:  # a draw: polishing or comparing would undo it
+            options.append(_greedy(b, kmat, k, ridge, tol, temperature, generator))
         else:
             greedy = _greedy(b, kmat, k, ridge, tol)
             if swap_evals is None:  # auto: polish small problems only (cost ~ n k fits)
@@ -398,7 +457,7 @@ def ftw_solve(
     # the weight stage: NNLS on the subset (a refit in another order may zero a weight)
     shrink = None
     if weighting == "nnls":
-        chosen, w = _fit(b, kmat, sorted(chosen), ridge)
+        chosen, w = _fit(b_w, kmat, sorted(chosen), ridge)
         w = w / w.sum() if chosen else w
     else:
         if fill and len(chosen) < k:
@@ -407,12 +466,13 @@ def ftw_solve(
         chosen = sorted(chosen)
         w = np.full(len(chosen), 1.0 / max(1, len(chosen)))
         if weighting == "shrink" and len(chosen) > 1:
-            per_target = None
-            if target_align is not None:
-                per_target = target_align.detach().to("cpu", torch.float64).numpy()[:, pos]
-            w, shrink = _shrink_to_uniform(b, kmat, chosen, ridge, per_target)
+            per_target = None if per_target_all is None else per_target_all[:, pos]
+            w, shrink = _shrink_to_uniform(b_w, kmat, chosen, ridge, per_target)
     idx = np.asarray(chosen, dtype=np.int64)
-    rho = _rho(b, kmat, idx, w) if chosen else 0.0
+    rho = _rho(b, kmat, idx, w) if chosen else 0.0  # of the update: ρ is scale-free
+    if chosen and norm_clip > 0.0:  # train on the clipped gradients: w_i f_i, renormalized
+        w = w * clip[pos[idx]]
+        w = w / w.sum()
 
     note = ""
     if len(chosen) < k:
@@ -441,6 +501,7 @@ def ftw_solve(
         n_positive=int(positive.sum()),
         n_filtered=int(eligible.sum()),
         note=note,
+        n_clipped=int((clip < 1.0).sum()),
     )
 
 
@@ -459,7 +520,10 @@ def filter_then_weight(
             (n_target, B) per-target-example alignments), ``fill`` (False: top a short subset
             up to ``k`` by alignment), ``ridge`` (1e-9, relative), ``tol`` (1e-6,
             relative gain in ``ρ²`` to keep adding), ``swap_evals`` (NNLS fits spent on 1-swap
-            polishing; default ``None``: 200 when ``n_eligible · k ≤ 1024``, else 0).
+            polishing; default ``None``: 200 when ``n_eligible · k ≤ 1024``, else 0),
+            ``weight_align`` (the ``b`` the weight stage fits on; default ``align``),
+            ``temperature`` (0.0; > 0 draws the greedy additions with ``generator``) and
+            ``norm_clip`` (0.0; > 0 clips the gradients at that multiple of the median norm).
 
     Returns:
         ``(indices, weights)``: int64 distinct ascending indices (CPU, possibly empty) and

@@ -70,6 +70,14 @@ class FTWConfig(SelectorConfig):
             ``gradsift.select.ftw.denoised_alignment``). Scores stay the measured ``b``.
         fill: top a subset smaller than ``k`` up with the next candidates by alignment
             (``uniform`` and ``shrink`` only: NNLS gives them no weight).
+        crossfit: choose the subset on the target examples of even position and fit the
+            weights (``shrink``, ``nnls``) on the odd ones, so the weights are not fitted to
+            the noise that chose the rows (needs 4 target examples; fewer: all, with a note).
+        temperature: > 0 draws each greedy addition, ``p ∝ exp((gain/max gain − 1)/τ)``
+            (stochastic subsets, ``subset: greedy`` only; the selector's generator draws).
+        norm_clip: > 0 clips every candidate's gradient to this multiple of the batch's median
+            norm in the metric before selecting, and trains on the clipped gradients (outlier
+            gradients cannot dominate ``K`` or the update). 0: off.
         ridge: relative ridge of the NNLS Cholesky factor.
         tol: relative gain in ``ρ²`` below which no further candidate is added.
         swap_evals: NNLS fits spent on 1-swap polishing (None: automatic, small problems).
@@ -90,6 +98,9 @@ class FTWConfig(SelectorConfig):
     swap_evals: int | None = None
     next_step_max_bytes: int = 4 << 30
     fill: bool = True
+    crossfit: bool = False
+    temperature: float = 0.0
+    norm_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -120,6 +131,23 @@ class FTWConfig(SelectorConfig):
                              f"got {self.next_step_max_bytes!r}")
         if self.swap_evals is not None and self.swap_evals < 0:
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
+        if not isinstance(self.crossfit, bool):
+            raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
+        if self.crossfit and self.weighting not in ("shrink", "nnls"):
+            raise ValueError(f"crossfit fits the weights on half the target batch: it needs "
+                             f"weighting 'shrink' or 'nnls', got {self.weighting!r}")
+        if isinstance(self.temperature, bool) or not (
+                isinstance(self.temperature, (int, float)) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.temperature > 0.0 and self.subset != "greedy":
+            raise ValueError(f"temperature draws the greedy additions: it needs subset "
+                             f"'greedy', got {self.subset!r}")
+        if isinstance(self.norm_clip, bool) or not (
+                isinstance(self.norm_clip, (int, float)) and self.norm_clip >= 0.0):
+            raise ValueError(f"norm_clip must be a number >= 0 (0: off), got {self.norm_clip!r}")
+        if self.norm_clip > 0.0 and "next-step" in (self.subset, self.weighting):
+            raise ValueError("norm_clip works on b and K: it cannot be combined with the "
+                             "next-step subset or weighting")
 
 
 class FTWSelector(Selector):
@@ -139,7 +167,8 @@ class FTWSelector(Selector):
     @property
     def needs_target_samples(self) -> bool:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
-        return cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
+        return (cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
+                or cfg.crossfit)
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -180,7 +209,7 @@ class FTWSelector(Selector):
             weighting = "uniform" if next_step else "shrink"
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
         # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
-        per_example = weighting == "shrink" or cfg.alignment != "mean"
+        per_example = weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
         b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
             ctx.target_samples if per_example else None)
@@ -196,9 +225,17 @@ class FTWSelector(Selector):
                 scale = 1.0 / (1.0 - beta1)
             per_target = b[None, :] + (cross - cross.mean(dim=0, keepdim=True)) * scale
         b_subset, shrunk = b, 1.0
-        if per_target is not None and cfg.alignment != "mean":
+        subset_rows, weight_rows, b_weights = per_target, per_target, None
+        crossfit_note = ""
+        if cfg.crossfit:  # rows by even / odd target example: one half each stage
+            if per_target is not None and per_target.shape[0] >= 4:
+                subset_rows, weight_rows = per_target[0::2], per_target[1::2]
+                b_subset, b_weights = subset_rows.mean(dim=0), weight_rows.mean(dim=0)
+            else:
+                crossfit_note = "crossfit needs 4 target examples: fitted on all"
+        if subset_rows is not None and cfg.alignment != "mean":
             norms = kmat.diagonal().clamp_min(0.0).sqrt()
-            b_subset, shrunk = denoised_alignment(per_target, cfg.alignment, norms)
+            b_subset, shrunk = denoised_alignment(subset_rows, cfg.alignment, norms)
             b_subset = b_subset.to(b.dtype)
         res = ftw_solve(
             b_subset,
@@ -212,7 +249,11 @@ class FTWSelector(Selector):
             tol=cfg.tol,
             swap_evals=cfg.swap_evals,
             fill=cfg.fill,
-            target_align=per_target if weighting == "shrink" else None,
+            target_align=weight_rows if weighting == "shrink" else None,
+            weight_align=b_weights,
+            temperature=cfg.temperature,
+            generator=ctx.generator,
+            norm_clip=cfg.norm_clip,
         )
         diagnostics = {
             "rho": res.rho,
@@ -244,6 +285,10 @@ class FTWSelector(Selector):
             diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
+        if cfg.norm_clip > 0.0:
+            diagnostics["n_clipped"] = res.n_clipped
+        if cfg.crossfit and b_weights is None:
+            diagnostics["note_crossfit"] = crossfit_note
         if cfg.alignment != "mean":
             diagnostics["alignment_shrink"] = shrunk
         if res.note:

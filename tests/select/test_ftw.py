@@ -274,3 +274,140 @@ def test_uniform_subset_maximizes_the_mean_gradients_cosine(n: int, budget: int)
             top = sorted(eligible, key=lambda i: -(g[i] @ t))[:budget]
             assert got >= _mean_cosine(g, t, top) - 1e-12
             assert got >= 0.9 * best
+
+
+def test_lcb_alignment_by_hand() -> None:
+    """``alignment=lcb``: ``b_i − sd_t(B_ti)/√n_t``, recomputed by hand; the noisy candidate 0
+    (largest mean, one target example) falls below the steady candidate 1."""
+    rows = [[9.0, 2.0, 0.5], [0.0, 2.2, 0.1], [0.0, 1.8, -0.4], [0.0, 2.0, 0.2]]
+    n_t = len(rows)
+    want, kept_pos = [], []
+    for i in range(3):
+        col = [r[i] for r in rows]
+        mean = sum(col) / n_t
+        sd = math.sqrt(sum((x - mean) ** 2 for x in col) / (n_t - 1))
+        want.append(mean - sd / math.sqrt(n_t))
+        kept_pos.append(mean > 0 and want[-1] > 0)
+    b, kept = denoised_alignment(torch.tensor(rows, dtype=torch.float64), "lcb")
+    torch.testing.assert_close(b, torch.tensor(want, dtype=torch.float64))
+    assert int(b.argmax()) == 1 and rows[0][0] / n_t > sum(r[1] for r in rows) / n_t
+    assert kept == pytest.approx(sum(kept_pos) / 3)  # all three means > 0, candidate 2's bound < 0
+
+
+def _nnls_vec(g: np.ndarray, t: np.ndarray, idx: list[int]) -> tuple[list[int], float]:
+    """NNLS of the target on the explicit vectors ``g[idx]``: the support and ``ρ² = bᵀw``."""
+    if not idx:
+        return [], 0.0
+    w, _ = scipy.optimize.nnls(g[idx].T, t)
+    keep = [i for i, wi in zip(idx, w, strict=True) if wi > 1e-12 * w.max()]
+    return keep, float((g[idx] @ t) @ w)
+
+
+def _gains(g: np.ndarray, t: np.ndarray, chosen: list[int], banned: set[int]) -> np.ndarray:
+    """The greedy's gain ``r_j²/s_j`` after ``chosen`` (NNLS weights), from explicit vectors:
+    the residual of the target's projection and each candidate's part orthogonal to the chosen."""
+    if chosen:
+        gs = g[chosen]
+        w, _ = scipy.optimize.nnls(gs.T, t)
+        q, _ = np.linalg.qr(gs.T)
+        resid_t, orth = t - gs.T @ w, g - (g @ q) @ q.T
+    else:
+        resid_t, orth = t, g
+    r = g @ resid_t
+    out = np.where(r > 0, r * r / np.maximum((orth * orth).sum(axis=1), 1e-300), 0.0)
+    out[chosen + sorted(banned)] = 0.0
+    f, f_scale = _nnls_vec(g, t, chosen)[1], float(np.max((g @ t) ** 2 / (g * g).sum(1)))
+    return np.where(out > 1e-6 * max(f, f_scale), out, 0.0)
+
+
+def _law(gain: np.ndarray, tau: float) -> np.ndarray:
+    if not (gain > 0).any():
+        return np.zeros_like(gain)
+    z = np.where(gain > 0, (gain / gain.max() - 1.0) / tau, -np.inf)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def _draw_outcomes(g: np.ndarray, t: np.ndarray, k: int, tau: float) -> dict[tuple, float]:
+    """The law of the drawn subset by enumerating every path of draws: a draw is added, a
+    refit that zeroes a weight drops (and bans) that candidate, a refit that does not raise
+    ``ρ²`` bans the drawn one; stop at ``k`` or when no gain is left."""
+    out: dict[tuple, float] = {}
+
+    def walk(chosen: list[int], banned: set[int], prob: float) -> None:
+        law = _law(_gains(g, t, chosen, banned), tau) if len(chosen) < k else None
+        if law is None or not law.any():
+            key = tuple(sorted(chosen))
+            out[key] = out.get(key, 0.0) + prob
+            return
+        f = _nnls_vec(g, t, chosen)[1]
+        for j in np.flatnonzero(law):
+            new, f_new = _nnls_vec(g, t, chosen + [int(j)])
+            dropped = set(chosen + [int(j)]) - set(new)
+            if f_new <= f:
+                walk(chosen, banned | dropped | {int(j)}, prob * law[j])
+            else:
+                walk(new, banned | dropped, prob * law[j])
+
+    walk([], set(), 1.0)
+    return out
+
+
+def test_temperature_draws_follow_the_stated_law() -> None:
+    """``temperature``: each addition is drawn with ``p ∝ exp((gain/max − 1)/τ)``; the
+    frequencies of the chosen subsets match the law of every path of draws, enumerated on
+    explicit vectors (on this batch a refit drops a candidate on some paths); τ → 0 takes the
+    best gain."""
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal(12)
+    g = rng.standard_normal((6, 12)) + 0.6 * t
+    g[5] = -g[5] if g[5] @ t > 0 else g[5]  # one candidate against the target: never drawn
+    b, k = torch.tensor(g @ t), torch.tensor(g @ g.T)
+    tau, n = 0.5, 3000
+    gen = torch.Generator().manual_seed(0)
+    for budget in (1, 2):
+        law = _draw_outcomes(g, t, budget, tau)
+        assert sum(law.values()) == pytest.approx(1.0)
+        assert not any(5 in key for key in law)
+        seen: dict[tuple, int] = {}
+        for _ in range(n):
+            res = ftw_solve(b, k, budget, weighting="uniform", temperature=tau, generator=gen)
+            key = tuple(res.indices.tolist())
+            seen[key] = seen.get(key, 0) + 1
+        assert set(seen) <= set(law)
+        for key, prob in law.items():
+            assert abs(seen.get(key, 0) / n - prob) <= 4 * (prob * (1 - prob) / n) ** 0.5 + 1e-3
+    best = int(np.argmax(_gains(g, t, [], set())))
+    cold = ftw_solve(b, k, 1, temperature=1e-9, generator=gen)
+    assert cold.indices.tolist() == [best]
+    with pytest.raises(ValueError, match="temperature"):
+        ftw_solve(b, k, 2, subset="topk", temperature=0.5)
+
+
+def test_norm_clip_trains_on_the_clipped_gradients() -> None:
+    """``norm_clip=c``: each gradient clipped to ``c`` × the median norm, by hand. Taking every
+    aligned candidate with uniform weights, the weights are ``f_i/Σf`` and ρ is the cosine of
+    the clipped mean with the target; the unclipped update is pulled towards the outlier."""
+    rng = np.random.default_rng(5)
+    t = rng.standard_normal(20)
+    g = rng.standard_normal((7, 20)) + 0.5 * t
+    g = np.where((g @ t)[:, None] > 0, g, -g)  # all aligned
+    g[0] = 60.0 * (rng.standard_normal(20) + 0.1 * t)  # a huge gradient, barely aligned
+    if g[0] @ t < 0:
+        g[0] = -g[0]
+    norms = np.linalg.norm(g, axis=1)
+    f = np.minimum(1.0, 2.0 * np.median(norms) / norms)
+    assert f[0] < 0.1 and (f < 1).sum() >= 1
+    b, k = torch.tensor(g @ t), torch.tensor(g @ g.T)
+    res = ftw_solve(b, k, 7, weighting="uniform", fill=True, norm_clip=2.0)
+    assert res.indices.tolist() == list(range(7)) and res.n_clipped == int((f < 1).sum())
+    np.testing.assert_allclose(res.weights.numpy(), f / f.sum(), rtol=1e-6)
+    update = (res.weights.double().numpy()[:, None] * g).sum(axis=0)
+    cos = float(update @ t / np.linalg.norm(update) / np.linalg.norm(t))
+    assert res.rho == pytest.approx(cos * np.linalg.norm(t), rel=1e-6)  # ρ = ‖t‖ cos here
+    plain = ftw_solve(b, k, 7, weighting="uniform", fill=True)
+    raw = g.mean(axis=0)
+    assert cos > float(raw @ t / np.linalg.norm(raw) / np.linalg.norm(t)) + 0.1
+    assert plain.n_clipped == 0
+    with pytest.raises(ValueError, match="norm_clip"):
+        ftw_solve(b, k, 2, norm_clip=-1.0)

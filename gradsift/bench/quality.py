@@ -559,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         i, n = (int(x) for x in args.shard.split("/"))
         results = run_suite(suite, out, split(args.scenarios), split(args.methods), seeds,
                             quiet=args.quiet, shard=(i, n))
+    if not results:
+        print(f"no finished runs under {out}", file=sys.stderr)
+        return 1
     summary = summarize(results, suite)
     (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
     (out / "quality.md").write_text(markdown(summary))

@@ -67,6 +67,13 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
 
 
+def test_report_only_on_a_folder_without_runs_says_so(tmp_path, capsys) -> None:
+    assert quality.main(["--suite", "smoke", "--out", str(tmp_path / "none"),
+                         "--report-only"]) == 1
+    assert f"no finished runs under {tmp_path / 'none'}" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_method_variant_names_engine_and_selector_options() -> None:
     name, engine, options = quality.parse_method("ftw@target_ema=0.8@min_cosine=0.1@fill=false")
     assert (name, engine, options) == ("ftw", {"target_ema": 0.8},

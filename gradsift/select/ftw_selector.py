@@ -136,18 +136,20 @@ class FTWConfig(SelectorConfig):
         if self.crossfit and self.weighting not in ("shrink", "nnls"):
             raise ValueError(f"crossfit fits the weights on half the target batch: it needs "
                              f"weighting 'shrink' or 'nnls', got {self.weighting!r}")
-        if isinstance(self.temperature, bool) or not (
-                isinstance(self.temperature, (int, float)) and self.temperature >= 0.0):
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        _check_nonnegative("temperature", self.temperature)
         if self.temperature > 0.0 and self.subset != "greedy":
             raise ValueError(f"temperature draws the greedy additions: it needs subset "
                              f"'greedy', got {self.subset!r}")
-        if isinstance(self.norm_clip, bool) or not (
-                isinstance(self.norm_clip, (int, float)) and self.norm_clip >= 0.0):
-            raise ValueError(f"norm_clip must be a number >= 0 (0: off), got {self.norm_clip!r}")
+        _check_nonnegative("norm_clip", self.norm_clip)
         if self.norm_clip > 0.0 and "next-step" in (self.subset, self.weighting):
             raise ValueError("norm_clip works on b and K: it cannot be combined with the "
                              "next-step subset or weighting")
+
+
+def _check_nonnegative(name: str, value: object) -> None:
+    """A number ``>= 0`` (0: off); a bool is not a number here."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0.0):
+        raise ValueError(f"{name} must be a number >= 0 (0: off), got {value!r}")
 
 
 class FTWSelector(Selector):
@@ -226,13 +228,10 @@ class FTWSelector(Selector):
             per_target = b[None, :] + (cross - cross.mean(dim=0, keepdim=True)) * scale
         b_subset, shrunk = b, 1.0
         subset_rows, weight_rows, b_weights = per_target, per_target, None
-        crossfit_note = ""
-        if cfg.crossfit:  # rows by even / odd target example: one half each stage
-            if per_target is not None and per_target.shape[0] >= 4:
-                subset_rows, weight_rows = per_target[0::2], per_target[1::2]
-                b_subset, b_weights = subset_rows.mean(dim=0), weight_rows.mean(dim=0)
-            else:
-                crossfit_note = "crossfit needs 4 target examples: fitted on all"
+        if cfg.crossfit and per_target is not None and per_target.shape[0] >= 4:
+            # rows by even / odd target example: one half for each stage
+            subset_rows, weight_rows = per_target[0::2], per_target[1::2]
+            b_subset, b_weights = subset_rows.mean(dim=0), weight_rows.mean(dim=0)
         if subset_rows is not None and cfg.alignment != "mean":
             norms = kmat.diagonal().clamp_min(0.0).sqrt()
             b_subset, shrunk = denoised_alignment(subset_rows, cfg.alignment, norms)
@@ -288,7 +287,7 @@ class FTWSelector(Selector):
         if cfg.norm_clip > 0.0:
             diagnostics["n_clipped"] = res.n_clipped
         if cfg.crossfit and b_weights is None:
-            diagnostics["note_crossfit"] = crossfit_note
+            diagnostics["note_crossfit"] = "crossfit needs 4 target examples: fitted on all"
         if cfg.alignment != "mean":
             diagnostics["alignment_shrink"] = shrunk
         if res.note:

@@ -242,6 +242,7 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             "after": {m: done[_key(s)] for m, s in choices.items()},
             "selected": {m: [ids[i] for i in s.indices.tolist()] for m, s in choices.items()},
             "weights": {m: [round(float(w), 6) for w in s.weights] for m, s in choices.items()},
+            "diagnostics": {m: s.diagnostics for m, s in choices.items() if s.diagnostics},
             **({"reference_replay": replay} if verify else {}),
         })
         before = done[_key(choices[reference])]

@@ -186,11 +186,8 @@ class FTWSelector(Selector):
         g_hat = target_direction(
             {n: ctx.target_grad[n] for n in names}, state, cfg.momentum_correction
         )
-        tsq = (
-            target_sq_norm(g_hat, precondition, names, cfg.curvature)
-            if cfg.min_cosine > 0.0
-            else None
-        )
+        # ĝᵀPĝ: the cosines' normalizer (min_cosine filters on them; they are logged)
+        tsq = target_sq_norm(g_hat, precondition, names, cfg.curvature)
         weighting = cfg.weighting
         exact = cfg.geometry == "adam" and state.moments is not None and (
             state.momentum is not None)
@@ -262,6 +259,7 @@ class FTWSelector(Selector):
             "geometry": cfg.geometry,
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
+            "cosines": _cosines(b, kmat, tsq),
         }
         indices, weights = res.indices, res.weights
         model = None
@@ -298,6 +296,13 @@ class FTWSelector(Selector):
             scores=b.detach().float(),
             diagnostics=diagnostics,
         )
+
+
+def _cosines(b: torch.Tensor, kmat: torch.Tensor, tsq: float) -> list[float | None]:
+    """Each candidate's cosine with ``ĝ`` in the metric, ``b_i / √(K_ii ĝᵀPĝ)`` (what
+    ``min_cosine`` compares against); None where it is undefined."""
+    cos = b.double() / (kmat.diagonal().double() * tsq).sqrt()
+    return [round(c, 6) if math.isfinite(c) else None for c in cos.tolist()]
 
 
 def _direction(ctx: SelectionContext) -> dict[str, torch.Tensor]:

@@ -178,6 +178,27 @@ def test_ftw_selector_is_filter_then_weight_on_b_and_k(world) -> None:
         torch.testing.assert_close(sel.scores, b.float())
 
 
+def test_ftw_logs_the_cosines_min_cosine_filters_on(world) -> None:
+    cands, target, state = world
+    p = state.preconditioner
+    mat = cands.materialize()
+    dots = sum((mat[n] * p[n] * target[n]).flatten(1).sum(1) for n in mat).double()
+    sq = sum((mat[n] * p[n] * mat[n]).flatten(1).sum(1) for n in mat).double()
+    t_sq = sum(float((target[n] * p[n] * target[n]).sum()) for n in mat)
+    cos = (dots / (sq * t_sq).sqrt()).numpy()  # in Adam's metric ⟨x, P y⟩
+    sel = get_selector("ftw").select(_ctx(world, 3))
+    np.testing.assert_allclose(sel.diagnostics["cosines"], cos, rtol=1e-4, atol=1e-6)
+    positive = cos[cos > 0]
+    assert positive.size >= 3
+    top = np.sort(positive)[::-1]
+    threshold = float(top[1] + top[2]) / 2  # between two cosines: no rounding tie
+    passing = set(np.flatnonzero(cos >= threshold).tolist())
+    cut = get_selector("ftw", min_cosine=threshold).select(_ctx(world, 3))
+    assert cut.diagnostics["n_filtered"] == len(passing)
+    assert set(cut.indices.tolist()) <= passing  # fill tops up from the eligible only
+    assert json.loads(json.dumps(cut.diagnostics)) == cut.diagnostics
+
+
 def test_ftw_options_reach_the_objective(world) -> None:
     base = get_selector("ftw").select(_ctx(world, 3))
     ident = get_selector("ftw", curvature="identity", momentum_correction=True).select(

@@ -12,7 +12,9 @@ import yaml
 
 from gradsift.report import (
     MissingRunFileError,
+    load_run,
     markdown_table,
+    plots,
     report,
     summarize_compare,
     write_report,
@@ -28,6 +30,7 @@ TARGET = {
     ("ftw", 0): {0: 2.0, 2: 1.5, 4: 1.2},
     ("ftw", 1): {0: 2.0, 2: 1.7, 4: 1.45},
 }
+COSINES = [0.3, -0.1, 0.2, None]  # ftw's logged cosines every step (None: undefined)
 TOKENS_PER_STEP = {("random", 0): 100, ("random", 1): 105, ("ftw", 0): 75, ("ftw", 1): 85}
 
 
@@ -35,7 +38,8 @@ def write_run(run_dir: Path, method: str, seed: int, target: dict[int, float],
               tokens_per_step: int, steps: int = STEPS, b: int = B, k: int = K) -> Path:
     """A run directory in the engine's format. ``ftw*`` selects ``code`` candidates with
     weights (0.75, 0.25); ``random`` selects the first k with uniform weights. Timing: capture
-    ``0.1·step``, target 0.02, selection 0.01, update 0.05 seconds."""
+    ``0.1·step``, target 0.02, selection 0.01, update 0.05 seconds. ``ftw`` logs the
+    candidates' cosines ``COSINES``."""
     run_dir.mkdir(parents=True)
     config = {"method": method, "seed": seed, "model": "tiny", "candidates_per_step": b,
               "budget_per_step": k, "steps": steps, "eval_every": 2}
@@ -63,7 +67,7 @@ def write_run(run_dir: Path, method: str, seed: int, target: dict[int, float],
             "losses": [2.0 + 0.1 * i for i in range(b)], "rho": 0.5 if method == "ftw" else None,
             "timing": {"capture": 0.1 * step, "target": 0.02, "selection": 0.01,
                        "update": 0.05},
-            "diagnostics": {},
+            "diagnostics": {"cosines": COSINES[:b]} if method == "ftw" else {},
         })
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (run_dir / "selections.jsonl").write_text("".join(json.dumps(s) + "\n" for s in selections))
@@ -214,7 +218,9 @@ def test_run_report_and_dispatch(compare_dir: Path) -> None:
     path = write_run_report(run_dir)
     assert path == run_dir / "report.html"
     pngs = _embedded_pngs(path.read_text())
-    assert len(pngs) == 5 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == 6 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert 'id="cosines"' in path.read_text()
+    assert 'id="cosines"' not in write_run_report(compare_dir / "random" / "seed_0").read_text()
     assert report(run_dir) == run_dir / "report.html"
     assert report(compare_dir) == compare_dir / "report.html"
     with pytest.raises(FileNotFoundError, match="neither"):
@@ -234,6 +240,22 @@ def test_run_report_of_a_run_still_in_progress(compare_dir: Path) -> None:
     run_dir = compare_dir / "ftw" / "seed_0"
     (run_dir / "summary.json").unlink()  # the run has not finished yet
     path = write_run_report(run_dir)
-    assert len(_embedded_pngs(path.read_text())) == 5
+    assert len(_embedded_pngs(path.read_text())) == 6
     with pytest.raises(ValueError, match="summary.json"):
         summarize_compare(compare_dir)  # a comparison still needs finished runs
+
+
+def test_cosine_plot_shows_each_candidate_once_selected_by_weight(compare_dir: Path) -> None:
+    run_dir = compare_dir / "ftw" / "seed_0"
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["method_options"] = {"min_cosine": 0.05}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    fig = plots.plot_run_cosines(load_run(run_dir))
+    rest, chosen = fig.axes[0].collections
+    steps = list(range(1, STEPS + 1))
+    # ftw selects candidates 0 and 2 (weights 0.75, 0.25); candidate 3's cosine is None
+    assert rest.get_offsets().tolist() == [[s, -0.1] for s in steps]
+    assert chosen.get_offsets().tolist() == [[s, c] for s in steps for c in (0.3, 0.2)]
+    assert chosen.get_sizes().tolist() == [60 * K * w for _ in steps for w in (0.75, 0.25)]
+    assert [line.get_ydata()[0] for line in fig.axes[0].lines] == [0.0, 0.05]
+    assert plots.plot_run_cosines(load_run(compare_dir / "random" / "seed_0")) is None

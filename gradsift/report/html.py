@@ -197,7 +197,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` for one run (plots also in ``RUN_DIR/plots/``).
 
     Plots: losses over steps, source shares of the selected samples, the weights (any method),
-    and step time by phase.
+    the candidates' cosines with the target (when the selector logged them) and step time by
+    phase.
 
     Args:
         run_dir: a run directory.
@@ -218,6 +219,9 @@ def write_run_report(run_dir: str | Path) -> Path:
          "the candidate stream.", plots.plot_source_shares(runs, colors)),
         ("weights", "Weights of the selected samples and how many were selected per step.",
          plots.plot_weights(runs, colors)),
+        ("cosines", "Each candidate's cosine with the target direction in the optimizer's "
+         "metric, per step (logged by ftw; min_cosine filters on it); filled: selected.",
+         plots.plot_run_cosines(run)),
         ("step_time", "Seconds per step by phase.", plots.plot_run_timing(run)),
     ]
     body = (f"<h2>Run</h2>{_run_facts(run)}"

@@ -268,6 +268,46 @@ def plot_run_losses(run: Run) -> Figure:
     return fig
 
 
+def plot_run_cosines(run: Run) -> Figure | None:
+    """One run: every candidate's cosine with the target direction in the optimizer's metric
+    (``diagnostics.cosines``, logged by ``ftw``) per step; filled: selected, sized by weight.
+    The dotted line is ``min_cosine`` when the run set one. None when no cosine was logged."""
+    steps = [s for s in run.selections if (s.get("diagnostics") or {}).get("cosines")]
+    if not steps:
+        return None
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    rest: tuple[list[int], list[float]] = ([], [])
+    chosen: tuple[list[int], list[float], list[float]] = ([], [], [])
+    for s in steps:
+        weight = dict(zip(s["selected_ids"], s["weights"], strict=True))
+        for cid, cos in zip(s["candidate_ids"], s["diagnostics"]["cosines"], strict=True):
+            if cos is None:
+                continue
+            if cid in weight:
+                chosen[0].append(s["step"])
+                chosen[1].append(cos)
+                chosen[2].append(weight[cid])
+            else:
+                rest[0].append(s["step"])
+                rest[1].append(cos)
+    ax.scatter(*rest, s=14, facecolors="none", edgecolors="#999999", linewidths=0.8,
+               label=f"not selected ({len(rest[0]):,})")
+    k = run.setting("budget_per_step")
+    scale = 60.0 * (k if isinstance(k, int) and k > 0 else 1)  # uniform weights: size 60
+    ax.scatter(chosen[0], chosen[1], s=[scale * w for w in chosen[2]], color="#1f77b4",
+               alpha=0.8, label=f"selected ({len(chosen[0]):,}; area ∝ weight)")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    threshold = (run.config.get("method_options") or {}).get("min_cosine")
+    if isinstance(threshold, (int, float)) and threshold > 0:
+        ax.axhline(threshold, color="#d62728", linestyle=":", label=f"min_cosine {threshold}")
+    _style(ax, f"Candidates' cosine with the target (optimizer's metric) — {run.method}",
+           "training step", "cosine")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(frameon=False)
+    return fig
+
+
 def plot_run_timing(run: Run) -> Figure | None:
     """One run: seconds per step by phase over steps (stacked areas)."""
     if not run.selections:

@@ -304,7 +304,7 @@ def plot_run_cosines(run: Run) -> Figure | None:
     _style(ax, f"Candidates' cosine with the target (optimizer's metric) — {run.method}",
            "training step", "cosine")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(frameon=False)
+    fig.legend(ncols=3, loc="outside lower center", frameon=False)
     return fig
 
 

@@ -394,7 +394,8 @@ def load_results(out: Path) -> list[dict[str, Any]]:
 
 def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, Any]:
     """Per scenario and reference: each method's mean one-step gain, its ratio to random's,
-    how often it selected the rows ``versus`` selected, and the paired ``L(versus) − L(m)``."""
+    the rows it trained per state, how often it selected the rows ``versus`` selected, and the
+    paired ``L(versus) − L(m)``."""
     out: dict[str, Any] = {}
     for sc, ref, h in sorted({(r["scenario"], r["reference"], r.get("horizon", 1))
                               for r in results}):
@@ -408,7 +409,11 @@ def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, A
         for m in methods:
             entry: dict[str, Any] = {"states": len(gains[m]),
                                      "gain": float(np.mean(gains[m])),
-                                     "gain_vs_random": float(np.mean(gains[m])) / rand}
+                                     "gain_vs_random": float(np.mean(gains[m])) / rand,
+                                     # rows trained per state (below k: budget not spent)
+                                     "samples": float(np.mean([
+                                         len(row["selected"][m]) for r in runs
+                                         for row in r["steps"] if m in row["selected"]]))}
             pairs = [(row, r["seed"]) for r in runs for row in r["steps"]
                      if m in row["after"] and versus in row["after"]]
             if pairs and m != versus:
@@ -438,10 +443,10 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
     for title, table in summary.items():
         lines += [f"\n**{title}**\n",
                   "| method | states | mean gain (loss before − after) | × random's | "
-                  f"same rows as {versus} | "
+                  f"samples per state | same rows as {versus} | "
                   f"{versus} − method (loss after), 95 % CI over seeds | {versus} lower / "
                   "higher (states) | sign test p | seeds for 80 % power |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for m, e in sorted(table.items(), key=lambda kv: -kv[1]["gain"]):
             if "diff" in e:
                 ci = (f"{e['diff']:+.4f} [{e['lo']:+.4f}, {e['hi']:+.4f}] ({e['seeds']})")
@@ -450,7 +455,7 @@ def markdown(summary: dict[str, Any], versus: str = "ftw") -> str:
             else:
                 rest = "– | – | – | – | –"
             lines.append(f"| {m} | {e['states']} | {e['gain']:.4f} | "
-                         f"{e['gain_vs_random']:.2f} | {rest} |")
+                         f"{e['gain_vs_random']:.2f} | {e['samples']:.2f} | {rest} |")
     return "\n".join(lines) + "\n"
 
 

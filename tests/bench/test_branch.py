@@ -151,13 +151,14 @@ def test_summary_by_hand() -> None:
                             row(1, 2.0, {"ftw": a[0], "random": b[0]},
                                 {"ftw": ["x"], "random": ["x"]}),
                             row(2, b[0], {"ftw": a[1], "random": b[1]},
-                                {"ftw": ["y"], "random": ["z"]})]})
+                                {"ftw": ["y", "w"], "random": ["z"]})]})
     table = branch.summarize(results)["s (reference random)"]
     gains_ftw = [2.0 - 1.0, 1.0 - 0.8, 2.0 - 0.9, 0.9 - 0.7]
     gains_random = [2.0 - 1.0, 1.0 - 0.9, 2.0 - 0.9, 0.9 - 0.75]
     assert table["ftw"]["gain"] == pytest.approx(np.mean(gains_ftw))
     assert table["ftw"]["gain_vs_random"] == pytest.approx(
         np.mean(gains_ftw) / np.mean(gains_random))
+    assert (table["ftw"]["samples"], table["random"]["samples"]) == (1.5, 1.0)
     r = table["random"]
     assert r["same"] == pytest.approx(0.5)  # step 1 of both seeds: the same rows
     # per seed, mean over steps of L(ftw) − L(random): (0 − 0.1)/2 and (0 − 0.05)/2

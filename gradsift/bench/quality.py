@@ -409,6 +409,8 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
                 "wrong_answers_trained": float(np.mean([r.wrong_answers for r in rs])),
                 "trained_samples": float(np.mean([r.trained_samples for r in rs])),
                 "calibration": _calibration_fit(cal),
+                # per seed, so later runs can be paired with these without the run files
+                "per_seed": {"primary": by_seed[m], "auc": auc_by_seed[m]},
             }
         pairs, pairs_auc = {}, {}
         for mine in [m for m in methods if m.startswith("ftw")]:

@@ -57,6 +57,8 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
             area = sum((s[i + 1] - s[i]) * (v[i] + v[i + 1]) / 2 for i in range(len(s) - 1))
             return area / (s[-1] - s[0])
         diffs = [hand_auc("ftw", seed) - hand_auc("random", seed) for seed in (0, 1)]
+        per_seed = block["methods"]["ftw"]["per_seed"]["auc"]
+        assert per_seed == pytest.approx({str(s): hand_auc("ftw", s) for s in (0, 1)})
         pair = block["paired_auc"]["ftw − random"]
         assert pair["n"] == 2 and pair["mean"] == pytest.approx(sum(diffs) / 2)
     assert "paired ftw − random, AUC:" in (tmp_path / "quality.md").read_text()

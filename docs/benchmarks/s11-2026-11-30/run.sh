@@ -40,3 +40,21 @@ half $(seq 10 2 38) &
 half $(seq 11 2 39) &
 wait
 $PY -m gradsift.bench.quality --out $OUT/quality-s11 --report-only
+
+# part D (amendment 4): definitions, ftw against cosine, fresh seeds (session 10's data:
+# `gradsift data build --target definition --out $OUT/unseen/definition --seed 0
+# --n-stream 1200 --n-target 400`); the seeds that finished are in BENCHMARKS.md
+U=$OUT/unseen/definition
+[ -f $U/stream.jsonl ] || $PY -m gradsift.cli data build --target definition --out $U --seed 0 \
+    --n-stream 1200 --n-target 400
+defs() {
+  for s in "$@"; do
+    $PY -m gradsift.bench.quality --suite full --out $OUT/quality-s11-def --stream $U/stream.jsonl \
+        --target $U/target.jsonl --name unseen-definition --methods ftw,cosine --seeds $s \
+        --threads 1 --quiet
+  done
+}
+defs $(seq 12 2 30) &
+defs $(seq 13 2 31) &
+wait
+$PY -m gradsift.bench.quality --out $OUT/quality-s11-def --report-only

@@ -54,7 +54,7 @@ defs() {
         --threads 1 --quiet
   done
 }
-defs $(seq 12 2 30) &
-defs $(seq 13 2 31) &
+defs $(seq 12 2 28) &
+defs $(seq 13 2 29) &
 wait
 $PY -m gradsift.bench.quality --out $OUT/quality-s11-def --report-only

@@ -87,6 +87,8 @@ class FTWResult:
         note: why fewer than ``k`` were selected ('' otherwise).
         shrink: the NNLS share ``s`` of the ``shrink`` weighting (None for other weightings).
         n_clipped: candidates whose gradient ``norm_clip`` scaled down.
+        cosines: (B,) each candidate's ``b_i / √(K_ii ĝᵀPĝ)``, what ``min_cosine`` compares
+            (NaN where undefined; None without ``target_sq_norm``).
     """
 
     indices: torch.Tensor
@@ -98,6 +100,7 @@ class FTWResult:
     note: str = ""
     shrink: float | None = None
     n_clipped: int = 0
+    cosines: np.ndarray | None = None
 
 
 def _solve_nnls(k_ss: np.ndarray, b_s: np.ndarray, ridge: float) -> np.ndarray:
@@ -418,10 +421,14 @@ def ftw_solve(
             per_target_all = per_target_all * clip[None, :]
     positive = finite & (b_all > 0.0)
     eligible = positive.copy()
+    cos = None
+    if target_sq_norm is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = b_all / np.sqrt(np.diag(k_all) * target_sq_norm)
+        cos[~finite] = np.nan
     if min_cosine > 0.0:
-        cos = np.zeros_like(b_all)
-        cos[positive] = b_all[positive] / np.sqrt(np.diag(k_all)[positive] * target_sq_norm)
-        eligible &= cos >= min_cosine
+        assert cos is not None
+        eligible &= np.where(positive, cos, 0.0) >= min_cosine
     pos = np.flatnonzero(eligible)
     b = b_all[pos]
     b_w = b_w_all[pos]
@@ -502,6 +509,7 @@ def ftw_solve(
         n_filtered=int(eligible.sum()),
         note=note,
         n_clipped=int((clip < 1.0).sum()),
+        cosines=cos,
     )
 
 

@@ -259,7 +259,8 @@ class FTWSelector(Selector):
             "geometry": cfg.geometry,
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
-            "cosines": _cosines(b, kmat, tsq),
+            "cosines": [round(c, 6) if math.isfinite(c) else None
+                        for c in res.cosines.tolist()],
         }
         indices, weights = res.indices, res.weights
         model = None
@@ -296,13 +297,6 @@ class FTWSelector(Selector):
             scores=b.detach().float(),
             diagnostics=diagnostics,
         )
-
-
-def _cosines(b: torch.Tensor, kmat: torch.Tensor, tsq: float) -> list[float | None]:
-    """Each candidate's cosine with ``ĝ`` in the metric, ``b_i / √(K_ii ĝᵀPĝ)`` (what
-    ``min_cosine`` compares against); None where it is undefined."""
-    cos = b.double() / (kmat.diagonal().double() * tsq).sqrt()
-    return [round(c, 6) if math.isfinite(c) else None for c in cos.tolist()]
 
 
 def _direction(ctx: SelectionContext) -> dict[str, torch.Tensor]:

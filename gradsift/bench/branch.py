@@ -48,7 +48,14 @@ The method ``oracle`` (one step only) is the best choice in hindsight: every ``k
 the ``B`` candidates at uniform weights is stepped and evaluated, and the lowest held-out loss
 kept. It bounds what any uniform-weight choice could gain from a state (chosen on the same
 held-out examples that score it, so it is optimistic by their noise) and costs ``C(B, k)``
-evaluations a state.
+evaluations a state. Each state's row then also keeps the whole table, ``oracle_table``, so
+that any subset rule can be scored offline, without a model:
+
+    pairs:       [[i, j, ...], loss]   every k-subset at uniform weights, held-out loss after
+    alignment:   b_i = ⟨g_i, P ĝ⟩      (ĝ = g_V, P = Adam's 1/(√v̂ + ε) at that state)
+    interaction: K_ij = ⟨g_i, P g_j⟩
+    target_cross: ⟨g_i, P h_t⟩ per target example t (B × n_t; when a method read them)
+    target_sq_norm: ĝᵀPĝ
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ from gradsift.bench.scenarios import (
     with_own_data,
 )
 from gradsift.engine import OnlineTrainer
+from gradsift.objective import alignment_and_interaction, target_sq_norm
 from gradsift.report.paired import paired_interval, seeds_for_power, sign_test
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 from gradsift.step import set_weighted_gradients
@@ -167,15 +175,20 @@ def _step_and_evaluate(trainer: OnlineTrainer, ctx: SelectionContext, sel: Selec
     return trainer.evaluate()
 
 
+def _uniform_subsets(ctx: SelectionContext) -> list[Selection]:
+    """Every ``k``-subset of the candidates at uniform weights."""
+    n = len(ctx.candidates)
+    k = min(ctx.k, n)
+    return [Selection(torch.tensor(subset, dtype=torch.int64), torch.full((k,), 1.0 / k),
+                      torch.zeros(n)) for subset in itertools.combinations(range(n), k)]
+
+
 def _oracle(trainer: OnlineTrainer, ctx: SelectionContext, start: Any,
             done: dict[tuple, float]) -> Selection:
     """Every ``k``-subset at uniform weights stepped from ``start`` and evaluated (into
     ``done``, which already holds the other methods' losses); the lowest one."""
-    k = min(ctx.k, len(ctx.candidates))
     best: tuple[float, Selection] | None = None
-    for subset in itertools.combinations(range(len(ctx.candidates)), k):
-        sel = Selection(torch.tensor(subset, dtype=torch.int64), torch.full((k,), 1.0 / k),
-                        torch.zeros(len(ctx.candidates)))
+    for sel in _uniform_subsets(ctx):
         if _key(sel) not in done:
             _restore(trainer, start)
             done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
@@ -183,6 +196,21 @@ def _oracle(trainer: OnlineTrainer, ctx: SelectionContext, start: Any,
             best = (done[_key(sel)], sel)
     assert best is not None
     return best[1]
+
+
+def _oracle_table(ctx: SelectionContext, done: dict[tuple, float]) -> dict[str, Any]:
+    """Every uniform-weight ``k``-subset's loss (from ``done``) and the objective's terms at
+    this state, in Adam's geometry (module docstring)."""
+    pairs = [[sel.indices.tolist(), done[_key(sel)]] for sel in _uniform_subsets(ctx)]
+    names = ctx.candidates.param_names
+    precondition = {n: ctx.optimizer_state.preconditioner[n] for n in names}
+    assert ctx.target_grad is not None
+    g_hat = {n: ctx.target_grad[n].float() for n in names}
+    b, kmat, cross = alignment_and_interaction(ctx.candidates, g_hat, precondition, "adam",
+                                               ctx.target_samples)
+    return {"pairs": pairs, "alignment": b.tolist(), "interaction": kmat.tolist(),
+            **({"target_cross": cross.tolist()} if cross is not None else {}),
+            "target_sq_norm": target_sq_norm(g_hat, precondition, names)}
 
 
 def make_selectors(methods: Sequence[str], reference: str) -> dict[str, Selector]:
@@ -233,8 +261,10 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             if _key(sel) not in done:
                 _restore(trainer, start)
                 done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
+        table = None
         if ORACLE in methods:
             choices[ORACLE] = _oracle(trainer, ctx, start, done)
+            table = _oracle_table(ctx, done)
         _restore(trainer, after)
         ids = record["candidate_ids"]
         rows.append({
@@ -244,6 +274,7 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             "weights": {m: [round(float(w), 6) for w in s.weights] for m, s in choices.items()},
             "diagnostics": {m: s.diagnostics for m, s in choices.items() if s.diagnostics},
             **({"reference_replay": replay} if verify else {}),
+            **({"oracle_table": table} if table is not None else {}),
         })
         before = done[_key(choices[reference])]
     return {"scenario": scenario.name, "reference": reference, "seed": seed,

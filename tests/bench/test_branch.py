@@ -76,6 +76,20 @@ class _Fixed(Selector):
                          torch.zeros(len(ctx.candidates)), {"n_filtered": len(ctx.candidates)})
 
 
+class _Recording(Selector):
+    """Keeps the context it selects from (with the per-example target factors); first k rows."""
+
+    name = "recording"
+    needs = "grads"
+    needs_target = True
+    needs_target_samples = True
+
+    def _select(self, ctx: SelectionContext) -> Selection:
+        self.ctx = ctx
+        return Selection(torch.arange(ctx.k), torch.full((ctx.k,), 1.0 / ctx.k),
+                         torch.zeros(len(ctx.candidates)))
+
+
 def test_oracle_is_the_best_subset_of_real_first_steps(tiny, tmp_path) -> None:
     """From the first state, the oracle's loss is the lowest of the engine's own first steps
     over every k-subset at uniform weights (each a separate run); at every state it is no
@@ -83,8 +97,8 @@ def test_oracle_is_the_best_subset_of_real_first_steps(tiny, tmp_path) -> None:
     suite = scenarios.SUITES["smoke"]
     scenario = suite.scenarios[0]
     data = scenarios.build_data(scenario, suite, tmp_path / "data")
-    res = branch.run_branches(*tiny, scenario, suite, ["random", "cosine", "oracle"], "random",
-                              0, data, tmp_path / "branches")
+    res = branch.run_branches(*tiny, scenario, suite, ["random", "cosine", "ftw", "oracle"],
+                              "random", 0, data, tmp_path / "branches")
     assert res["methods"][-1] == "oracle"
     losses = {}
     for rows in itertools.combinations(range(scenario.candidates), scenario.budget):
@@ -94,6 +108,34 @@ def test_oracle_is_the_best_subset_of_real_first_steps(tiny, tmp_path) -> None:
         losses[rows] = trainer.evaluate()
     first = res["steps"][0]
     assert first["after"]["oracle"] == pytest.approx(min(losses.values()), abs=1e-5)
+    # the table keeps every subset's loss: each one a separate real first step
+    table = {tuple(rows): loss for rows, loss in first["oracle_table"]["pairs"]}
+    assert table.keys() == losses.keys()
+    for rows, loss in losses.items():
+        assert table[rows] == pytest.approx(loss, abs=1e-5)
+    # ... and b, K, ⟨g_i, P h_t⟩ at that state, from the materialized per-sample gradients
+    recorder = _Recording()
+    scenarios.make_trainer(*tiny, scenario, suite, recorder, 0, data,
+                           tmp_path / "recorded").step()
+    ctx = recorder.ctx
+    names = ctx.candidates.param_names
+    flat = lambda d: torch.cat([d[n].reshape(len(d[n]), -1).double() for n in names], 1)  # noqa: E731
+    g, h = flat(ctx.candidates.materialize()), flat(ctx.target_samples.materialize())
+    p_vec = torch.cat([ctx.optimizer_state.preconditioner[n].reshape(-1).double()
+                       for n in names])
+    g_v = torch.cat([ctx.target_grad[n].reshape(-1).double() for n in names])
+    t = first["oracle_table"]
+    assert t["alignment"] == pytest.approx((g * p_vec) @ g_v, rel=1e-4, abs=1e-9)
+    assert np.array(t["interaction"]) == pytest.approx((g * p_vec) @ g.T, rel=1e-4, abs=1e-9)
+    assert np.array(t["target_cross"]) == pytest.approx((g * p_vec) @ h.T, rel=1e-4, abs=1e-9)
+    assert t["target_sq_norm"] == pytest.approx(float(g_v @ (p_vec * g_v)), rel=1e-5)
+    # the first state's P is constant (no v̂ yet); at the later ones, where it is not, ftw's
+    # logged cosines (tested against materialized gradients) are b_i / √(K_ii ĝᵀPĝ)
+    assert len(set(np.round(p_vec.numpy(), 6))) == 1
+    for row in res["steps"]:
+        t = row["oracle_table"]
+        cos = np.array(t["alignment"]) / np.sqrt(np.diag(t["interaction"]) * t["target_sq_norm"])
+        assert row["diagnostics"]["ftw"]["cosines"] == pytest.approx(cos, abs=2e-6)
     assert len(set(np.round(list(losses.values()), 6))) > 1  # the choice matters here
     for row in res["steps"]:
         assert len(row["selected"]["oracle"]) == scenario.budget

@@ -1,0 +1,57 @@
+"""Score subset rules offline on bench.branch oracle tables (exploratory).
+
+For each state: every k-subset's held-out loss after its uniform-weight step, b, K.
+A rule maps (b, K) to a score per subset; reported: mean share of the oracle's gain over the
+reference's 'before' loss, and the mean Spearman correlation of score with −loss over subsets.
+"""
+import json, sys, itertools
+from pathlib import Path
+import numpy as np
+from scipy.stats import spearmanr
+
+def rules(lams):
+    def rho(b, K, s):
+        w = np.zeros(len(b)); w[list(s)] = 1 / len(s)
+        q = w @ K @ w
+        return (b @ w) / np.sqrt(q) if q > 0 else -np.inf
+    def cos_sum(b, K, s):
+        return sum(b[i] / np.sqrt(K[i, i]) for i in s)
+    def b_sum(b, K, s):
+        return sum(b[i] for i in s)
+    out = {"rho (exhaustive)": rho, "sum of cosines (= cosine top-k)": cos_sum, "sum of b": b_sum}
+    for lam in lams:
+        def util(b, K, s, lam=lam):
+            w = np.zeros(len(b)); w[list(s)] = 1 / len(s)
+            return b @ w - lam * (w @ K @ w)
+        out[f"bᵀw − {lam:g}·wᵀKw"] = util
+    return out
+
+files = [Path(f) for f in sys.argv[1:]]
+states = []
+for f in files:
+    d = json.load(open(f))
+    for row in d["steps"]:
+        if "oracle_table" in row:
+            states.append((f, row))
+print(f"{len(states)} states from {len(files)} files")
+# λ on the scale of b/K: median over states of mean(b)/mean(diag K)
+scale = np.median([np.mean(np.abs(r["oracle_table"]["alignment"])) /
+                   np.mean(np.diag(r["oracle_table"]["interaction"])) for _, r in states])
+lams = [scale * x for x in (0.25, 1, 4)]
+R = rules(lams)
+res = {name: {"share": [], "spearman": []} for name in R}
+res["ftw (its own weights)"] = {"share": [], "spearman": []}
+for f, row in states:
+    t = row["oracle_table"]; b = np.array(t["alignment"]); K = np.array(t["interaction"])
+    subsets = [tuple(s) for s, _ in t["pairs"]]; loss = np.array([l for _, l in t["pairs"]])
+    before = row["before"]; best = loss.min(); gain = before - best
+    for name, fn in R.items():
+        sc = np.array([fn(b, K, s) for s in subsets])
+        pick = int(np.argmax(sc))
+        res[name]["share"].append((before - loss[pick]) / gain if gain > 0 else np.nan)
+        res[name]["spearman"].append(spearmanr(sc, -loss).statistic)
+    res["ftw (its own weights)"]["share"].append((before - row["after"]["ftw"]) / gain if gain > 0 else np.nan)
+print(f"λ scale (median |b|/K_ii): {scale:.3g}")
+for name, v in res.items():
+    sp = np.nanmean(v["spearman"]) if v["spearman"] else float("nan")
+    print(f"{name:36s} share of oracle gain {np.nanmean(v['share']):.3f}   spearman(score, −loss) {sp:+.3f}")

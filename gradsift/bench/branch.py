@@ -51,6 +51,7 @@ held-out examples that score it, so it is optimistic by their noise) and costs `
 evaluations a state. Each state's row then also keeps the whole table, ``oracle_table``, so
 that any subset rule can be scored offline, without a model:
 
+    candidate_ids: the B candidates' ids (``selected`` names rows by id)
     pairs:       [[i, j, ...], loss]   every k-subset at uniform weights, held-out loss after
     alignment:   b_i = ⟨g_i, P ĝ⟩      (ĝ = g_V, P = Adam's 1/(√v̂ + ε) at that state)
     interaction: K_ij = ⟨g_i, P g_j⟩
@@ -264,7 +265,7 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
         table = None
         if ORACLE in methods:
             choices[ORACLE] = _oracle(trainer, ctx, start, done)
-            table = _oracle_table(ctx, done)
+            table = {"candidate_ids": list(record["candidate_ids"]), **_oracle_table(ctx, done)}
         _restore(trainer, after)
         ids = record["candidate_ids"]
         rows.append({

@@ -134,6 +134,11 @@ def test_oracle_is_the_best_subset_of_real_first_steps(tiny, tmp_path) -> None:
     assert len(set(np.round(p_vec.numpy(), 6))) == 1
     for row in res["steps"]:
         t = row["oracle_table"]
+        # every method's rows at uniform weights are one entry of the table
+        ids, table = t["candidate_ids"], {tuple(r): loss for r, loss in t["pairs"]}
+        for m in ("random", "cosine", "oracle"):
+            rows = tuple(sorted(ids.index(i) for i in row["selected"][m]))
+            assert table[rows] == pytest.approx(row["after"][m], abs=1e-6)
         cos = np.array(t["alignment"]) / np.sqrt(np.diag(t["interaction"]) * t["target_sq_norm"])
         assert row["diagnostics"]["ftw"]["cosines"] == pytest.approx(cos, abs=2e-6)
     assert len(set(np.round(list(losses.values()), 6))) > 1  # the choice matters here

@@ -41,6 +41,7 @@ lams = [scale * x for x in (0.25, 1, 4)]
 R = rules(lams)
 res = {name: {"share": [], "spearman": []} for name in R}
 res["ftw (its own weights)"] = {"share": [], "spearman": []}
+res["ftw's rows at uniform weights"] = {"share": [], "spearman": []}
 for f, row in states:
     t = row["oracle_table"]; b = np.array(t["alignment"]); K = np.array(t["interaction"])
     subsets = [tuple(s) for s, _ in t["pairs"]]; loss = np.array([l for _, l in t["pairs"]])
@@ -50,6 +51,10 @@ for f, row in states:
         pick = int(np.argmax(sc))
         res[name]["share"].append((before - loss[pick]) / gain if gain > 0 else np.nan)
         res[name]["spearman"].append(spearmanr(sc, -loss).statistic)
+    ids = t["candidate_ids"]; rows = tuple(sorted(ids.index(i) for i in row["selected"]["ftw"]))
+    if len(rows) == len(subsets[0]):
+        lu = dict(zip(subsets, loss))[rows]
+        res["ftw's rows at uniform weights"]["share"].append((before - lu) / gain if gain > 0 else np.nan)
     res["ftw (its own weights)"]["share"].append((before - row["after"]["ftw"]) / gain if gain > 0 else np.nan)
 print(f"λ scale (median |b|/K_ii): {scale:.3g}")
 for name, v in res.items():

@@ -185,31 +185,32 @@ def _uniform_subsets(ctx: SelectionContext) -> list[Selection]:
 
 
 def _oracle(trainer: OnlineTrainer, ctx: SelectionContext, start: Any,
-            done: dict[tuple, float]) -> Selection:
+            done: dict[tuple, float]) -> tuple[Selection, list[list]]:
     """Every ``k``-subset at uniform weights stepped from ``start`` and evaluated (into
-    ``done``, which already holds the other methods' losses); the lowest one."""
-    best: tuple[float, Selection] | None = None
+    ``done``, which already holds the other methods' losses): the lowest one, and every
+    subset's ``[rows, loss]``."""
+    pairs, best = [], None
     for sel in _uniform_subsets(ctx):
         if _key(sel) not in done:
             _restore(trainer, start)
             done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
-        if best is None or done[_key(sel)] < best[0]:
-            best = (done[_key(sel)], sel)
+        pairs.append([sel.indices.tolist(), done[_key(sel)]])
+        if best is None or done[_key(sel)] < done[_key(best)]:
+            best = sel
     assert best is not None
-    return best[1]
+    return best, pairs
 
 
-def _oracle_table(ctx: SelectionContext, done: dict[tuple, float]) -> dict[str, Any]:
-    """Every uniform-weight ``k``-subset's loss (from ``done``) and the objective's terms at
-    this state, in Adam's geometry (module docstring)."""
-    pairs = [[sel.indices.tolist(), done[_key(sel)]] for sel in _uniform_subsets(ctx)]
+def _objective_terms(ctx: SelectionContext) -> dict[str, Any]:
+    """``b``, ``K``, the target cross Gram and ``ĝᵀPĝ`` at this state, in Adam's geometry
+    (the oracle's table, module docstring)."""
     names = ctx.candidates.param_names
     precondition = {n: ctx.optimizer_state.preconditioner[n] for n in names}
     assert ctx.target_grad is not None
     g_hat = {n: ctx.target_grad[n].float() for n in names}
     b, kmat, cross = alignment_and_interaction(ctx.candidates, g_hat, precondition, "adam",
                                                ctx.target_samples)
-    return {"pairs": pairs, "alignment": b.tolist(), "interaction": kmat.tolist(),
+    return {"alignment": b.tolist(), "interaction": kmat.tolist(),
             **({"target_cross": cross.tolist()} if cross is not None else {}),
             "target_sq_norm": target_sq_norm(g_hat, precondition, names)}
 
@@ -262,12 +263,11 @@ def run_branches(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             if _key(sel) not in done:
                 _restore(trainer, start)
                 done[_key(sel)] = _step_and_evaluate(trainer, ctx, sel)
-        table = None
+        ids, table = record["candidate_ids"], None
         if ORACLE in methods:
-            choices[ORACLE] = _oracle(trainer, ctx, start, done)
-            table = {"candidate_ids": list(record["candidate_ids"]), **_oracle_table(ctx, done)}
+            choices[ORACLE], pairs = _oracle(trainer, ctx, start, done)
+            table = {"candidate_ids": list(ids), "pairs": pairs, **_objective_terms(ctx)}
         _restore(trainer, after)
-        ids = record["candidate_ids"]
         rows.append({
             "step": step, "before": before,
             "after": {m: done[_key(s)] for m, s in choices.items()},

@@ -86,6 +86,7 @@ from gradsift.bench.scenarios import (
     Suite,
     add_own_data_arguments,
     build_data,
+    claim_out_folder,
     make_trainer,
     stream_ended,
     with_own_data,
@@ -557,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     suite = with_own_data(parser, args, SUITES[args.suite])
     out = args.out or Path(f"runs/branch-{args.suite}")
+    claim_out_folder(parser, out, args.suite, suite, write=not args.report_only)
 
     def split(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None

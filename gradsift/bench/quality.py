@@ -66,6 +66,7 @@ from gradsift.bench.scenarios import (
     Suite,
     add_own_data_arguments,
     build_data,
+    claim_out_folder,
     make_trainer,
     stream_ended,
     with_own_data,
@@ -342,7 +343,7 @@ def _job_order(job: tuple[int, Scenario, str]) -> tuple:
     after the others; seed-major within a phase, so a stopped suite leaves complete pairs."""
     seed, sc, method = job
     phase = next((i for i, ms in enumerate(PHASES) if method in ms), len(PHASES))
-    return (seed >= 3, phase, sc.candidates > 8, seed)
+    return (seed >= 3, phase, sc.candidates > 4 * sc.budget, seed)
 
 
 def _result_path(out: Path, scenario: str, method: str, seed: int) -> Path:
@@ -550,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")
+    claim_out_folder(parser, out, args.suite, suite, write=not args.report_only)
 
     def split(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None

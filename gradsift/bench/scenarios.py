@@ -16,7 +16,7 @@ import copy
 import json
 import random
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,13 @@ SUITES = {
     "full": Suite("smollm2-135m", SCENARIOS, (0, 1, 2, 3, 4), steps=12, max_length=40,
                   lr=2e-3, eval_size=64, eval_every=4, target_batch_size=8, n_stream=1200,
                   n_accuracy=100),
+    # the same scenarios with twice the candidates and budget (k/B unchanged), twice the steps
+    # at half the lr: each step averages over more samples and moves the model less, so the
+    # trajectory is less chaotic and the seed-to-seed spread of a paired difference smaller
+    "steady": Suite("smollm2-135m", tuple(replace(s, candidates=2 * s.candidates,
+                                                  budget=2 * s.budget) for s in SCENARIOS),
+                    (0, 1, 2, 3, 4), steps=24, max_length=40, lr=1e-3, eval_size=64,
+                    eval_every=4, target_batch_size=8, n_stream=1200, n_accuracy=100),
     "smoke": Suite("tiny", (
         Scenario("label-noise", "smoke", "arithmetic", _MIXED, candidates=4, budget=2,
                  accuracy=True),
@@ -265,6 +272,29 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
         (run_dir / name).unlink(missing_ok=True)
     return OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
                          pad_token_id=tokenizer.pad_token_id, seed=seed)
+
+
+def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,
+                     write: bool = True) -> None:
+    """Refuse a folder whose ``suite.json`` says its runs were made under other sizes, which
+    resuming or summarizing would mix; with ``write``, record this suite's on first use."""
+    sizes = {"suite": name, **{f.name: getattr(suite, f.name) for f in fields(Suite)
+                               if f.name not in ("scenarios", "seeds")}}
+    path = out / "suite.json"
+    if path.exists():
+        try:
+            made = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            parser.error(f"{path}: not JSON ({exc}); remove it if the runs under {out} are "
+                         f"--suite {name}'s")
+        differ = sorted(k for k in sizes.keys() | made.keys() if made.get(k) != sizes.get(k))
+        if differ:
+            parser.error(f"{out} holds runs of another setting ({path}: " + ", ".join(
+                f"{k} {made.get(k)!r} there, {sizes.get(k)!r} here" for k in differ)
+                + "); give another --out or the same --suite and --max-length")
+    elif write:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(sizes, indent=1) + "\n")
 
 
 def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ def test_metrics_match_hand_computation() -> None:
     assert math.isinf(quality.steps_to_reach(r, 0.5))
 
 
-def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
+def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
     assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet",
                          "--methods", "ftw,random", "--seeds", "0,1"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -67,6 +67,17 @@ def test_smoke_suite_runs_end_to_end(tmp_path) -> None:
     quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",
                   "ftw,random", "--seeds", "0,1"])
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
+    # the folder keeps the setting its runs were made in: another suite or length is refused,
+    # before anything is summarized over runs of another number of steps
+    made = json.loads((tmp_path / "suite.json").read_text())
+    assert (made["suite"], made["steps"], made["lr"]) == ("smoke", 3, 1e-2)
+    for other in (["--suite", "full"], ["--suite", "smoke", "--max-length", "30"]):
+        with pytest.raises(SystemExit):
+            quality.main([*other, "--out", str(tmp_path), "--report-only"])
+        err = capsys.readouterr().err
+        assert str(tmp_path / "suite.json") in err
+        assert ("steps 3 there, 12 here" if "full" in other else
+                "max_length 24 there, 30 here") in err
 
 
 def test_report_only_on_a_folder_without_runs_says_so(tmp_path, capsys) -> None:

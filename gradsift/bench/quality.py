@@ -23,8 +23,13 @@ budget ``k`` of ``B`` candidates per step, and compares them in a **paired** des
   ``realized ≈ pred − c · quad`` can be checked and ``c`` estimated.
 
 Every run writes ``<out>/<scenario>/<method>/seed_<s>/result.json``; a restarted suite skips
-the finished runs (resume at run granularity: a run killed half-way is run again).
-``--suite smoke`` runs the pipeline on the tiny model in well under a minute (``make test``).
+the finished runs (resume at run granularity: a run killed half-way is run again), and
+``<out>/suite.json`` keeps the folder to the setting its runs were made in.
+``--suite steady`` is ``full`` with k and B doubled, twice the steps at half the lr: each step
+averages over more samples and moves the model less, which is meant to shrink the seed-to-seed
+spread of a paired difference (``BENCHMARKS.md`` says by how much), at about four times
+``full``'s cost. ``--suite smoke`` runs the pipeline on the tiny model in well under a minute
+(``make test``).
 ``--stream FILE --target FILE`` adds a scenario on your own data (and runs only it, unless
 ``--scenarios`` names more): the same paired comparison on a stream and target the suite has
 never seen.

@@ -48,7 +48,8 @@ The method ``oracle`` (one step only) is the best choice in hindsight: every ``k
 the ``B`` candidates at uniform weights is stepped and evaluated, and the lowest held-out loss
 kept. It bounds what any uniform-weight choice could gain from a state (chosen on the same
 held-out examples that score it, so it is optimistic by their noise) and costs ``C(B, k)``
-evaluations a state. Each state's row then also keeps the whole table, ``oracle_table``, so
+evaluations a state (more than ``MAX_ORACLE_SUBSETS`` are refused: ``--suite steady``'s
+C(16, 4) = 1820). Each state's row then also keeps the whole table, ``oracle_table``, so
 that any subset rule can be scored offline, without a model:
 
     candidate_ids: the B candidates' ids (``selected`` names rows by id)
@@ -107,6 +108,7 @@ METHODS = ("ftw", "greats", "cosine", "random", "opus", "gradnorm", "loss",
 
 # the best k-subset at uniform weights in hindsight (module docstring); not a selector
 ORACLE = "oracle"
+MAX_ORACLE_SUBSETS = 500  # C(B, k) held-out evaluations a state; C(16, 4) = 1820 is refused
 
 
 class _Branches(Selector):
@@ -393,6 +395,14 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     if unknown:
         raise ValueError(f"unknown scenario(s) {sorted(unknown)}; "
                          f"available: {[s.name for s in suite.scenarios]}")
+    if ORACLE in methods:
+        for sc in chosen:
+            if math.comb(sc.candidates, sc.budget) > MAX_ORACLE_SUBSETS:
+                raise ValueError(
+                    f"the oracle steps every one of C({sc.candidates}, {sc.budget}) = "
+                    f"{math.comb(sc.candidates, sc.budget)} subsets a state in scenario "
+                    f"{sc.name!r}, more than {MAX_ORACLE_SUBSETS}: run it on a smaller k of B "
+                    "(--suite full) or leave it out of --methods")
     wanted = set(methods) | {reference}
     jobs = [(seed, sc) for seed in (seeds or suite.seeds) for sc in chosen]
     todo = [(seed, sc) for seed, sc in jobs if not _finished(

@@ -27,8 +27,8 @@ the finished runs (resume at run granularity: a run killed half-way is run again
 ``<out>/suite.json`` keeps the folder to the setting its runs were made in.
 ``--suite steady`` is ``full`` with k and B doubled, twice the steps at half the lr: each step
 averages over more samples and moves the model less, which is meant to shrink the seed-to-seed
-spread of a paired difference (``BENCHMARKS.md`` says by how much), at about four times
-``full``'s cost. ``--suite smoke`` runs the pipeline on the tiny model in well under a minute
+spread of a paired difference (``BENCHMARKS.md`` says by how much), at about 2.6 times
+``full``'s time a run. ``--suite smoke`` runs the pipeline on the tiny model in well under a minute
 (``make test``).
 ``--stream FILE --target FILE`` adds a scenario on your own data (and runs only it, unless
 ``--scenarios`` names more): the same paired comparison on a stream and target the suite has

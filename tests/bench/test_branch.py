@@ -270,3 +270,13 @@ def test_your_own_stream_and_target_run_as_a_scenario(tiny, tmp_path) -> None:
     assert res["steps"][0]["before"] == pytest.approx(own[0], abs=1e-6)
     with pytest.raises(SystemExit):  # one without the other
         branch.main(["--suite", "smoke", "--target", str(tmp_path / "target.jsonl")])
+
+
+def test_the_oracle_refuses_more_subsets_than_it_can_step(tmp_path) -> None:
+    # steady's redundancy: 4 of 16, C(16, 4) = 1820 held-out evaluations a state; full's 2 of
+    # 8 is C(8, 2) = 28. Refused before any model loads (none would here: no weights needed).
+    steady = branch.SUITES["steady"]
+    with pytest.raises(ValueError, match=r"C\(16, 4\) = 1820 subsets a state in scenario "
+                                         r"'redundancy'"):
+        branch.run_suite(steady, tmp_path, ["redundancy"], ["ftw", "oracle"], "random", [0])
+    assert not list(tmp_path.iterdir())

@@ -104,8 +104,8 @@ SUITES = {
                   lr=2e-3, eval_size=64, eval_every=4, target_batch_size=8, n_stream=1200,
                   n_accuracy=100),
     # the same scenarios with twice the candidates and budget (k/B unchanged), twice the steps
-    # at half the lr: each step averages over more samples and moves the model less, so the
-    # trajectory is less chaotic and the seed-to-seed spread of a paired difference smaller
+    # at half the lr: each step averages over more samples and moves the model less; the seed
+    # sd of a paired difference fell to 0.25-0.6 of full's (BENCHMARKS.md, session 13)
     "steady": Suite("smollm2-135m", tuple(replace(s, candidates=2 * s.candidates,
                                                   budget=2 * s.budget) for s in SCENARIOS),
                     (0, 1, 2, 3, 4), steps=24, max_length=40, lr=1e-3, eval_size=64,

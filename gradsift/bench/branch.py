@@ -431,8 +431,11 @@ def _finished(path: Path, methods: set[str]) -> bool:
     return path.exists() and methods <= set(json.loads(path.read_text())["methods"])
 
 
+RESULTS = "*/ref-*/seed_*/branch.json"  # a finished run, under --out
+
+
 def load_results(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("*/ref-*/seed_*/branch.json"))]
+    return [json.loads(p.read_text()) for p in sorted(out.glob(RESULTS))]
 
 
 def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, Any]:
@@ -568,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     suite = with_own_data(parser, args, SUITES[args.suite])
     out = args.out or Path(f"runs/branch-{args.suite}")
-    claim_out_folder(parser, out, args.suite, suite, write=not args.report_only)
+    claim_out_folder(parser, out, args.suite, suite, RESULTS,
+                     write=not args.report_only)
 
     def split(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None

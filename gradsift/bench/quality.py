@@ -355,9 +355,12 @@ def _result_path(out: Path, scenario: str, method: str, seed: int) -> Path:
     return out / scenario / method / f"seed_{seed}" / "result.json"
 
 
+RESULTS = "*/*/seed_*/result.json"  # a finished run, under --out
+
+
 def load_results(out: Path) -> list[RunResult]:
     return [RunResult(**json.loads(p.read_text()))
-            for p in sorted(out.glob("*/*/seed_*/result.json"))]
+            for p in sorted(out.glob(RESULTS))]
 
 
 # ------------------------------------------------------------------------ metrics
@@ -556,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")
-    claim_out_folder(parser, out, args.suite, suite, write=not args.report_only)
+    claim_out_folder(parser, out, args.suite, suite, RESULTS,
+                     write=not args.report_only)
 
     def split(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None

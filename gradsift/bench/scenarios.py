@@ -275,13 +275,14 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
 
 
 def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,
-                     write: bool = True) -> None:
-    """Refuse a folder whose ``suite.json`` says its runs were made under other sizes, which
-    resuming or summarizing would mix; with ``write``, record this suite's on first use."""
+                     finished: str, write: bool = True) -> None:
+    """Refuse a folder whose ``suite.json`` says its finished runs (files matching the glob
+    ``finished``) were made under other sizes, which resuming or summarizing would mix; with
+    ``write``, record this suite's sizes where no finished run says otherwise."""
     sizes = {"suite": name, **{f.name: getattr(suite, f.name) for f in fields(Suite)
                                if f.name not in ("scenarios", "seeds")}}
     path = out / "suite.json"
-    if path.exists():
+    if path.exists() and next(out.glob(finished), None) is not None:
         try:
             made = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -292,7 +293,7 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
             parser.error(f"{out} holds runs of another setting ({path}: " + ", ".join(
                 f"{k} {made.get(k)!r} there, {sizes.get(k)!r} here" for k in differ)
                 + "); give another --out or the same --suite and --max-length")
-    elif write:
+    elif write:  # a first use, or a folder whose earlier calls finished no run
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(sizes, indent=1) + "\n")
 

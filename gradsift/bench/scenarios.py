@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -277,25 +278,42 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
 def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,
                      finished: str, write: bool = True) -> None:
     """Refuse a folder whose ``suite.json`` says its finished runs (files matching the glob
-    ``finished``) were made under other sizes, which resuming or summarizing would mix; with
-    ``write``, record this suite's sizes where no finished run says otherwise."""
+    ``finished``, ``<scenario>/...``) were made under other sizes, or a scenario's under
+    another k or B, which resuming or summarizing would mix; with ``write``, record this call's
+    sizes (keeping the other scenarios' records)."""
     sizes = {"suite": name, **{f.name: getattr(suite, f.name) for f in fields(Suite)
                                if f.name not in ("scenarios", "seeds")}}
+    kb = {sc.name: {"candidates": sc.candidates, "budget": sc.budget} for sc in suite.scenarios}
     path = out / "suite.json"
-    if path.exists() and next(out.glob(finished), None) is not None:
+    made: dict[str, Any] = {}
+    if path.exists():
         try:
             made = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            parser.error(f"{path}: not JSON ({exc}); remove it if the runs under {out} are "
-                         f"--suite {name}'s")
-        differ = sorted(k for k in sizes.keys() | made.keys() if made.get(k) != sizes.get(k))
+            if next(out.glob(finished), None) is not None:
+                parser.error(f"{path}: not JSON ({exc}); remove it if the runs under {out} are "
+                             f"--suite {name}'s")
+    if next(out.glob(finished), None) is not None:
+        differ = sorted(k for k in (sizes.keys() | made.keys()) - {"scenarios"}
+                        if made.get(k) != sizes.get(k))
         if differ:
             parser.error(f"{out} holds runs of another setting ({path}: " + ", ".join(
                 f"{k} {made.get(k)!r} there, {sizes.get(k)!r} here" for k in differ)
                 + "); give another --out or the same --suite and --max-length")
-    elif write:  # a first use, or a folder whose earlier calls finished no run
+        below = finished.split("/", 1)[1]
+        for scenario, here in kb.items():
+            there = made.get("scenarios", {}).get(scenario)
+            if there not in (None, here) and next((out / scenario).glob(below), None):
+                parser.error(f"{out / scenario} holds runs of another k or B ({path}: " + ", "
+                             .join(f"{k} {there.get(k)!r} there, {here[k]!r} here" for k in
+                                   here if there.get(k) != here[k]) + "); give another "
+                             "--out or --name, or the same --candidates and --budget")
+    text = json.dumps({**sizes, "scenarios": {**made.get("scenarios", {}), **kb}}, indent=1)
+    if write and made != json.loads(text):  # whole, so a shard started alongside reads JSON
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(sizes, indent=1) + "\n")
+        part = path.with_name(f"suite.json.{os.getpid()}")
+        part.write_text(text + "\n")
+        part.replace(path)
 
 
 def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,8 @@ def test_near_duplicates_replace_the_requested_share() -> None:
     assert len({r["id"] for r in out}) == 40
 
 
-def test_your_own_records_must_train_within_the_token_limit(tmp_path) -> None:
+def test_your_own_records_must_train_within_the_token_limit(tmp_path,
+                                                            capsys) -> None:
     """A chat record whose answer lies past max_length would be skipped, shifting the batches:
     refused with the count and the flag; --max-length makes room."""
     stream = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"What is {i}+1?"},
@@ -52,6 +53,24 @@ def test_your_own_records_must_train_within_the_token_limit(tmp_path) -> None:
     result = json.loads((tmp_path / "out" / "custom-target" / "random" / "seed_0" /
                          "result.json").read_text())
     assert result["trained_samples"] == 3 * 2
+    # the folder now holds this scenario's runs at B=4, k=2: another B or k is refused before
+    # anything runs or is summarized with them; another --name is a new scenario beside them
+    rerun = args + ["--max-length", str(tokens + 8), "--budget", "1"]
+    with pytest.raises(SystemExit):
+        quality.main([*rerun, "--candidates", "8"])  # the last --candidates counts
+    err = capsys.readouterr().err
+    assert "custom-target holds runs of another k or B" in err
+    assert "candidates 4 there, 8 here" in err and "budget 2 there, 1 here" in err
+    with pytest.raises(SystemExit):
+        quality.main([*rerun, "--report-only"])
+    assert "budget 2 there, 1 here" in capsys.readouterr().err
+    assert quality.main([*rerun, "--name", "one"]) == 0
+    made = json.loads((tmp_path / "out" / "suite.json").read_text())["scenarios"]
+    assert made["custom-target"] == {"candidates": 4, "budget": 2}
+    assert made["one"] == {"candidates": 4, "budget": 1}
+    result = json.loads((tmp_path / "out" / "one" / "random" / "seed_0" /
+                         "result.json").read_text())
+    assert result["trained_samples"] == 3 * 1
 
 
 def test_a_small_target_set_holds_out_eval_size_records(tmp_path, capsys) -> None:

@@ -1,6 +1,10 @@
-"""Build a SmolLM2-135M-architecture folder with random weights (timing only) from config + tokenizer."""
-import shutil, sys
+"""Build a SmolLM2-135M-architecture folder with random weights (timing only) from config and
+tokenizer."""
+
+import shutil
+import sys
 from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -285,15 +285,16 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
                                if f.name not in ("scenarios", "seeds")}}
     kb = {sc.name: {"candidates": sc.candidates, "budget": sc.budget} for sc in suite.scenarios}
     path = out / "suite.json"
+    has_runs = next(out.glob(finished), None) is not None
     made: dict[str, Any] = {}
     if path.exists():
         try:
             made = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            if next(out.glob(finished), None) is not None:
+            if has_runs:
                 parser.error(f"{path}: not JSON ({exc}); remove it if the runs under {out} are "
                              f"--suite {name}'s")
-    if next(out.glob(finished), None) is not None:
+    if has_runs:
         differ = sorted(k for k in (sizes.keys() | made.keys()) - {"scenarios"}
                         if made.get(k) != sizes.get(k))
         if differ:

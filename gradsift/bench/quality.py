@@ -24,7 +24,10 @@ budget ``k`` of ``B`` candidates per step, and compares them in a **paired** des
 
 Every run writes ``<out>/<scenario>/<method>/seed_<s>/result.json``; a restarted suite skips
 the finished runs (resume at run granularity: a run killed half-way is run again), and
-``<out>/suite.json`` keeps the folder to the setting its runs were made in.
+``<out>/suite.json`` keeps the folder to the setting its runs were made in. Unless ``--quiet``,
+the suite says how many runs it has to do and about how long they take: each at the mean wall
+time of the runs already finished in the folder (same scenario and method where there are
+some), updated after every run.
 ``--suite steady`` is ``full`` with k and B doubled, twice the steps at half the lr: each step
 averages over more samples and moves the model less, which is meant to shrink the seed-to-seed
 spread of a paired difference (``BENCHMARKS.md`` says by how much), at about 2.6 times
@@ -145,6 +148,7 @@ class RunResult:
     trained_samples: int = 0
     selected_sources: dict[str, int] = field(default_factory=dict)
     wrong_answers: int = 0
+    wall_seconds: float = 0.0  # the whole run, model copy and final evaluations included
 
 
 def eval_steps(suite: Suite) -> list[int]:
@@ -328,19 +332,57 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
     todo = todo[shard[0]::shard[1]]
     if todo:
+        known: dict[tuple[str, str], list[float]] = {}
+        for r in load_results(out):
+            known.setdefault((r.scenario, r.method), []).append(r.wall_seconds or r.seconds)
+        left = [(sc.name, method) for _, sc, method in todo]
+        if not quiet:
+            print(f"{len(todo)} runs to do{_about(left, known)}", file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)
         for n, (seed, sc, method) in enumerate(todo, 1):
+            t0 = time.perf_counter()
             data = build_data(sc, suite, out / sc.name / "data")
             path = _result_path(out, sc.name, method, seed)
             res = run_one(base, tokenizer, sc, suite, method, seed, data, path.parent)
+            res.wall_seconds = round(time.perf_counter() - t0, 2)
             path.write_text(json.dumps(asdict(res)))
+            known.setdefault((sc.name, method), []).append(res.wall_seconds)
             if not quiet:
                 print(f"[{n}/{len(todo)}] {sc.name} {method} seed {seed}: primary "
-                      f"{primary(res, suite):.4f} ({res.seconds:.0f} s)", file=sys.stderr,
-                      flush=True)
+                      f"{primary(res, suite):.4f} ({res.wall_seconds:.0f} s)"
+                      f"{_about(left[n:], known, 'left')}", file=sys.stderr, flush=True)
     return load_results(out)
+
+
+def estimate_seconds(jobs: Sequence[tuple[str, str]],
+                     known: dict[tuple[str, str], list[float]]) -> float | None:
+    """Time of the (scenario, method) ``jobs``: each at the mean time of the finished runs of
+    its scenario and method, else of its scenario, else of all; None when none has finished."""
+    if not known:
+        return None
+    every = [t for times in known.values() for t in times]
+    total = 0.0
+    for scenario, method in jobs:
+        times = known.get((scenario, method)) or [
+            t for (sc, _), ts in known.items() if sc == scenario for t in ts] or every
+        total += sum(times) / len(times)
+    return total
+
+
+def _about(jobs: Sequence[tuple[str, str]], known: dict[tuple[str, str], list[float]],
+           word: str = "at the times of the runs finished here") -> str:
+    seconds = estimate_seconds(jobs, known)
+    return "" if seconds is None or not jobs else f", about {duration(seconds)} {word}"
+
+
+def duration(seconds: float) -> str:
+    """``3 h 05 min``, ``7 min``, ``45 s``."""
+    minutes = round(seconds / 60)
+    if seconds < 90:
+        return f"{round(seconds)} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _job_order(job: tuple[int, Scenario, str]) -> tuple:

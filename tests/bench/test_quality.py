@@ -67,6 +67,20 @@ def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
     quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",
                   "ftw,random", "--seeds", "0,1"])
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
+    # a run that is not quiet says what is left, at the times of the runs finished here:
+    # two ftw runs of seed 2, each at the mean wall time of ftw's seeds 0-1 in its scenario
+    capsys.readouterr()
+    quality.main(["--suite", "smoke", "--out", str(tmp_path), "--methods", "ftw",
+                  "--seeds", "2"])
+    err = capsys.readouterr().err.splitlines()
+    walls = {sc: [json.loads((tmp_path / sc / "ftw" / f"seed_{s}" / "result.json").read_text())
+                  ["wall_seconds"] for s in (0, 1)] for sc in ("label-noise", "redundancy")}
+    assert all(0 < t for ts in walls.values() for t in ts)
+    hand = sum(sum(ts) / 2 for ts in walls.values())
+    assert err[0] == f"2 runs to do, about {quality.duration(hand)} at the times of the runs " \
+                     "finished here"
+    assert err[1].startswith("[1/2] ") and err[1].endswith(" left")
+    assert err[2].startswith("[2/2] ") and "about" not in err[2]
     # the folder keeps the setting its runs were made in: another suite or length is refused,
     # before anything is summarized over runs of another number of steps
     made = json.loads((tmp_path / "suite.json").read_text())
@@ -99,6 +113,17 @@ def test_a_method_variant_names_engine_and_selector_options() -> None:
     suite = scenarios.SUITES["smoke"]
     assert "ftw@target_ema=0.8" in quality.methods_for(suite.scenarios[0],
                                                        ["ftw", "ftw@target_ema=0.8"])
+
+
+def test_time_left_is_the_mean_of_finished_runs_alike() -> None:
+    known = {("a", "ftw"): [100.0, 200.0], ("a", "random"): [50.0], ("b", "ftw"): [300.0]}
+    # same scenario and method; else same scenario (100, 200, 50); else every run
+    jobs = [("a", "ftw"), ("a", "greats"), ("c", "ftw")]
+    assert quality.estimate_seconds(jobs, known) == pytest.approx(
+        150 + 350 / 3 + 650 / 4)
+    assert quality.estimate_seconds(jobs, {}) is None
+    assert [quality.duration(s) for s in (45, 420, 3900, 11100)] == [
+        "45 s", "7 min", "1 h 05 min", "3 h 05 min"]
 
 
 def _write(path, rows) -> None:

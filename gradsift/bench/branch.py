@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradsift.bench.progress import about, runs_to_do
 from gradsift.bench.quality import nan_to_none, parse_method
 from gradsift.bench.scenarios import (
     MAX_GRAD_NORM,
@@ -408,6 +409,14 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     todo = [(seed, sc) for seed, sc in jobs if not _finished(
         _path(out, sc.name, reference, seed, horizon), wanted)][shard[0]::shard[1]]
     if todo:
+        known: dict[tuple[str, str], list[float]] = {}
+        for r in load_results(out):
+            kind = f"{r['reference']}, horizon {r.get('horizon', 1)}"
+            known.setdefault((r["scenario"], kind), []).append(r["seconds"])
+        kind = f"{reference}, horizon {horizon}"
+        left = [(sc.name, kind) for _, sc in todo]
+        if not quiet:
+            print(runs_to_do(left, known), file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -421,9 +430,10 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
                 res = run_rollouts(base, tokenizer, sc, suite, methods, reference, seed, data,
                                    path.parent, horizon)
             path.write_text(json.dumps(res))
+            known.setdefault((sc.name, kind), []).append(res["seconds"])
             if not quiet:
-                print(f"[{n}/{len(todo)}] {sc.name} seed {seed}: {res['seconds']:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"[{n}/{len(todo)}] {sc.name} seed {seed}: {res['seconds']:.0f} s"
+                      f"{about(left[n:], known, 'left')}", file=sys.stderr, flush=True)
     return load_results(out)
 
 

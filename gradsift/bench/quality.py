@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradsift.bench.progress import about, runs_to_do
 from gradsift.bench.scenarios import (
     MAX_GRAD_NORM,
     SUITES,
@@ -337,7 +338,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
             known.setdefault((r.scenario, r.method), []).append(r.wall_seconds or r.seconds)
         left = [(sc.name, method) for _, sc, method in todo]
         if not quiet:
-            print(f"{len(todo)} runs to do{_about(left, known)}", file=sys.stderr, flush=True)
+            print(runs_to_do(left, known), file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -352,37 +353,8 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
             if not quiet:
                 print(f"[{n}/{len(todo)}] {sc.name} {method} seed {seed}: primary "
                       f"{primary(res, suite):.4f} ({res.wall_seconds:.0f} s)"
-                      f"{_about(left[n:], known, 'left')}", file=sys.stderr, flush=True)
+                      f"{about(left[n:], known, 'left')}", file=sys.stderr, flush=True)
     return load_results(out)
-
-
-def estimate_seconds(jobs: Sequence[tuple[str, str]],
-                     known: dict[tuple[str, str], list[float]]) -> float | None:
-    """Time of the (scenario, method) ``jobs``: each at the mean time of the finished runs of
-    its scenario and method, else of its scenario, else of all; None when none has finished."""
-    if not known:
-        return None
-    every = [t for times in known.values() for t in times]
-    total = 0.0
-    for scenario, method in jobs:
-        times = known.get((scenario, method)) or [
-            t for (sc, _), ts in known.items() if sc == scenario for t in ts] or every
-        total += sum(times) / len(times)
-    return total
-
-
-def _about(jobs: Sequence[tuple[str, str]], known: dict[tuple[str, str], list[float]],
-           word: str = "at the times of the runs finished here") -> str:
-    seconds = estimate_seconds(jobs, known)
-    return "" if seconds is None or not jobs else f", about {duration(seconds)} {word}"
-
-
-def duration(seconds: float) -> str:
-    """``3 h 05 min``, ``7 min``, ``45 s``."""
-    minutes = round(seconds / 60)
-    if seconds < 90:
-        return f"{round(seconds)} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _job_order(job: tuple[int, Scenario, str]) -> tuple:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gradsift.bench import branch, quality, scenarios
+from gradsift.bench.progress import duration
 from gradsift.models import load_model_and_tokenizer
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 
@@ -227,7 +228,7 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
     first = path.stat().st_mtime_ns
     assert branch.main(args) == 0  # finished: not run again
     assert path.stat().st_mtime_ns == first
-    res = json.loads(path.read_text())
+    res = res_h1 = json.loads(path.read_text())
     assert set(res["methods"]) == {"ftw", "cosine", "random"}
     assert "| ftw |" in (tmp_path / "branch.md").read_text()
     assert (tmp_path / "branch.png").stat().st_size > 0
@@ -239,6 +240,14 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"redundancy (reference random)",
                             "redundancy (reference random, 3 steps from each state)"}
+    # not quiet: the time left, at the time of the finished run of the same horizon
+    capsys.readouterr()
+    assert branch.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios", "redundancy",
+                        "--seeds", "1", "--methods", "ftw,cosine,random"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"1 run to do, about {duration(res_h1['seconds'])} at the times of the " \
+                     "runs finished here"
+    assert err[1].startswith("[1/1] redundancy seed 1: ") and "about" not in err[1]
     with pytest.raises(ValueError, match="engine options"):
         branch.main(args[:-1] + ["ftw@target_refresh=2"])
     with pytest.raises(ValueError, match="unknown scenario"):

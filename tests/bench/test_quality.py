@@ -8,6 +8,7 @@ import math
 import pytest
 
 from gradsift.bench import quality, scenarios
+from gradsift.bench.progress import duration
 from gradsift.bench.quality import RunResult
 
 
@@ -77,7 +78,7 @@ def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
                   ["wall_seconds"] for s in (0, 1)] for sc in ("label-noise", "redundancy")}
     assert all(0 < t for ts in walls.values() for t in ts)
     hand = sum(sum(ts) / 2 for ts in walls.values())
-    assert err[0] == f"2 runs to do, about {quality.duration(hand)} at the times of the runs " \
+    assert err[0] == f"2 runs to do, about {duration(hand)} at the times of the runs " \
                      "finished here"
     assert err[1].startswith("[1/2] ") and err[1].endswith(" left")
     assert err[2].startswith("[2/2] ") and "about" not in err[2]
@@ -113,17 +114,6 @@ def test_a_method_variant_names_engine_and_selector_options() -> None:
     suite = scenarios.SUITES["smoke"]
     assert "ftw@target_ema=0.8" in quality.methods_for(suite.scenarios[0],
                                                        ["ftw", "ftw@target_ema=0.8"])
-
-
-def test_time_left_is_the_mean_of_finished_runs_alike() -> None:
-    known = {("a", "ftw"): [100.0, 200.0], ("a", "random"): [50.0], ("b", "ftw"): [300.0]}
-    # same scenario and method; else same scenario (100, 200, 50); else every run
-    jobs = [("a", "ftw"), ("a", "greats"), ("c", "ftw")]
-    assert quality.estimate_seconds(jobs, known) == pytest.approx(
-        150 + 350 / 3 + 650 / 4)
-    assert quality.estimate_seconds(jobs, {}) is None
-    assert [quality.duration(s) for s in (45, 420, 3900, 11100)] == [
-        "45 s", "7 min", "1 h 05 min", "3 h 05 min"]
 
 
 def _write(path, rows) -> None:

@@ -36,6 +36,24 @@ def test_metrics_match_hand_computation() -> None:
     assert math.isinf(quality.steps_to_reach(r, 0.5))
 
 
+def test_ftw_is_paired_against_every_budget_respecting_baseline() -> None:
+    suite = scenarios.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
+                          eval_every=4, target_batch_size=1, n_stream=1, n_accuracy=1)
+    # primaries (mean of the last two points): ftw 1.0, 1.5, 2.0; gradnorm 1.25, 1.5, 2.5
+    tails = {"ftw": [(1.0, 1.0), (1.4, 1.6), (2.0, 2.0)],
+             "gradnorm": [(1.0, 1.5), (1.5, 1.5), (3.0, 2.0)],
+             "opus": [(1.0, 1.0)]}  # one seed: too few to pair
+    results = [_result(m, s, [3.0, 2.5, 2.0, *tail]) for m, rows in tails.items()
+               for s, tail in enumerate(rows)]
+    block = quality.summarize(results, suite)["s"]
+    pair = block["paired"]["ftw − gradnorm"]
+    diffs = [1.0 - 1.25, 1.5 - 1.5, 2.0 - 2.5]
+    assert pair["n"] == 3 and pair["mean"] == pytest.approx(sum(diffs) / 3)
+    assert (pair["lower"], pair["higher"]) == (2, 0)
+    assert "ftw − opus" not in block["paired"]
+    assert "gradnorm − ftw" not in block["paired"]  # baselines are not paired among themselves
+
+
 def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
     assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet",
                          "--methods", "ftw,random", "--seeds", "0,1"]) == 0

@@ -16,6 +16,12 @@ def _result(method: str, seed: int, losses: list[float]) -> RunResult:
     return RunResult("s", method, seed, [0, 4, 8, 9, 10], losses, None, 0.0)
 
 
+def _ten_steps() -> scenarios.Suite:
+    """A suite of 10 steps whose last 20 % are steps 9 and 10 (the runs of ``_result``)."""
+    return scenarios.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
+                           eval_every=4, target_batch_size=1, n_stream=1, n_accuracy=1)
+
+
 def test_eval_steps_cover_the_last_fifth_at_every_step() -> None:
     suite = scenarios.SUITES["full"]
     steps = quality.eval_steps(suite)
@@ -25,8 +31,7 @@ def test_eval_steps_cover_the_last_fifth_at_every_step() -> None:
 
 
 def test_metrics_match_hand_computation() -> None:
-    suite = scenarios.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
-                          eval_every=4, target_batch_size=1, n_stream=1, n_accuracy=1)
+    suite = _ten_steps()
     r = _result("ftw", 0, [3.0, 2.0, 1.5, 1.2, 1.0])
     # last 20 % of 10 steps: steps 9 and 10
     assert quality.primary(r, suite) == pytest.approx((1.2 + 1.0) / 2)
@@ -37,8 +42,7 @@ def test_metrics_match_hand_computation() -> None:
 
 
 def test_ftw_is_paired_against_every_budget_respecting_baseline() -> None:
-    suite = scenarios.Suite("tiny", (), (0,), steps=10, max_length=8, lr=1e-3, eval_size=1,
-                          eval_every=4, target_batch_size=1, n_stream=1, n_accuracy=1)
+    suite = _ten_steps()
     # primaries (mean of the last two points): ftw 1.0, 1.5, 2.0; gradnorm 1.25, 1.5, 2.5
     tails = {"ftw": [(1.0, 1.0), (1.4, 1.6), (2.0, 2.0)],
              "gradnorm": [(1.0, 1.5), (1.5, 1.5), (3.0, 2.0)],

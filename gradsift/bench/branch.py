@@ -42,7 +42,8 @@ Usage::
          [--candidates 8 --budget 2] [--eval-size 64]]
 
 ``--stream``/``--target`` add a user's own data as one more scenario (as in
-``gradsift.bench.quality``: the target's first ``--eval-size`` records are the held-out set).
+``gradsift.bench.quality``: the target's first ``--eval-size`` records are the held-out set;
+``--candidates``/``--budget`` default to the suite's B and k, 8 and 2 in ``full``).
 
 The method ``oracle`` (one step only) is the best choice in hindsight: every ``k``-subset of
 the ``B`` candidates at uniform weights is stepped and evaluated, and the lowest held-out loss

@@ -86,6 +86,8 @@ class Suite:
     n_accuracy: int
     lora_r: int = 8
     extra_seeds: int = 3  # the ablations and weaker baselines run on this many seeds
+    candidates: int = 8  # B and k of a user's own data (--stream), unless given: the size
+    budget: int = 2  # of the suite's k/B = 1/4 scenarios
 
 
 _MIXED = ("code", "verse", "arithmetic")
@@ -110,14 +112,16 @@ SUITES = {
     "steady": Suite("smollm2-135m", tuple(replace(s, candidates=2 * s.candidates,
                                                   budget=2 * s.budget) for s in SCENARIOS),
                     (0, 1, 2, 3, 4), steps=24, max_length=40, lr=1e-3, eval_size=64,
-                    eval_every=4, target_batch_size=8, n_stream=1200, n_accuracy=100),
+                    eval_every=4, target_batch_size=8, n_stream=1200, n_accuracy=100,
+                    candidates=16, budget=4),
     "smoke": Suite("tiny", (
         Scenario("label-noise", "smoke", "arithmetic", _MIXED, candidates=4, budget=2,
                  accuracy=True),
         Scenario("redundancy", "smoke", "arithmetic", _MIXED, duplicate_share=0.5,
                  candidates=4, budget=2),
     ), (0, 1), steps=3, max_length=24, lr=1e-2, eval_size=4, eval_every=2,
-        target_batch_size=2, n_stream=40, n_accuracy=4, extra_seeds=2),
+        target_batch_size=2, n_stream=40, n_accuracy=4, extra_seeds=2, candidates=4,
+        budget=2),
 }
 
 
@@ -281,8 +285,9 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
     ``finished``, ``<scenario>/...``) were made under other sizes, or a scenario's under
     another k or B, which resuming or summarizing would mix; with ``write``, record this call's
     sizes (keeping the other scenarios' records)."""
+    per_scenario = ("scenarios", "seeds", "candidates", "budget")  # k and B: in ``kb``
     sizes = {"suite": name, **{f.name: getattr(suite, f.name) for f in fields(Suite)
-                               if f.name not in ("scenarios", "seeds")}}
+                               if f.name not in per_scenario}}
     kb = {sc.name: {"candidates": sc.candidates, "budget": sc.budget} for sc in suite.scenarios}
     path = out / "suite.json"
     has_runs = next(out.glob(finished), None) is not None
@@ -327,8 +332,10 @@ def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--eval-size", type=int, help="the held-out set's size (default: the "
                      "suite's, 64 in full): a small target set can spare fewer")
     own.add_argument("--name", help="the scenario's name (default: custom-<target file stem>)")
-    own.add_argument("--candidates", type=int, default=8, help="B (default 8)")
-    own.add_argument("--budget", type=int, default=2, help="k (default 2)")
+    own.add_argument("--candidates", type=int, help="B (default: the suite's, 8 in full, 16 "
+                     "in steady)")
+    own.add_argument("--budget", type=int, help="k (default: the suite's, 2 in full, 4 in "
+                     "steady)")
     own.add_argument("--max-length", type=int, help="tokens per record, prompt and answer "
                      "(default: the suite's, 40 in full; every record must train within it)")
 
@@ -348,7 +355,9 @@ def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error("--eval-size sizes the held-out part of --target: give --stream and "
                          "--target with it")
         return suite
-    custom = custom_scenario(args.stream, args.target, args.name, args.candidates, args.budget,
+    custom = custom_scenario(args.stream, args.target, args.name,
+                             suite.candidates if args.candidates is None else args.candidates,
+                             suite.budget if args.budget is None else args.budget,
                              args.eval_size)
     if args.scenarios is None:
         args.scenarios = custom.name

@@ -108,3 +108,26 @@ def test_a_small_target_set_holds_out_eval_size_records(tmp_path, capsys) -> Non
     with pytest.raises(SystemExit):
         quality.main(["--suite", "smoke", "--eval-size", "6"])
     assert "--eval-size sizes the held-out part of --target" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite, size", [("full", (8, 2)), ("steady", (16, 4)),
+                                         ("smoke", (4, 2))])
+def test_your_own_data_runs_at_the_suites_size_unless_told(tmp_path, suite, size) -> None:
+    """`--stream/--target` without --candidates/--budget take the B and k of the suite's own
+    k/B = 1/4 scenarios (`steady` doubles `full`'s 8 and 2); given, they win."""
+    import argparse
+
+    for name in ("stream.jsonl", "target.jsonl"):
+        _write(tmp_path / name, [{"id": "a", "text": "a"}])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios")
+    scenarios.add_own_data_arguments(parser)
+    own = ["--stream", str(tmp_path / "stream.jsonl"), "--target", str(tmp_path / "target.jsonl")]
+    built = scenarios.SUITES[suite]
+    custom = scenarios.with_own_data(parser, parser.parse_args(own), built).scenarios[-1]
+    assert (custom.candidates, custom.budget) == size
+    quarter = [s for s in built.scenarios if s.candidates == 4 * s.budget]
+    assert all((s.candidates, s.budget) == size for s in quarter)
+    told = parser.parse_args([*own, "--candidates", "12", "--budget", "3"])
+    custom = scenarios.with_own_data(parser, told, built).scenarios[-1]
+    assert (custom.candidates, custom.budget) == (12, 3)

@@ -91,6 +91,7 @@ from gradsift.bench.scenarios import (
     build_data,
     claim_out_folder,
     make_trainer,
+    sizes_line,
     stream_ended,
     with_own_data,
 )
@@ -418,6 +419,8 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
         left = [(sc.name, kind) for _, sc in todo]
         if not quiet:
             print(runs_to_do(left, known), file=sys.stderr, flush=True)
+            print(sizes_line(list({sc.name: sc for _, sc in todo}.values()), suite),
+                  file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)

@@ -77,6 +77,7 @@ from gradsift.bench.scenarios import (
     build_data,
     claim_out_folder,
     make_trainer,
+    sizes_line,
     stream_ended,
     with_own_data,
 )
@@ -339,6 +340,8 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
         left = [(sc.name, method) for _, sc, method in todo]
         if not quiet:
             print(runs_to_do(left, known), file=sys.stderr, flush=True)
+            print(sizes_line(list({sc.name: sc for _, sc, _ in todo}.values()), suite),
+                  file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)

@@ -125,6 +125,12 @@ SUITES = {
 }
 
 
+def sizes_line(scenarios: list[Scenario], suite: Suite) -> str:
+    """``label-noise k=2 of B=8, code k=2 of B=8: 12 steps at lr 0.002``: what a run trains."""
+    return (", ".join(f"{sc.name} k={sc.budget} of B={sc.candidates}" for sc in scenarios)
+            + f": {suite.steps} steps at lr {suite.lr:g}")
+
+
 def held_out_size(scenario: Scenario, suite: Suite) -> int:
     """How many of the target's first records are the held-out evaluation set."""
     return scenario.eval_size if scenario.eval_size is not None else suite.eval_size

@@ -247,7 +247,8 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"1 run to do, about {duration(res_h1['seconds'])} at the times of the " \
                      "runs finished here"
-    assert err[1].startswith("[1/1] redundancy seed 1: ") and "about" not in err[1]
+    assert err[1] == "redundancy k=2 of B=4: 3 steps at lr 0.01"  # the smoke suite's sizes
+    assert err[2].startswith("[1/1] redundancy seed 1: ") and "about" not in err[2]
     with pytest.raises(ValueError, match="engine options"):
         branch.main(args[:-1] + ["ftw@target_refresh=2"])
     with pytest.raises(ValueError, match="unknown scenario"):

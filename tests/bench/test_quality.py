@@ -102,8 +102,10 @@ def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
     hand = sum(sum(ts) / 2 for ts in walls.values())
     assert err[0] == f"2 runs to do, about {duration(hand)} at the times of the runs " \
                      "finished here"
-    assert err[1].startswith("[1/2] ") and err[1].endswith(" left")
-    assert err[2].startswith("[2/2] ") and "about" not in err[2]
+    # and what the runs train: the smoke suite's k=2 of B=4 in both scenarios, 3 steps
+    assert err[1] == "label-noise k=2 of B=4, redundancy k=2 of B=4: 3 steps at lr 0.01"
+    assert err[2].startswith("[1/2] ") and err[2].endswith(" left")
+    assert err[3].startswith("[2/2] ") and "about" not in err[3]
     # the folder keeps the setting its runs were made in: another suite or length is refused,
     # before anything is summarized over runs of another number of steps
     made = json.loads((tmp_path / "suite.json").read_text())

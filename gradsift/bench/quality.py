@@ -340,7 +340,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
         left = [(sc.name, method) for _, sc, method in todo]
         if not quiet:
             print(runs_to_do(left, known), file=sys.stderr, flush=True)
-            print(sizes_line(list({sc.name: sc for _, sc, _ in todo}.values()), suite),
+            print(sizes_line((sc for _, sc, _ in todo), suite),
                   file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
         for p in base.parameters():

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,11 @@ SUITES = {
 }
 
 
-def sizes_line(scenarios: list[Scenario], suite: Suite) -> str:
-    """``label-noise k=2 of B=8, code k=2 of B=8: 12 steps at lr 0.002``: what a run trains."""
-    return (", ".join(f"{sc.name} k={sc.budget} of B={sc.candidates}" for sc in scenarios)
+def sizes_line(scenarios: Iterable[Scenario], suite: Suite) -> str:
+    """``label-noise k=2 of B=8, code k=2 of B=8: 12 steps at lr 0.002``: what a run trains
+    (each scenario once, in the order first met)."""
+    once = {sc.name: sc for sc in scenarios}.values()
+    return (", ".join(f"{sc.name} k={sc.budget} of B={sc.candidates}" for sc in once)
             + f": {suite.steps} steps at lr {suite.lr:g}")
 
 

@@ -1,0 +1,123 @@
+"""Session 18's analysis (PREREG.md): fresh seeds of label-noise and label-noise-1of8.
+
+Per setting: the reproducibility check (label-noise ftw seed 0 against session 16's record);
+then over the fresh seeds where ftw, greats and cosine all finished, and pooled with the
+recorded seeds 0-9 (session 16's summary), each method's mean primary (mean held-out target
+loss over the last 20 % of steps) and the paired `ftw − X` lines (mean, sd, 95 % t-interval,
+ftw lower / higher); bar 1 as written (ftw's pooled mean the lowest, replicated if also on the
+fresh seeds) and with ties allowed (no pooled `ftw − X` interval wholly above 0); the
+descriptive ±0.025 band, the AUC and exact-match accuracy.
+
+    python docs/benchmarks/s18-2026-12-01/s18_analysis.py runs/quality-s18
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+METHODS = ("ftw", "greats", "cosine")
+SETTINGS = ("label-noise", "label-noise-1of8")
+RECORDED = Path(__file__).parent.parent / "s16-2026-11-30" / "quality-s16-summary.json"
+FRESH = range(10, 20)
+MIN_SEEDS = 5
+BAND = 0.025
+
+
+def metrics(path: Path) -> tuple[float, float, float]:
+    """(primary, AUC, exact-match accuracy) of one finished run."""
+    run = json.loads(path.read_text())
+    steps, losses = np.array(run["steps"], float), np.array(run["losses"], float)
+    auc = np.trapezoid(losses, steps) / (steps[-1] - steps[0])
+    return float(losses[steps > 0.8 * steps[-1]].mean()), float(auc), float(run["accuracy"])
+
+
+def interval(d: np.ndarray) -> tuple[float, float, float, float]:
+    """Mean, sd and the 95 % t-interval of paired differences."""
+    sd = d.std(ddof=1)
+    half = stats.t.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d))
+    return float(d.mean()), float(sd), float(d.mean() - half), float(d.mean() + half)
+
+
+def show(d: np.ndarray) -> str:
+    mean, sd, lo, hi = interval(d)
+    return (f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] sd {sd:.4f} "
+            f"(ftw lower {int((d < 0).sum())} / higher {int((d > 0).sum())})")
+
+
+def table(label: str, runs: dict[str, dict[int, tuple]], seeds: list[int]
+          ) -> tuple[dict[str, float], dict[str, tuple]]:
+    """Print means and paired lines over ``seeds``; return the means and the primary intervals."""
+    print(f"  {label}: {len(seeds)} seeds {seeds}")
+    means = {m: float(np.mean([runs[m][s][0] for s in seeds])) for m in METHODS}
+    for m in METHODS:
+        extra = ""
+        if all(len(runs[m][s]) > 1 for s in seeds):
+            extra = (f"  AUC {np.mean([runs[m][s][1] for s in seeds]):.4f}"
+                     f"  exact match {100 * np.mean([runs[m][s][2] for s in seeds]):.1f} %")
+        print(f"    {m:8s} primary {means[m]:.4f}{extra}")
+    intervals = {}
+    for other in METHODS[1:]:
+        d = np.array([runs["ftw"][s][0] - runs[other][s][0] for s in seeds])
+        intervals[other] = interval(d)
+        print(f"    ftw − {other:8s} primary {show(d)}")
+        if all(len(runs[m][s]) > 1 for m in ("ftw", other) for s in seeds):
+            d = np.array([runs["ftw"][s][1] - runs[other][s][1] for s in seeds])
+            print(f"    ftw − {other:8s} AUC     {show(d)}")
+    return means, intervals
+
+
+def main(out: Path) -> None:
+    recorded = json.loads(RECORDED.read_text())
+    for setting in SETTINGS:
+        old = {m: {int(s): (v,) for s, v in
+                   recorded[setting]["methods"][m]["per_seed"]["primary"].items()}
+               for m in METHODS}
+        runs = {m: {int(p.parent.name.split("_")[1]): metrics(p)
+                    for p in (out / setting / m).glob("seed_*/result.json")}
+                for m in METHODS}
+        print(f"## {setting}")
+        pool = True
+        if setting == "label-noise":
+            if 0 not in runs["ftw"]:
+                print("  reproducibility check: seed 0 did not run; pooled lines not computed")
+                pool = False
+            else:
+                now, then = runs["ftw"][0][0], old["ftw"][0][0]
+                pool = abs(now - then) <= 1e-6
+                print(f"  reproducibility check: ftw seed 0 now {now:.6f}, recorded {then:.6f}: "
+                      + ("equal" if pool else "DIFFERENT, pooled lines not computed"))
+        fresh = sorted(s for s in FRESH if all(s in runs[m] for m in METHODS))
+        if len(fresh) < MIN_SEEDS:
+            print(f"  fewer than {MIN_SEEDS} fresh seeds: the setting is not counted\n")
+            continue
+        fresh_means, _ = table("fresh seeds alone (the replication)", runs, fresh)
+        if not pool:
+            print()
+            continue
+        merged = {m: {**old[m], **{s: runs[m][s] for s in fresh}} for m in METHODS}
+        seeds = sorted(set.intersection(*(set(merged[m]) for m in METHODS)))
+        means, intervals = table("pooled with the recorded seeds 0-9", merged, seeds)
+        best = min(means, key=means.get)
+        fresh_best = min(fresh_means, key=fresh_means.get)
+        if best == "ftw":
+            verdict = "holds, " + ("replicated (ftw lowest on the fresh seeds too)"
+                                   if fresh_best == "ftw" else
+                                   f"not replicated ({fresh_best} lowest on the fresh seeds)")
+        else:
+            verdict = f"not met ({best} lowest)"
+        print(f"  bar 1 as written (pooled): {verdict}")
+        above = [x for x, (_, _, lo, _) in intervals.items() if lo > 0]
+        print("  bar 1, ties allowed (pooled): "
+              + ("holds" if not above else "not met: above 0 for " + ", ".join(above)))
+        other = min((m for m in METHODS if m != "ftw"), key=means.get)
+        _, _, lo, hi = intervals[other]
+        inside = -BAND <= lo and hi <= BAND
+        print(f"  descriptive: ftw − {other} (the lowest other) [{lo:+.4f}, {hi:+.4f}] "
+              f"{'within' if inside else 'not within'} ±{BAND}\n")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

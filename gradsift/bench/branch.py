@@ -67,7 +67,6 @@ import argparse
 import copy
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import sys
@@ -81,7 +80,6 @@ import numpy as np
 import torch
 
 from gradsift.bench.progress import about, runs_to_do
-from gradsift.bench.quality import nan_to_none, parse_method
 from gradsift.bench.scenarios import (
     MAX_GRAD_NORM,
     SUITES,
@@ -91,9 +89,13 @@ from gradsift.bench.scenarios import (
     build_data,
     claim_out_folder,
     make_trainer,
+    parse_method,
+    read_result,
     sizes_line,
     stream_ended,
     with_own_data,
+    write_result,
+    write_summary,
 )
 from gradsift.engine import OnlineTrainer
 from gradsift.objective import alignment_and_interaction, target_sq_norm
@@ -433,7 +435,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
             else:
                 res = run_rollouts(base, tokenizer, sc, suite, methods, reference, seed, data,
                                    path.parent, horizon)
-            path.write_text(json.dumps(res))
+            write_result(path, res)
             known.setdefault((sc.name, kind), []).append(res["seconds"])
             if not quiet:
                 print(f"[{n}/{len(todo)}] {sc.name} seed {seed}: {res['seconds']:.0f} s"
@@ -442,14 +444,14 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
 
 
 def _finished(path: Path, methods: set[str]) -> bool:
-    return path.exists() and methods <= set(json.loads(path.read_text())["methods"])
+    return path.exists() and methods <= set(read_result(path)["methods"])
 
 
 RESULTS = "*/ref-*/seed_*/branch.json"  # a finished run, under --out
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob(RESULTS))]
+    return [read_result(p) for p in sorted(out.glob(RESULTS))]
 
 
 def summarize(results: list[dict[str, Any]], versus: str = "ftw") -> dict[str, Any]:
@@ -604,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = summarize(results, args.versus)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
+    write_summary(out / "summary.json", summary)
     (out / "branch.md").write_text(markdown(summary, args.versus))
     horizons = {r.get("horizon", 1) for r in results}  # a folder may hold several
     plot(summary, out / "branch.png", args.versus,

@@ -60,7 +60,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,13 @@ from gradsift.bench.scenarios import (
     build_data,
     claim_out_folder,
     make_trainer,
+    parse_method,
+    read_result,
     sizes_line,
     stream_ended,
     with_own_data,
+    write_result,
+    write_summary,
 )
 from gradsift.capture import forward_losses
 from gradsift.engine import OnlineTrainer
@@ -289,28 +293,6 @@ def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
     return [m for m in chosen if methods is None or m in methods] + variants
 
 
-def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``"ftw@target_ema=0.8@min_cosine=0.1"`` → (selector name, engine options, selector
-    options): keys of ``SelectionConfig`` go to the engine, the others to the selector. Values
-    are read as YAML scalars (numbers, booleans, strings)."""
-    import yaml
-
-    from gradsift.step import SelectionConfig
-
-    name, *pairs = method.split("@")
-    engine_keys = {f.name for f in fields(SelectionConfig)} - {"budget_per_step", "modules"}
-    engine: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"method {method!r}: expected KEY=VALUE after '@', got {pair!r}")
-        (engine if key in engine_keys else options)[key] = yaml.safe_load(value)
-    get_selector(name, **options)  # names a bad selector or option before any run
-    SelectionConfig(**engine)
-    return name, engine, options
-
-
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
               quiet: bool = False, shard: tuple[int, int] = (0, 1)) -> list[RunResult]:
@@ -351,7 +333,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
             path = _result_path(out, sc.name, method, seed)
             res = run_one(base, tokenizer, sc, suite, method, seed, data, path.parent)
             res.wall_seconds = round(time.perf_counter() - t0, 2)
-            path.write_text(json.dumps(asdict(res)))
+            write_result(path, asdict(res))
             known.setdefault((sc.name, method), []).append(res.wall_seconds)
             if not quiet:
                 print(f"[{n}/{len(todo)}] {sc.name} {method} seed {seed}: primary "
@@ -376,8 +358,7 @@ RESULTS = "*/*/seed_*/result.json"  # a finished run, under --out
 
 
 def load_results(out: Path) -> list[RunResult]:
-    return [RunResult(**json.loads(p.read_text()))
-            for p in sorted(out.glob(RESULTS))]
+    return [RunResult(**read_result(p)) for p in sorted(out.glob(RESULTS))]
 
 
 # ------------------------------------------------------------------------ metrics
@@ -594,22 +575,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 1
     summary = summarize(results, suite)
-    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=1))
+    write_summary(out / "summary.json", summary)
     (out / "quality.md").write_text(markdown(summary))
     plot(results, summary, out / "plots")
     if not args.quiet:
         print(markdown(summary))
     return 0
-
-
-def nan_to_none(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [nan_to_none(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import torch
 
 from gradsift.data import DataError, ExampleStream, load_examples, read_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
-from gradsift.jsonio import read_jsonl, write_jsonl
-from gradsift.select import Selector
+from gradsift.jsonio import json_safe, read_jsonl, write_jsonl, write_text_atomic
+from gradsift.select import Selector, get_selector
 
 MAX_GRAD_NORM = 1.0
 
@@ -329,6 +329,48 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
         part = path.with_name(f"suite.json.{os.getpid()}")
         part.write_text(text + "\n")
         part.replace(path)
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``"ftw@target_ema=0.8@min_cosine=0.1"`` → (selector name, engine options, selector
+    options): keys of ``SelectionConfig`` go to the engine, the others to the selector. Values
+    are read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    from gradsift.step import SelectionConfig
+
+    name, *pairs = method.split("@")
+    engine_keys = {f.name for f in fields(SelectionConfig)} - {"budget_per_step", "modules"}
+    engine: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method {method!r}: expected KEY=VALUE after '@', got {pair!r}")
+        (engine if key in engine_keys else options)[key] = yaml.safe_load(value)
+    get_selector(name, **options)  # names a bad selector or option before any run
+    SelectionConfig(**engine)
+    return name, engine, options
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write one finished run's JSON atomically: the file is what marks the run finished, so a
+    stop while writing must leave no file rather than half of one."""
+    write_text_atomic(path, json.dumps(result))
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """One finished run's JSON; a file that is not (a copy cut short, an edit) is named."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a finished run's JSON ({exc}); delete it and the run is "
+                         "made again") from None
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """The report's numbers as strict JSON (NaN and ±inf as ``null``), written atomically."""
+    write_text_atomic(path, json.dumps(json_safe(summary), indent=1))
 
 
 def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradsift.bench import branch, quality, scenarios
+from gradsift.bench import branch, scenarios
 from gradsift.bench.progress import duration
 from gradsift.models import load_model_and_tokenizer
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
@@ -25,7 +25,7 @@ def tiny():
 
 def _standalone(tiny, scenario, suite, method, data, folder, steps):
     """A normal online run of ``method``: its held-out loss after each of ``steps`` steps."""
-    name, _, options = quality.parse_method(method)
+    name, _, options = scenarios.parse_method(method)
     trainer = scenarios.make_trainer(*tiny, scenario, suite,
                                    get_selector(name, **options), 0, data, folder)
     return [trainer.evaluate()] + [

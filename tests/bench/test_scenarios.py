@@ -131,3 +131,31 @@ def test_your_own_data_runs_at_the_suites_size_unless_told(tmp_path, suite, size
     told = parser.parse_args([*own, "--candidates", "12", "--budget", "3"])
     custom = scenarios.with_own_data(parser, told, built).scenarios[-1]
     assert (custom.candidates, custom.budget) == (12, 3)
+
+
+def test_a_method_variant_names_engine_and_selector_options() -> None:
+    name, engine, options = scenarios.parse_method("ftw@target_ema=0.8@min_cosine=0.1@fill=false")
+    assert (name, engine, options) == ("ftw", {"target_ema": 0.8},
+                                       {"min_cosine": 0.1, "fill": False})
+    assert scenarios.parse_method("greats") == ("greats", {}, {})
+    with pytest.raises(ValueError, match="expected KEY=VALUE after '@'"):
+        scenarios.parse_method("ftw@target_ema")
+    with pytest.raises(ValueError, match="target_ema"):
+        scenarios.parse_method("ftw@target_ema=2")
+
+
+def test_a_run_file_cut_short_is_named_and_the_summary_is_strict_json(tmp_path) -> None:
+    """A finished run's file round-trips; one cut short (a copy, an edit) is refused with its
+    path, not a bare JSONDecodeError; the summary writes NaN as null (strict JSON)."""
+    path = tmp_path / "sc" / "ftw" / "seed_0" / "result.json"
+    path.parent.mkdir(parents=True)
+    run = {"losses": [2.5, 2.25], "steps": [0, 1], "accuracy": None}
+    scenarios.write_result(path, run)
+    assert json.loads(path.read_text()) == run == scenarios.read_result(path)
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary left
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(ValueError, match=f"{path}: not a finished run's JSON"):
+        scenarios.read_result(path)
+    scenarios.write_summary(tmp_path / "summary.json", {"sc": {"sd": float("nan"), "n": 1}})
+    assert (tmp_path / "summary.json").read_text().split() == [
+        "{", '"sc":', "{", '"sd":', "null,", '"n":', "1", "}", "}"]

@@ -1,12 +1,13 @@
-"""Session 18's analysis (PREREG.md): fresh seeds of label-noise and label-noise-1of8.
+"""Session 18's analysis (PREREG.md, with amendment 1): fresh seeds of label-noise and 1of8.
 
 Per setting: the reproducibility check (label-noise ftw seed 0 against session 16's record);
 then over the fresh seeds where ftw, greats and cosine all finished, and pooled with the
 recorded seeds 0-9 (session 16's summary), each method's mean primary (mean held-out target
 loss over the last 20 % of steps) and the paired `ftw − X` lines (mean, sd, 95 % t-interval,
-ftw lower / higher); bar 1 as written (ftw's pooled mean the lowest, replicated if also on the
-fresh seeds) and with ties allowed (no pooled `ftw − X` interval wholly above 0); the
-descriptive ±0.025 band, the AUC and exact-match accuracy.
+ftw lower / higher). Amendment 1 (the check failed across two CPUs): bar 1 as written (ftw's
+mean the lowest) and with ties allowed (no `ftw − X` interval wholly above 0) are judged on the
+fresh seeds alone; the pooled lines are descriptive. The ±0.025 band, the AUC and exact-match
+accuracy are descriptive.
 
     python docs/benchmarks/s18-2026-12-01/s18_analysis.py runs/quality-s18
 """
@@ -79,44 +80,31 @@ def main(out: Path) -> None:
                     for p in (out / setting / m).glob("seed_*/result.json")}
                 for m in METHODS}
         print(f"## {setting}")
-        pool = True
-        if setting == "label-noise":
-            if 0 not in runs["ftw"]:
-                print("  reproducibility check: seed 0 did not run; pooled lines not computed")
-                pool = False
-            else:
-                now, then = runs["ftw"][0][0], old["ftw"][0][0]
-                pool = abs(now - then) <= 1e-6
-                print(f"  reproducibility check: ftw seed 0 now {now:.6f}, recorded {then:.6f}: "
-                      + ("equal" if pool else "DIFFERENT, pooled lines not computed"))
+        if setting == "label-noise" and 0 in runs["ftw"]:
+            now, then = runs["ftw"][0][0], old["ftw"][0][0]
+            print(f"  reproducibility check: ftw seed 0 now {now:.6f}, recorded {then:.6f}: "
+                  + ("equal" if abs(now - then) <= 1e-6 else "different (amendment 1)"))
         fresh = sorted(s for s in FRESH if all(s in runs[m] for m in METHODS))
         if len(fresh) < MIN_SEEDS:
             print(f"  fewer than {MIN_SEEDS} fresh seeds: the setting is not counted\n")
             continue
-        fresh_means, _ = table("fresh seeds alone (the replication)", runs, fresh)
-        if not pool:
-            print()
-            continue
-        merged = {m: {**old[m], **{s: runs[m][s] for s in fresh}} for m in METHODS}
-        seeds = sorted(set.intersection(*(set(merged[m]) for m in METHODS)))
-        means, intervals = table("pooled with the recorded seeds 0-9", merged, seeds)
+        means, intervals = table("fresh seeds alone (the decision, amendment 1)", runs, fresh)
         best = min(means, key=means.get)
-        fresh_best = min(fresh_means, key=fresh_means.get)
-        if best == "ftw":
-            verdict = "holds, " + ("replicated (ftw lowest on the fresh seeds too)"
-                                   if fresh_best == "ftw" else
-                                   f"not replicated ({fresh_best} lowest on the fresh seeds)")
-        else:
-            verdict = f"not met ({best} lowest)"
-        print(f"  bar 1 as written (pooled): {verdict}")
+        print("  bar 1 as written (fresh seeds): "
+              + ("holds" if best == "ftw" else f"not met ({best} lowest)"))
         above = [x for x, (_, _, lo, _) in intervals.items() if lo > 0]
-        print("  bar 1, ties allowed (pooled): "
+        print("  bar 1, ties allowed (fresh seeds): "
               + ("holds" if not above else "not met: above 0 for " + ", ".join(above)))
         other = min((m for m in METHODS if m != "ftw"), key=means.get)
         _, _, lo, hi = intervals[other]
         inside = -BAND <= lo and hi <= BAND
         print(f"  descriptive: ftw − {other} (the lowest other) [{lo:+.4f}, {hi:+.4f}] "
-              f"{'within' if inside else 'not within'} ±{BAND}\n")
+              f"{'within' if inside else 'not within'} ±{BAND}")
+        merged = {m: {**old[m], **{s: runs[m][s] for s in fresh}} for m in METHODS}
+        seeds = sorted(set.intersection(*(set(merged[m]) for m in METHODS)))
+        pooled, _ = table("pooled with the recorded seeds 0-9 (descriptive, across two CPUs)",
+                          merged, seeds)
+        print(f"  pooled: lowest mean {min(pooled, key=pooled.get)}\n")
 
 
 if __name__ == "__main__":

@@ -12,4 +12,5 @@ for s in 10 11 12 13 14 15 16 17 18 19; do
   for m in ftw cosine greats; do q label-noise $m $s; done
   for m in ftw greats cosine; do q label-noise-1of8 $m $s; done
 done
+for s in 10 11 12 13 14 15 16 17 18 19; do for m in ftw cosine; do q code $m $s; done; done  # amendment 2
 $PY docs/benchmarks/s18-2026-12-01/s18_analysis.py $OUT/quality-s18

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from gradsift.report.paired import paired_interval
 
 METHODS = ("ftw", "greats", "cosine")
 SETTINGS = ("label-noise", "label-noise-1of8", "code")
@@ -39,10 +40,9 @@ def metrics(path: Path) -> tuple[float, float, float]:
 
 
 def interval(d: np.ndarray) -> tuple[float, float, float, float]:
-    """Mean, sd and the 95 % t-interval of paired differences."""
-    sd = d.std(ddof=1)
-    half = stats.t.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d))
-    return float(d.mean()), float(sd), float(d.mean() - half), float(d.mean() + half)
+    """Mean, sd and the 95 % t-interval of paired differences (the suite's own)."""
+    mean, lo, hi = paired_interval(d)
+    return mean, float(d.std(ddof=1)), lo, hi
 
 
 def show(d: np.ndarray) -> str:

@@ -1,7 +1,8 @@
 """Session 18, descriptive (not registered): which arithmetic rows each selector trains on.
 
 From the logged selections (``selections.jsonl``) of every finished fresh run: per method, over
-all steps, the share of picks that are arithmetic and wrong; the mean loss of the arithmetic
+all steps, the share of picks that are arithmetic and wrong; how often an offered wrong answer
+was picked against an offered right one (and their ratio); the mean loss of the arithmetic
 rows picked against that of the arithmetic rows offered in the same batch (a rank in 0..1 of
 the pick among the batch's arithmetic rows by loss, 1 = the highest); the largest weight.
 At step 1, where every method chooses from the same state, candidates and target batch: how
@@ -49,12 +50,18 @@ def main(out: Path) -> None:
         for m in methods:
             picks = ranks = wrongs = arith = 0
             rank_sum, top_w = 0.0, []
+            taken: dict[bool, list[bool]] = {True: [], False: []}  # offered arithmetic: wrong?
+            shrink = []  # ftw's NNLS share s of the weights
             for log in logs[m].values():
                 for r in log:
                     by_id = dict(zip(r["candidate_ids"], zip(r["candidate_sources"],
                                                              r["losses"], strict=True),
                                      strict=True))
                     offered = [loss for src, loss in by_id.values() if src == "arithmetic"]
+                    chosen = set(r["selected_ids"])
+                    for cid, (src, _) in by_id.items():
+                        if src == "arithmetic":
+                            taken[cid in wrong].append(cid in chosen)
                     for cid in r["selected_ids"]:
                         picks += 1
                         src, loss = by_id[cid]
@@ -66,10 +73,16 @@ def main(out: Path) -> None:
                                 rank_sum, ranks = rank_sum + rank, ranks + 1
                     if r["weights"]:
                         top_w.append(max(r["weights"]))
+                    if r["diagnostics"].get("shrink") is not None:
+                        shrink.append(r["diagnostics"]["shrink"])
+            p_wrong, p_right = np.mean(taken[True]), np.mean(taken[False])
             print(f"  {m:7s} picks {picks}: arithmetic {arith / max(picks, 1):.0%}, wrong "
-                  f"{wrongs} ({wrongs / max(arith, 1):.0%} of arithmetic); loss rank of an "
-                  f"arithmetic pick among the batch's {rank_sum / max(ranks, 1):.2f}; "
-                  f"largest weight {np.mean(top_w):.2f}")
+                  f"{wrongs} ({wrongs / max(arith, 1):.0%} of arithmetic); an offered wrong "
+                  f"answer picked {p_wrong:.3f} (of {len(taken[True])}), a right one "
+                  f"{p_right:.3f} (of {len(taken[False])}), ratio {p_wrong / p_right:.2f}; "
+                  f"loss rank of an arithmetic pick among the batch's "
+                  f"{rank_sum / max(ranks, 1):.2f}; largest weight {np.mean(top_w):.2f}"
+                  + (f"; shrink s {np.mean(shrink):.2f}" if shrink else ""))
         for other in methods[1:]:
             same, only_ftw, only_other = 0, [], []
             seeds = sorted(set(logs["ftw"]) & set(logs[other]))

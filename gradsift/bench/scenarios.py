@@ -6,7 +6,9 @@ user's own stream and target (``custom_scenario``, ``--stream``/``--target``). A
 (``SUITES``) fixes the model, steps, lengths and evaluation sizes. ``build_data`` writes a
 scenario's files once; ``make_trainer`` builds the run both benches start from: a LoRA copy of
 the model initialised by the seed, AdamW, the seed's stream order and the target, in an
-``OnlineTrainer``.
+``OnlineTrainer``. Both benches also share how a method is named (``parse_method``:
+``"ftw@min_cosine=0.1"``) and how a finished run's file is written and read (``write_result``,
+atomic, so a stopped run leaves no half file; ``read_result``, which names a damaged one).
 """
 
 from __future__ import annotations

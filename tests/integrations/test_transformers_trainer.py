@@ -221,7 +221,11 @@ def test_trainer_and_engine_write_identical_selection_records(tmp_path, method):
         assert ra["selected_ids"] == rb["selected_ids"]
         assert ra["weights"] == pytest.approx(rb["weights"], abs=1e-5)
         assert ra["losses"] == pytest.approx(rb["losses"], abs=1e-5)
-        assert ra["scores"] == pytest.approx(rb["scores"], rel=1e-4, abs=1e-7)
+        # a step's scores share one preconditioner 1/(√v̂+ε), so float noise in the parameters
+        # (1e-7 here) moves each score by a share of the vector's scale, not of its own size:
+        # on an Intel Xeon a score of 0.95 beside one of 9.9 differed by 2.3e-4 at step 3
+        scale = max(abs(x) for x in rb["scores"])
+        assert ra["scores"] == pytest.approx(rb["scores"], rel=1e-4, abs=max(1e-4 * scale, 1e-7))
 
 
 @pytest.mark.parametrize("entry", ["yaml", "engine", "trainer"])

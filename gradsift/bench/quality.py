@@ -55,7 +55,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -87,7 +86,7 @@ from gradsift.bench.scenarios import (
 )
 from gradsift.capture import forward_losses
 from gradsift.engine import OnlineTrainer
-from gradsift.jsonio import read_jsonl
+from gradsift.jsonio import read_jsonl, write_text_atomic
 from gradsift.optim_state import read_optimizer_state
 from gradsift.report.paired import describe, paired_comparison
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
@@ -203,9 +202,7 @@ def _initial_loss(trainer: OnlineTrainer, scenario_dir: Path) -> float:
     if cache.exists():
         return float(json.loads(cache.read_text())["loss"])
     loss = trainer.evaluate()
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # suites may share the folder
-    tmp.write_text(json.dumps({"loss": loss}))
-    os.replace(tmp, cache)
+    write_text_atomic(cache, json.dumps({"loss": loss}))  # suites may share the folder
     return loss
 
 

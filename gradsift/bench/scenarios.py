@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import warnings
 from collections.abc import Iterable
@@ -328,9 +327,7 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
     text = json.dumps({**sizes, "scenarios": {**made.get("scenarios", {}), **kb}}, indent=1)
     if write and made != json.loads(text):  # whole, so a shard started alongside reads JSON
         out.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"suite.json.{os.getpid()}")
-        part.write_text(text + "\n")
-        part.replace(path)
+        write_text_atomic(path, text + "\n")
 
 
 def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -87,6 +87,7 @@ from gradsift.bench.scenarios import (
     Suite,
     add_own_data_arguments,
     build_data,
+    choose_scenarios,
     claim_out_folder,
     make_trainer,
     parse_method,
@@ -395,11 +396,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
     from gradsift.models import load_model_and_tokenizer
 
     make_selectors(methods, reference)  # a bad name or option fails before any run
-    chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
-    unknown = set(scenarios or ()) - {s.name for s in suite.scenarios}
-    if unknown:
-        raise ValueError(f"unknown scenario(s) {sorted(unknown)}; "
-                         f"available: {[s.name for s in suite.scenarios]}")
+    chosen = choose_scenarios(suite, scenarios)
     if ORACLE in methods:
         for sc in chosen:
             if math.comb(sc.candidates, sc.budget) > MAX_ORACLE_SUBSETS:

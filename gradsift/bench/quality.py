@@ -40,7 +40,9 @@ never seen.
 A method is a selector name, optionally with options: ``ftw@target_ema=0.8@min_cosine=0.1``
 runs ftw with the engine's ``target_ema`` (a ``SelectionConfig`` key) and the selector option
 ``min_cosine``; such a variant runs on every requested seed and is compared like ftw's other
-variants.
+variants. Every method named in ``--methods`` runs on every requested scenario and seed; without
+``--methods`` the ablations and weaker baselines run on the scenarios that list them
+(``extra_methods``), on the suite's first ``extra_seeds`` seeds.
 
 Usage::
 
@@ -74,6 +76,7 @@ from gradsift.bench.scenarios import (
     Suite,
     add_own_data_arguments,
     build_data,
+    choose_scenarios,
     claim_out_folder,
     make_trainer,
     parse_method,
@@ -284,10 +287,13 @@ def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
 
 # --------------------------------------------------------------------- the suite
 def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
-    chosen = list(CORE_METHODS) + list(DEFAULT_CANDIDATES) + (
+    """The methods run on ``scenario``: the ones named (every one, in order), or by default the
+    core methods and weight-stage candidates, plus the extra methods where the scenario lists
+    them."""
+    if methods is not None:
+        return list(dict.fromkeys(methods))
+    return list(CORE_METHODS) + list(DEFAULT_CANDIDATES) + (
         list(EXTRA_METHODS) if scenario.extra_methods else [])
-    variants = [m for m in methods or () if "@" in m]
-    return [m for m in chosen if methods is None or m in methods] + variants
 
 
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
@@ -298,7 +304,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     runs."""
     from gradsift.models import load_model_and_tokenizer
 
-    chosen = [s for s in suite.scenarios if scenarios is None or s.name in scenarios]
+    chosen = choose_scenarios(suite, scenarios)
     for m in methods or ():
         parse_method(m)
     for sc in chosen:  # a user's files: checked (and refused if changed) before anything runs
@@ -308,7 +314,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
     seeds = list(seeds or suite.seeds)
     jobs = sorted(((seed, sc, m) for seed in seeds for sc in chosen
                    for m in methods_for(sc, methods)
-                   if m in CORE_METHODS + DEFAULT_CANDIDATES or "@" in m
+                   if methods is not None or m in CORE_METHODS + DEFAULT_CANDIDATES
                    or seed in seeds[: suite.extra_seeds]), key=_job_order)
     todo = [j for j in jobs if not _result_path(out, j[1].name, j[2], j[0]).exists()]
     todo = todo[shard[0]::shard[1]]

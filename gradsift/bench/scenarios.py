@@ -18,7 +18,7 @@ import copy
 import json
 import random
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,16 @@ SUITES = {
         target_batch_size=2, n_stream=40, n_accuracy=4, extra_seeds=2, candidates=4,
         budget=2),
 }
+
+
+def choose_scenarios(suite: Suite, names: Sequence[str] | None) -> list[Scenario]:
+    """The suite's scenarios named (all without names); a name it does not have is an
+    error that lists the ones it has, never a silent empty run."""
+    unknown = sorted(set(names or ()) - {s.name for s in suite.scenarios})
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; "
+                         f"available: {[s.name for s in suite.scenarios]}")
+    return [s for s in suite.scenarios if names is None or s.name in names]
 
 
 def sizes_line(scenarios: Iterable[Scenario], suite: Suite) -> str:

@@ -131,10 +131,24 @@ def test_report_only_on_a_folder_without_runs_says_so(tmp_path, capsys) -> None:
     assert not (tmp_path / "none").exists()
 
 
-def test_a_method_variant_is_one_of_the_methods_run() -> None:
-    suite = scenarios.SUITES["smoke"]
-    assert "ftw@target_ema=0.8" in quality.methods_for(suite.scenarios[0],
-                                                       ["ftw", "ftw@target_ema=0.8"])
+def test_every_method_named_runs_and_an_unknown_scenario_is_refused(tmp_path) -> None:
+    """A method asked for by name runs on every scenario, also an extra method on a scenario
+    that does not list the extras (it used to be dropped with exit code 0)."""
+    steady = scenarios.SUITES["steady"]
+    one_of_8 = next(s for s in steady.scenarios if s.name == "label-noise-1of8")
+    assert not one_of_8.extra_methods
+    named = ["ftw-sgd", "ftw@target_ema=0.8", "opus", "ftw-sgd"]
+    assert quality.methods_for(one_of_8, named) == ["ftw-sgd", "ftw@target_ema=0.8", "opus"]
+    default = quality.methods_for(one_of_8, None)
+    assert "ftw-sgd" not in default and {"ftw", "greats", "cosine", "random"} <= set(default)
+    with pytest.raises(ValueError, match=r"unknown scenario\(s\) \['label-noise-1of9'\]"):
+        quality.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios",
+                      "label-noise-1of9", "--methods", "ftw"])
+    assert not (tmp_path / "label-noise-1of9").exists()
+    # end to end: an extra method named for a scenario without extras is run, not skipped
+    assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios",
+                         "redundancy", "--methods", "loss", "--seeds", "0", "--quiet"]) == 0
+    assert (tmp_path / "redundancy" / "loss" / "seed_0" / "result.json").is_file()
 
 
 def _write(path, rows) -> None:

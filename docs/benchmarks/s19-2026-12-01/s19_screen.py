@@ -1,0 +1,47 @@
+"""Session 19's exploratory screen (SCREEN.md): each variant against GREATS, ftw and cosine at
+label-noise-1of8, paired over the seeds where all finished (primary = mean held-out target
+loss over the last 20 % of steps; 95 % t-interval; variant lower / higher).
+
+    python docs/benchmarks/s19-2026-12-01/s19_screen.py runs/quality-s18 [seeds]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gradsift.report.paired import paired_interval
+
+BASE = ("greats", "ftw", "cosine")
+VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform")
+
+
+def primary(path: Path) -> float:
+    run = json.loads(path.read_text())
+    steps, losses = np.array(run["steps"], float), np.array(run["losses"], float)
+    return float(losses[steps > 0.8 * steps[-1]].mean())
+
+
+def main(folder: Path, seeds: list[int]) -> None:
+    sc = folder / "label-noise-1of8"
+    runs = {m: {s: primary(sc / m / f"seed_{s}" / "result.json") for s in seeds
+                if (sc / m / f"seed_{s}" / "result.json").is_file()}
+            for m in BASE + VARIANTS}
+    for v in VARIANTS:
+        done = sorted(runs[v])
+        if not done:
+            print(f"{v}: no finished run")
+            continue
+        print(f"{v}: seeds {done}, mean {np.mean([runs[v][s] for s in done]):.4f}")
+        for b in BASE:
+            d = np.array([runs[v][s] - runs[b][s] for s in done])
+            mean, lo, hi = paired_interval(d) if len(d) > 1 else (float(d[0]),) * 3
+            print(f"  {v} − {b}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                  f"({int((d < 0).sum())} / {int((d > 0).sum())}); "
+                  f"{b} mean {np.mean([runs[b][s] for s in done]):.4f}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2
+         else list(range(10, 15)))

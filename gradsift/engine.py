@@ -276,8 +276,9 @@ class OnlineTrainer:
         was_training = self.model.training
         self.model.eval()
         total = 0.0
-        for batch in self.selection.batches(examples, self.config.micro_batch_size or 16):
-            total += float(forward_losses(self.model, batch).sum())
+        with torch.no_grad():  # no graph kept for a loss nobody differentiates
+            for batch in self.selection.batches(examples, self.config.micro_batch_size or 16):
+                total += float(forward_losses(self.model, batch).sum())
         self.model.train(was_training)
         return total / len(examples)
 

@@ -14,7 +14,7 @@ import numpy as np
 from gradsift.report.paired import paired_interval
 
 BASE = ("greats", "ftw", "cosine")
-VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform")
+VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform", "ftw-next-step")
 
 
 def primary(path: Path) -> float:

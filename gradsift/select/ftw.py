@@ -28,6 +28,13 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    otherwise greedy forward selection polished by 1-swaps). Near-copies still add nothing
    (two copies have the ρ_u of one), but a candidate is never taken for a small NNLS weight
    that uniform training would then multiply.
+   ``subset="validated"`` chooses between the greedy subset and the top-``k`` by ``b`` by
+   two-fold cross-validation over the target examples (``target_align``, ``B_ti``): each rule
+   picks its subset and NNLS weights on one half (even / odd examples) and is scored by ``ρ``
+   on the other; the greedy subset (on all of ``b``) is kept only when its held-out ``ρ``,
+   summed over both folds, is higher, otherwise the top-``k``. Greedy's edge in ``ρ`` on the
+   ``b`` it was fitted to is partly the target batch's noise (it fits a regression to it);
+   held out, that part is gone, and near-copies still cost the top-``k`` its ``ρ``.
 2. **Weight**: NNLS on the subset (``scipy.optimize.nnls`` on a Cholesky factor of
    ``K_S + ridge``), normalized to ``Σ w = 1`` (``nnls``); uniform (``uniform``); or
    ``shrink``: uniform moved towards NNLS only as far as the target batch supports it.
@@ -62,7 +69,7 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
-SUBSETS = ("greedy", "topk", "uniform")
+SUBSETS = ("greedy", "topk", "uniform", "validated")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
 # how b enters the subset choice: as measured, or corrected for the target batch's noise
 ALIGNMENTS = ("mean", "posterior", "lcb")
@@ -89,6 +96,9 @@ class FTWResult:
         n_clipped: candidates whose gradient ``norm_clip`` scaled down.
         cosines: (B,) each candidate's ``b_i / √(K_ii ĝᵀPĝ)``, what ``min_cosine`` compares
             (NaN where undefined; None without ``target_sq_norm``).
+        validation: ``subset="validated"``: greedy's held-out ``ρ`` minus the top-``k``'s,
+            summed over the two folds (> 0: greedy kept); None otherwise, or without two
+            target examples (then greedy, as ``subset="greedy"``).
     """
 
     indices: torch.Tensor
@@ -101,6 +111,7 @@ class FTWResult:
     shrink: float | None = None
     n_clipped: int = 0
     cosines: np.ndarray | None = None
+    validation: float | None = None
 
 
 def _solve_nnls(k_ss: np.ndarray, b_s: np.ndarray, ridge: float) -> np.ndarray:
@@ -276,6 +287,35 @@ def _swap_search(
     return chosen
 
 
+def _greedy_subset(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
+                   swap_evals: int | None) -> list[int]:
+    """The greedy ``ρ`` subset, 1-swap polished (``swap_evals`` None: small problems only)."""
+    greedy = _greedy(b, kmat, k, ridge, tol)
+    if swap_evals is None:  # auto: polish small problems only (cost ~ n k fits)
+        swap_evals = SWAP_EVALS if b.shape[0] * k <= SWAP_AUTO_MAX else 0
+    return _swap_search(b, kmat, greedy, ridge, tol, swap_evals) if swap_evals > 0 else greedy
+
+
+def _top(b: np.ndarray, k: int) -> list[int]:
+    return [int(j) for j in np.argsort(-b, kind="stable")[:k]]
+
+
+def _held_out_gain(per_target: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
+                   swap_evals: int | None) -> float | None:
+    """``Σ_folds ρ_test(greedy_fit) − ρ_test(top_fit)``: each rule's subset and NNLS weights
+    from one half of the target examples, ``ρ`` on the other (module docstring)."""
+    if per_target.shape[0] < 2:
+        return None
+    halves = (per_target[0::2].mean(axis=0), per_target[1::2].mean(axis=0))
+    gain = 0.0
+    for fit, test in (halves, halves[::-1]):
+        for sign, rule in ((1.0, _greedy_subset(fit, kmat, k, ridge, tol, swap_evals)),
+                           (-1.0, _top(fit, k))):
+            idx, w = _fit(fit, kmat, rule, ridge)
+            gain += sign * (_rho(test, kmat, np.asarray(idx), w) if idx else 0.0)
+    return gain
+
+
 def _shrink_to_uniform(
     b: np.ndarray, kmat: np.ndarray, chosen: list[int], ridge: float,
     per_target: np.ndarray | None,
@@ -435,25 +475,24 @@ def ftw_solve(
     kmat = k_all[np.ix_(pos, pos)]
     kmat = 0.5 * (kmat + kmat.T)
 
+    validation = None
     if k == 0 or pos.size == 0:
         chosen: list[int] = []
     else:
-        top = list(np.argsort(-b, kind="stable")[:k])
+        top = _top(b, k)
         options = []
         chosen = []
+        if subset == "validated" and per_target_all is not None:
+            validation = _held_out_gain(per_target_all[:, pos], kmat, k, ridge, tol,
+                                        swap_evals)
         if subset == "uniform":  # scored at uniform weights: no NNLS refit drops one
             chosen = sorted(_best_uniform(b, kmat, k))
-        elif subset == "topk":
+        elif subset == "topk" or (validation is not None and not validation > 0.0):
             options.append(top)
         elif temperature > 0.0:  # a draw: polishing or comparing would undo it
             options.append(_greedy(b, kmat, k, ridge, tol, temperature, generator))
         else:
-            greedy = _greedy(b, kmat, k, ridge, tol)
-            if swap_evals is None:  # auto: polish small problems only (cost ~ n k fits)
-                swap_evals = SWAP_EVALS if pos.size * k <= SWAP_AUTO_MAX else 0
-            if swap_evals > 0:
-                greedy = _swap_search(b, kmat, greedy, ridge, tol, swap_evals)
-            options += [greedy, top]
+            options += [_greedy_subset(b, kmat, k, ridge, tol, swap_evals), top]
         best_f = -1.0
         for cand in options:
             new, w = _fit(b, kmat, cand, ridge)
@@ -510,6 +549,7 @@ def ftw_solve(
         note=note,
         n_clipped=int((clip < 1.0).sum()),
         cosines=cos,
+        validation=validation,
     )
 
 
@@ -525,7 +565,8 @@ def filter_then_weight(
         **options: ``min_cosine`` (0.0; needs ``target_sq_norm`` = ``ĝᵀPĝ``), ``subset``
             (``"greedy"`` redundancy-aware, or ``"topk"`` by ``b``), ``weighting``
             (``"nnls"``, ``"uniform"`` or ``"shrink"``, which reads ``target_align``: the
-            (n_target, B) per-target-example alignments), ``fill`` (False: top a short subset
+            (n_target, B) per-target-example alignments; ``subset="validated"`` reads them
+            too), ``fill`` (False: top a short subset
             up to ``k`` by alignment), ``ridge`` (1e-9, relative), ``tol`` (1e-6,
             relative gain in ``ρ²`` to keep adding), ``swap_evals`` (NNLS fits spent on 1-swap
             polishing; default ``None``: 200 when ``n_eligible · k ≤ 1024``, else 0),

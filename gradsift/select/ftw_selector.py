@@ -55,7 +55,9 @@ class FTWConfig(SelectorConfig):
         geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
         subset: ``"greedy"`` (redundancy-aware, on ``ρ`` at the NNLS weights), ``"uniform"``
             (on ``ρ`` at uniform weights: the mean gradient's cosine with ``ĝ``), ``"topk"`` by
-            alignment, or ``"next-step"``
+            alignment, ``"validated"`` (greedy when it beats the top-``k`` on held-out target
+            examples, two-fold; otherwise the top-``k``: ``gradsift.select.ftw``), or
+            ``"next-step"``
             (greedy on the decrease predicted from Adam's exact next update, among the
             candidates with ``b_i > 0``; materializes all ``B`` per-sample gradients; Adam/AdamW
             only, others fall back to ``greedy``).
@@ -133,6 +135,9 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
         if not isinstance(self.crossfit, bool):
             raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
+        if self.crossfit and self.subset == "validated":
+            raise ValueError("crossfit and subset 'validated' both split the target batch: "
+                             "use one of them")
         if self.crossfit and self.weighting not in ("shrink", "nnls"):
             raise ValueError(f"crossfit fits the weights on half the target batch: it needs "
                              f"weighting 'shrink' or 'nnls', got {self.weighting!r}")
@@ -170,7 +175,7 @@ class FTWSelector(Selector):
     def needs_target_samples(self) -> bool:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
         return (cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
-                or cfg.crossfit)
+                or cfg.crossfit or cfg.subset == "validated")
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -208,7 +213,8 @@ class FTWSelector(Selector):
             weighting = "uniform" if next_step else "shrink"
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
         # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
-        per_example = weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
+        per_example = (weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
+                       or subset == "validated")
         b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
             ctx.target_samples if per_example else None)
@@ -245,7 +251,8 @@ class FTWSelector(Selector):
             tol=cfg.tol,
             swap_evals=cfg.swap_evals,
             fill=cfg.fill,
-            target_align=weight_rows if weighting == "shrink" else None,
+            target_align=weight_rows if weighting == "shrink" else (
+                per_target if subset == "validated" else None),
             weight_align=b_weights,
             temperature=cfg.temperature,
             generator=ctx.generator,
@@ -283,6 +290,9 @@ class FTWSelector(Selector):
             diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
+        if res.validation is not None:  # subset "validated": which rule held out better
+            diagnostics["validation"] = res.validation
+            diagnostics["subset_used"] = "greedy" if res.validation > 0.0 else "topk"
         if cfg.norm_clip > 0.0:
             diagnostics["n_clipped"] = res.n_clipped
         if cfg.crossfit and b_weights is None:

@@ -411,3 +411,67 @@ def test_norm_clip_trains_on_the_clipped_gradients() -> None:
     assert plain.n_clipped == 0
     with pytest.raises(ValueError, match="norm_clip"):
         ftw_solve(b, k, 2, norm_clip=-1.0)
+
+
+def _held_out_single(bt: np.ndarray, k: np.ndarray) -> tuple[float, int]:
+    """subset='validated' at k=1, by hand: a single candidate's ρ is ``b_i/√K_ii``, so greedy
+    takes the largest of those (among b_i > 0) and top-1 the largest ``b_i``; each is chosen
+    on one half of the target examples and scored on the other. Returns the summed held-out
+    gain and the candidate the rule must pick on all of ``b``."""
+    norms = np.sqrt(np.diag(k))
+    b = bt.mean(axis=0)
+    eligible = b > 0
+    halves = (bt[0::2].mean(axis=0), bt[1::2].mean(axis=0))
+    gain = 0.0
+    for fit, test in (halves, halves[::-1]):
+        ok = eligible & (fit > 0)
+        if not ok.any():  # no candidate aligned on this half: neither rule picks one
+            continue
+        greedy = int(np.argmax(np.where(ok, fit / norms, -np.inf)))
+        top = int(np.argmax(np.where(eligible, fit, -np.inf)))
+        gain += test[greedy] / norms[greedy] - test[top] / norms[top]
+    pick = np.argmax(np.where(eligible, b / norms, -np.inf)) if gain > 0 else np.argmax(
+        np.where(eligible, b, -np.inf))
+    return gain, int(pick)
+
+
+def test_validated_subset_keeps_greedy_only_when_it_wins_on_held_out_targets() -> None:
+    """Against the hand computation at k=1 on random instances (both outcomes occur)."""
+    outcomes = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        g = (rng.standard_normal((8, 5)) + 0.4) * np.exp(rng.uniform(-1, 1, (8, 1)))
+        targets = rng.standard_normal((6, 5)) + 0.4  # 6 target examples
+        bt = targets @ g.T  # (n_t, B): B_ti = ⟨g_i, t⟩
+        k = g @ g.T
+        gain, pick = _held_out_single(bt, k)
+        res = ftw_solve(torch.tensor(bt.mean(axis=0)), torch.tensor(k), 1, subset="validated",
+                        weighting="uniform", target_align=torch.tensor(bt))
+        assert res.validation == pytest.approx(gain, rel=1e-9, abs=1e-12)
+        assert res.indices.tolist() == [pick]
+        outcomes.add(gain > 0)
+    assert outcomes == {True, False}
+
+
+def test_validated_subset_keeps_greedy_against_near_copies() -> None:
+    """Three near-copies of the best-aligned record, which also points off the target, and a
+    record that carries the target's other part: the top-3 by b takes the copies, greedy one
+    copy and the complement, and held out (every target example has both parts) greedy
+    wins."""
+    rng = np.random.default_rng(0)
+    e = np.eye(6)
+    copies = [2.0 * (e[0] + 0.6 * e[2]) + 0.01 * rng.standard_normal(6) for _ in range(3)]
+    g = np.stack(copies + [0.8 * e[1], 0.3 * e[3], 0.3 * e[4]])
+    targets = np.stack([e[0] + e[1] + 0.1 * rng.standard_normal(6) for _ in range(8)])
+    bt = targets @ g.T
+    b, k = bt.mean(axis=0), g @ g.T
+    assert set(np.argsort(-b)[:3]) == {0, 1, 2}  # the top-3 are the copies
+    res = ftw_solve(torch.tensor(b), torch.tensor(k), 3, subset="validated",
+                    weighting="uniform", target_align=torch.tensor(bt))
+    assert res.validation is not None and res.validation > 0
+    assert len(set(res.indices.tolist()) & {0, 1, 2}) == 1 and 3 in res.indices.tolist()
+    # without target examples there is nothing to validate on: the greedy subset
+    plain = ftw_solve(torch.tensor(b), torch.tensor(k), 3, subset="greedy", weighting="uniform")
+    alone = ftw_solve(torch.tensor(b), torch.tensor(k), 3, subset="validated",
+                      weighting="uniform")
+    assert alone.validation is None and alone.indices.tolist() == plain.indices.tolist()

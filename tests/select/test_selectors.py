@@ -22,6 +22,7 @@ from gradsift.select import (
     alignment_ratio,
     available_selectors,
     filter_then_weight,
+    ftw_solve,
     get_selector,
     register_selector,
 )
@@ -438,6 +439,24 @@ def test_ftw_crossfit_chooses_on_one_half_and_weighs_on_the_other() -> None:
                                n: v[:3] for n, v in t_batch.items()}))
     assert "4 target examples" in get_selector("ftw", crossfit=True).select(few).diagnostics[
         "note_crossfit"]
+
+
+def test_ftw_validated_subset_reads_the_per_example_alignments() -> None:
+    """``subset='validated'``: the selector's held-out comparison runs on the per-target-example
+    alignments recomputed by hand (autograd one example at a time), and its choice is logged."""
+    model, cands, state, target, b_t, t_batch = _per_target_world(1, 6, 2)
+    kmat = interaction(cands, state.preconditioner).double()
+    ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
+                           target_samples=per_sample_grads(model, t_batch))
+    sel = get_selector("ftw", subset="validated").select(ctx)
+    expected = ftw_solve(b_t.mean(0), kmat, 3, subset="validated", weighting="shrink",
+                         fill=True, target_align=b_t)
+    assert sel.diagnostics["validation"] == pytest.approx(expected.validation, rel=1e-3,
+                                                          abs=1e-6)
+    assert sel.diagnostics["subset_used"] == ("greedy" if expected.validation > 0 else "topk")
+    assert sel.indices.tolist() == expected.indices.tolist()
+    with pytest.raises(ValueError, match="crossfit and subset 'validated'"):
+        get_selector("ftw", subset="validated", crossfit=True)
 
 
 def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:

@@ -14,7 +14,8 @@ import numpy as np
 from gradsift.report.paired import paired_interval
 
 BASE = ("greats", "ftw", "cosine")
-VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform", "ftw-next-step")
+VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform", "ftw-next-step",
+            "ftw@subset=validated")
 
 
 def primary(path: Path) -> float:
@@ -24,6 +25,7 @@ def primary(path: Path) -> float:
 
 
 def main(folder: Path, seeds: list[int]) -> None:
+    redundancy(folder / "redundancy", seeds)
     sc = folder / "label-noise-1of8"
     runs = {m: {s: primary(sc / m / f"seed_{s}" / "result.json") for s in seeds
                 if (sc / m / f"seed_{s}" / "result.json").is_file()}
@@ -40,6 +42,22 @@ def main(folder: Path, seeds: list[int]) -> None:
             print(f"  {v} − {b}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] "
                   f"({int((d < 0).sum())} / {int((d > 0).sum())}); "
                   f"{b} mean {np.mean([runs[b][s] for s in done]):.4f}")
+
+
+def redundancy(sc: Path, seeds: list[int]) -> None:
+    """Amendment 3: the validated subset against ftw in redundancy, on this CPU."""
+    runs = {m: {s: primary(sc / m / f"seed_{s}" / "result.json") for s in seeds
+                if (sc / m / f"seed_{s}" / "result.json").is_file()}
+            for m in ("ftw", "ftw@subset=validated")}
+    done = sorted(set(runs["ftw"]) & set(runs["ftw@subset=validated"]))
+    if not done:
+        print("redundancy: no paired run yet")
+        return
+    d = np.array([runs["ftw@subset=validated"][s] - runs["ftw"][s] for s in done])
+    mean, lo, hi = paired_interval(d) if len(d) > 1 else (float(d[0]),) * 3
+    print(f"redundancy, seeds {done}: ftw@subset=validated − ftw {mean:+.4f} "
+          f"[{lo:+.4f}, {hi:+.4f}] ({int((d < 0).sum())} / {int((d > 0).sum())}); ftw mean "
+          f"{np.mean([runs['ftw'][s] for s in done]):.4f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    otherwise greedy forward selection polished by 1-swaps). Near-copies still add nothing
    (two copies have the ρ_u of one), but a candidate is never taken for a small NNLS weight
    that uniform training would then multiply.
+   ``subset="residual"`` is the same forward selection with the gain ``r_j`` instead of
+   ``r_j²/s_j`` (non-negative matching pursuit on unnormalized gradients): the next candidate
+   is the one most aligned with what the chosen ones leave unexplained, so the first is the
+   top-1 by ``b``, a near-copy of a chosen one has ``r_j ≈ 0``, and a larger gradient counts
+   for more, as it does in an Adam step whose ``v`` is mostly history (``ρ`` is scale-free).
+   No 1-swap polish and no comparison with the top-``k``, both on ``ρ``.
    ``subset="validated"`` chooses between the greedy subset and the top-``k`` by ``b`` by
    two-fold cross-validation over the target examples (``target_align``, ``B_ti``): each rule
    picks its subset and NNLS weights on one half (even / odd examples) and is scored by ``ρ``
@@ -69,7 +75,7 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
-SUBSETS = ("greedy", "topk", "uniform", "validated")
+SUBSETS = ("greedy", "topk", "uniform", "validated", "residual")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
 # how b enters the subset choice: as measured, or corrected for the target batch's noise
 ALIGNMENTS = ("mean", "posterior", "lcb")
@@ -164,8 +170,10 @@ def _fit(
 
 
 def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
-            temperature: float = 0.0, generator: torch.Generator | None = None) -> list[int]:
-    """Greedy forward selection on the gain ``r_j²/s_j`` with NNLS refits (indices into b).
+            temperature: float = 0.0, generator: torch.Generator | None = None,
+            residual: bool = False) -> list[int]:
+    """Greedy forward selection on the gain ``r_j²/s_j`` with NNLS refits (indices into b);
+    with ``residual`` on ``r_j`` (stops when no ``r_j`` exceeds ``tol · max b``).
 
     With ``temperature > 0`` each addition is drawn with ``p_j ∝ exp((gain_j/max − 1)/τ)``
     among the positive gains (``generator`` is the only randomness).
@@ -197,10 +205,13 @@ def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
         w_full = np.zeros(n)
         w_full[chosen] = w
         r = b - kmat @ w_full  # residual alignment b − K w
-        gain = np.where((r > 0) & ~banned, r * r / np.maximum(schur, 1e-9 * diag), 0.0)
+        if residual:
+            gain = np.where((r > 0) & ~banned, r, 0.0)
+        else:
+            gain = np.where((r > 0) & ~banned, r * r / np.maximum(schur, 1e-9 * diag), 0.0)
         gain[chosen] = 0.0
         j = int(np.argmax(gain))
-        if gain[j] <= tol * max(f, f_scale):
+        if gain[j] <= (tol * float(b.max()) if residual else tol * max(f, f_scale)):
             break
         if temperature > 0.0:
             useful = gain > tol * max(f, f_scale)
@@ -489,6 +500,8 @@ def ftw_solve(
             chosen = sorted(_best_uniform(b, kmat, k))
         elif subset == "topk" or (validation is not None and not validation > 0.0):
             options.append(top)
+        elif subset == "residual":  # its own order: comparing on ρ would undo it
+            options.append(_greedy(b, kmat, k, ridge, tol, residual=True))
         elif temperature > 0.0:  # a draw: polishing or comparing would undo it
             options.append(_greedy(b, kmat, k, ridge, tol, temperature, generator))
         else:

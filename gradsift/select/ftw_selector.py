@@ -56,7 +56,9 @@ class FTWConfig(SelectorConfig):
         subset: ``"greedy"`` (redundancy-aware, on ``ρ`` at the NNLS weights), ``"uniform"``
             (on ``ρ`` at uniform weights: the mean gradient's cosine with ``ĝ``), ``"topk"`` by
             alignment, ``"validated"`` (greedy when it beats the top-``k`` on held-out target
-            examples, two-fold; otherwise the top-``k``: ``gradsift.select.ftw``), or
+            examples, two-fold; otherwise the top-``k``: ``gradsift.select.ftw``),
+            ``"residual"`` (greedy on the residual alignment ``r_j`` itself: matching pursuit,
+            where a larger gradient counts for more), or
             ``"next-step"``
             (greedy on the decrease predicted from Adam's exact next update, among the
             candidates with ``b_i > 0``; materializes all ``B`` per-sample gradients; Adam/AdamW

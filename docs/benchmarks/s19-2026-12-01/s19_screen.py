@@ -15,7 +15,7 @@ from gradsift.report.paired import paired_interval
 
 BASE = ("greats", "ftw", "cosine")
 VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform", "ftw-next-step",
-            "ftw@subset=validated")
+            "ftw@subset=validated", "ftw@subset=residual")
 
 
 def primary(path: Path) -> float:
@@ -45,19 +45,21 @@ def main(folder: Path, seeds: list[int]) -> None:
 
 
 def redundancy(sc: Path, seeds: list[int]) -> None:
-    """Amendment 3: the validated subset against ftw in redundancy, on this CPU."""
+    """Amendments 3 and 5: the new subsets against ftw in redundancy, on this CPU."""
+    variants = ("ftw@subset=validated", "ftw@subset=residual")
     runs = {m: {s: primary(sc / m / f"seed_{s}" / "result.json") for s in seeds
                 if (sc / m / f"seed_{s}" / "result.json").is_file()}
-            for m in ("ftw", "ftw@subset=validated")}
-    done = sorted(set(runs["ftw"]) & set(runs["ftw@subset=validated"]))
-    if not done:
-        print("redundancy: no paired run yet")
-        return
-    d = np.array([runs["ftw@subset=validated"][s] - runs["ftw"][s] for s in done])
-    mean, lo, hi = paired_interval(d) if len(d) > 1 else (float(d[0]),) * 3
-    print(f"redundancy, seeds {done}: ftw@subset=validated − ftw {mean:+.4f} "
-          f"[{lo:+.4f}, {hi:+.4f}] ({int((d < 0).sum())} / {int((d > 0).sum())}); ftw mean "
-          f"{np.mean([runs['ftw'][s] for s in done]):.4f}")
+            for m in ("ftw", *variants)}
+    for v in variants:
+        done = sorted(set(runs["ftw"]) & set(runs[v]))
+        if not done:
+            print(f"redundancy {v}: no paired run yet")
+            continue
+        d = np.array([runs[v][s] - runs["ftw"][s] for s in done])
+        mean, lo, hi = paired_interval(d) if len(d) > 1 else (float(d[0]),) * 3
+        print(f"redundancy, seeds {done}: {v} − ftw {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+              f"({int((d < 0).sum())} / {int((d > 0).sum())}); ftw mean "
+              f"{np.mean([runs['ftw'][s] for s in done]):.4f}")
 
 
 if __name__ == "__main__":

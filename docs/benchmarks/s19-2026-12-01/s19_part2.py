@@ -1,8 +1,8 @@
-"""Session 19, part 2 (PREREG.md): `ftw@subset=validated` on fresh seeds, registered.
+"""Session 19, part 2 (PREREG.md): `ftw@subset=topk` on fresh seeds, registered.
 
 Per setting, over the seeds where every method of the setting finished (at least 5 to count):
 each method's mean primary (mean held-out target loss over the last 20 % of steps), AUC and,
-at 1of8, exact match; the paired lines `validated − X` (mean, sd, 95 % t-interval, validated
+at 1of8, exact match; the paired lines `topk − X` (mean, sd, 95 % t-interval, topk
 lower / higher) of the primary and the AUC; the answers to the registered questions.
 
     python docs/benchmarks/s19-2026-12-01/s19_part2.py runs/quality-s19
@@ -16,7 +16,7 @@ import numpy as np
 
 from gradsift.report.paired import paired_interval
 
-V = "ftw@subset=validated"
+V = "ftw@subset=topk"
 SETTINGS = {"label-noise-1of8": (V, "greats", "ftw"), "redundancy": (V, "ftw")}
 MIN_SEEDS = 5
 
@@ -33,7 +33,7 @@ def metrics(path: Path) -> tuple[float, float, float]:
 def line(d: np.ndarray) -> tuple[str, float, float]:
     mean, lo, hi = paired_interval(d)
     return (f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] sd {d.std(ddof=1):.4f} "
-            f"(validated lower {int((d < 0).sum())} / higher {int((d > 0).sum())})", lo, hi)
+            f"(topk lower {int((d < 0).sum())} / higher {int((d > 0).sum())})", lo, hi)
 
 
 def main(out: Path) -> None:
@@ -55,13 +55,14 @@ def main(out: Path) -> None:
             for i, name in ((0, "primary"), (1, "AUC")):
                 d = np.array([runs[V][s][i] - runs[other][s][i] for s in seeds])
                 text, lo, hi = line(d)
-                print(f"  validated − {other:7s} {name:7s} {text}")
+                print(f"  topk − {other:7s} {name:7s} {text}")
                 if i == 0:
-                    highs[other] = lo
+                    highs[other] = (lo, hi)
         means = {m: np.mean([runs[m][s][0] for s in seeds]) for m in methods}
         print(f"  lowest mean: {min(means, key=means.get)}")
-        for other, lo in highs.items():
-            print(f"  validated − {other} interval wholly above 0: {'yes' if lo > 0 else 'no'}")
+        for other, (lo, hi) in highs.items():
+            print(f"  topk − {other}: interval wholly above 0: {'yes' if lo > 0 else 'no'}; "
+                  f"wholly below 0: {'yes' if hi < 0 else 'no'}")
         print()
 
 

@@ -576,7 +576,8 @@ def filter_then_weight(
         gram: (B, B) interaction ``K`` (positive semi-definite).
         k: budget (at most ``k`` are selected; fewer when fewer are useful).
         **options: ``min_cosine`` (0.0; needs ``target_sq_norm`` = ``ĝᵀPĝ``), ``subset``
-            (``"greedy"`` redundancy-aware, or ``"topk"`` by ``b``), ``weighting``
+            (``"greedy"`` redundancy-aware, ``"topk"`` by ``b``, or ``"uniform"``,
+            ``"validated"``, ``"residual"``: module docstring), ``weighting``
             (``"nnls"``, ``"uniform"`` or ``"shrink"``, which reads ``target_align``: the
             (n_target, B) per-target-example alignments; ``subset="validated"`` reads them
             too), ``fill`` (False: top a short subset

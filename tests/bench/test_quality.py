@@ -144,7 +144,6 @@ def test_every_method_named_runs_and_an_unknown_scenario_is_refused(tmp_path) ->
     with pytest.raises(ValueError, match=r"unknown scenario\(s\) \['label-noise-1of9'\]"):
         quality.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios",
                       "label-noise-1of9", "--methods", "ftw"])
-    assert not (tmp_path / "label-noise-1of9").exists()
     # end to end: an extra method named for a scenario without extras is run, not skipped
     assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios",
                          "redundancy", "--methods", "loss", "--seeds", "0", "--quiet"]) == 0

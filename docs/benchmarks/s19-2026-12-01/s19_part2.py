@@ -8,12 +8,13 @@ lower / higher) of the primary and the AUC; the answers to the registered questi
     python docs/benchmarks/s19-2026-12-01/s19_part2.py runs/quality-s19
 """
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from gradsift.bench import quality
+from gradsift.bench.scenarios import SUITES, read_result
 from gradsift.report.paired import paired_interval
 
 V = "ftw@subset=topk"
@@ -22,12 +23,10 @@ MIN_SEEDS = 5
 
 
 def metrics(path: Path) -> tuple[float, float, float]:
-    """(primary, AUC, exact-match accuracy) of one finished run."""
-    run = json.loads(path.read_text())
-    steps, losses = np.array(run["steps"], float), np.array(run["losses"], float)
-    auc = np.trapezoid(losses, steps) / (steps[-1] - steps[0])
-    accuracy = float("nan") if run["accuracy"] is None else float(run["accuracy"])
-    return float(losses[steps > 0.8 * steps[-1]].mean()), float(auc), accuracy
+    """(primary, AUC, exact-match accuracy) of one finished run, by the suite's own code."""
+    run = quality.RunResult(**read_result(path))
+    accuracy = float("nan") if run.accuracy is None else float(run.accuracy)
+    return quality.primary(run, SUITES["steady"]), quality.auc(run), accuracy
 
 
 def line(d: np.ndarray) -> tuple[str, float, float]:

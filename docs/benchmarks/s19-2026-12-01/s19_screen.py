@@ -5,12 +5,13 @@ loss over the last 20 % of steps; 95 % t-interval; variant lower / higher).
     python docs/benchmarks/s19-2026-12-01/s19_screen.py runs/quality-s18 [seeds]
 """
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from gradsift.bench import quality
+from gradsift.bench.scenarios import SUITES, read_result
 from gradsift.report.paired import paired_interval
 
 BASE = ("greats", "ftw", "cosine")
@@ -19,9 +20,8 @@ VARIANTS = ("ftw@geometry=sgd", "ftw@subset=topk", "ftw@weighting=uniform", "ftw
 
 
 def primary(path: Path) -> float:
-    run = json.loads(path.read_text())
-    steps, losses = np.array(run["steps"], float), np.array(run["losses"], float)
-    return float(losses[steps > 0.8 * steps[-1]].mean())
+    """The suite's own primary metric of one finished run."""
+    return quality.primary(quality.RunResult(**read_result(path)), SUITES["steady"])
 
 
 def main(folder: Path, seeds: list[int]) -> None:

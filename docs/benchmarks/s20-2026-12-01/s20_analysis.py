@@ -10,8 +10,16 @@ every setting counts, no interval lies wholly above 0, and the mean over the sev
 the per-setting mean differences is at most 0.
 
     python docs/benchmarks/s20-2026-12-01/s20_analysis.py runs/quality-s20 runs/quality-s19
+
+Session 21's amendment (PREREG.md): session 19's run folder was lost with session 20's
+checkout, so the second argument may instead be session 19's committed summary, whose
+`per_seed` holds the same primary and AUC per seed:
+
+    python docs/benchmarks/s20-2026-12-01/s20_analysis.py runs/quality-s20 \
+        docs/benchmarks/s19-2026-12-01/quality-s19-summary.json
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,10 +42,19 @@ def metrics(path: Path) -> tuple[float, float]:
     return quality.primary(run, SUITES["steady"]), quality.auc(run)
 
 
+def per_seed(folder: Path, name: str) -> dict[str, dict[int, tuple[float, float]]]:
+    """method -> seed -> (primary, AUC): from run files, or from a summary's `per_seed`."""
+    if folder.suffix == ".json":
+        methods = json.loads(folder.read_text())[name]["methods"]
+        return {m: {int(s): (v, methods[m]["per_seed"]["auc"][s])
+                    for s, v in methods[m]["per_seed"]["primary"].items()} for m in METHODS}
+    return {m: {int(p.parent.name.split("_")[1]): metrics(p)
+                for p in (folder / name / m).glob("seed_*/result.json")} for m in METHODS}
+
+
 def setting(folder: Path, name: str) -> float | None:
     """Print one setting's table; return its mean `topk − ftw`, or None when it does not count."""
-    runs = {m: {int(p.parent.name.split("_")[1]): metrics(p)
-                for p in (folder / name / m).glob("seed_*/result.json")} for m in METHODS}
+    runs = per_seed(folder, name)
     seeds = sorted(set(runs[V]) & set(runs["ftw"]))
     print(f"## {name} ({folder.name}): {len(seeds)} seeds {seeds}")
     if len(seeds) < MIN_SEEDS:

@@ -175,6 +175,21 @@ def test_your_own_stream_and_target_run_as_a_scenario(tmp_path) -> None:
         [r["id"] for r in target]
     result = json.loads((out / "mine" / "ftw" / "seed_0" / "result.json").read_text())
     assert result["trained_samples"] == 3 * 2  # smoke: 3 steps of k=2
+    # a built-in setting beside it in the same folder; --report-only (no --stream) then
+    # summarizes both, each from its own runs: the primary by hand, the mean loss over the
+    # evaluations after 80 % of the steps
+    assert quality.main(["--suite", "smoke", "--out", str(out), "--quiet", "--methods",
+                         "ftw,random", "--seeds", "0", "--scenarios", "redundancy"]) == 0
+    assert quality.main(["--suite", "smoke", "--out", str(out), "--report-only"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"mine", "redundancy"}
+    for sc in summary:
+        for m in ("ftw", "random"):
+            r = json.loads((out / sc / m / "seed_0" / "result.json").read_text())
+            tail = [v for s, v in zip(r["steps"], r["losses"], strict=True) if s > 0.8 * 3]
+            assert r["scenario"] == sc and tail
+            assert summary[sc]["methods"][m]["per_seed"]["primary"] == pytest.approx(
+                {"0": sum(tail) / len(tail)})
     _write(tmp_path / "target.jsonl", target[::-1])
     with pytest.raises(ValueError, match="built from other files"):
         quality.main(args)

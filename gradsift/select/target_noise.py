@@ -1,0 +1,91 @@
+"""What the per-target-example alignments ``B_ti = ⟨g_i, P g_t⟩`` say about the noise of
+``b = mean_t B_t``, and the two places ftw uses it: the ``b`` its subset is chosen on
+(``denoised_alignment``) and how far its weights move from uniform towards NNLS
+(``shrink_to_uniform``). The math: ``gradsift.select.ftw``'s module docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradsift.select.subsets import nnls_fit
+
+# how b enters the subset choice: as measured, or corrected for the target batch's noise
+ALIGNMENTS = ("mean", "posterior", "lcb")
+
+
+def shrink_to_uniform(
+    b: np.ndarray, kmat: np.ndarray, chosen: list[int], ridge: float,
+    per_target: np.ndarray | None,
+) -> tuple[np.ndarray, float]:
+    """``w_unif + s (w_nnls − w_unif)`` with ``s = d̄²/(d̄² + se²)`` (module docstring).
+
+    ``per_target`` is (n_t, n) alignments per target example; without two of them the gain
+    of NNLS cannot be told from noise and ``s = 0``.
+    """
+    idx = np.asarray(chosen)
+    n = len(chosen)
+    w_u = np.full(n, 1.0 / n)
+    w_n = np.zeros(n)
+    kept, w_fit = nnls_fit(b, kmat, chosen, ridge)
+    if not kept or per_target is None or per_target.shape[0] < 2:
+        return w_u, 0.0
+    w_n[[chosen.index(i) for i in kept]] = w_fit / w_fit.sum()
+    k_ss = kmat[np.ix_(idx, idx)]
+    den_n = float(w_n @ k_ss @ w_n)
+    den_u = float(w_u @ k_ss @ w_u)
+    if den_n <= 0.0 or den_u <= 0.0:
+        return w_u, 0.0
+    b_t = per_target[:, idx]  # (n_t, n)
+    d = b_t @ w_n / np.sqrt(den_n) - b_t @ w_u / np.sqrt(den_u)
+    mean, se2 = float(d.mean()), float(d.var(ddof=1)) / d.shape[0]
+    s = mean * mean / (mean * mean + se2) if mean > 0.0 and mean * mean + se2 > 0 else 0.0
+    w = w_u + s * (w_n - w_u)
+    return w / w.sum(), s
+
+
+def denoised_alignment(
+    per_target: torch.Tensor, kind: str, norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """The alignment the subset is chosen on, from ``B_ti``, (n_t, B) alignments per target
+    example (``b = mean_t B_t``; ``se_i² = var_t(B_ti)/n_t`` is the noise of ``b_i``).
+
+    * ``"mean"``: ``b`` as measured.
+    * ``"posterior"``: the empirical-Bayes posterior mean of each candidate's cosine
+      ``c_i = b_i/n_i`` (``n_i = √K_ii``, its norm in the metric; 1 without ``norms``) under a
+      zero-mean normal prior fitted across the candidates, scaled back by ``n_i``:
+      ``b_i f_i``, ``f_i = τ²/(τ² + se_i²/n_i²)``, ``τ² = max(mean_i c_i² − mean_i se_i²/n_i², 0)``.
+      A candidate that aligns with one target example only is shrunk more than one that aligns
+      with all of them (taking the largest of B noisy estimates favours the noisiest), and a
+      candidate's gradient norm does not change its factor. Signs are kept, so the filter
+      keeps the same candidates; with ``τ² = 0`` (no spread beyond the noise) ``b`` is kept.
+
+    * ``"lcb"``: the lower confidence bound ``b_i − se_i`` (one standard error): a candidate
+      must be aligned on the evidence, not on its mean alone, to pass the filter.
+
+    Returns the alignment and a summary: the mean factor ``f_i`` (``posterior``), the share of
+    candidates with ``b_i > 0`` whose bound stays above zero (``lcb``), 1.0 when ``b`` is kept.
+    Non-finite entries stay non-finite (the filter drops them).
+    """
+    if kind not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {kind!r}")
+    bt = per_target.detach().to(torch.float64)
+    b = bt.mean(dim=0)
+    if kind == "mean" or bt.shape[0] < 2:
+        return b, 1.0
+    if kind == "lcb":
+        bound = b - (bt.var(dim=0, unbiased=True) / bt.shape[0]).sqrt()
+        positive = b > 0.0
+        kept = float((bound[positive] > 0.0).double().mean()) if bool(positive.any()) else 1.0
+        return bound, kept
+    n2 = torch.ones_like(b) if norms is None else norms.detach().to(b) ** 2
+    cos2, noise2 = b**2 / n2, bt.var(dim=0, unbiased=True) / bt.shape[0] / n2
+    ok = torch.isfinite(cos2) & torch.isfinite(noise2)
+    if not bool(ok.any()):
+        return b, 1.0
+    tau2 = float(cos2[ok].mean() - noise2[ok].mean())
+    if not tau2 > 0.0:
+        return b, 1.0
+    factor = tau2 / (tau2 + noise2)
+    return b * factor, float(factor[ok].mean())

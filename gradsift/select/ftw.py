@@ -24,7 +24,7 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    ``subset="uniform"`` instead scores a subset by ``ρ`` at the weights it will mostly be
    trained with, uniform ones: ``ρ_u(S) = Σ_S b / √(1ᵀ K_S 1)``, the cosine in Adam's metric
    between the mean gradient of ``S`` and ``ĝ``. It takes the best subset of
-   ``min(k, n_eligible)`` (all of them scored when there are at most ``EXHAUSTIVE_MAX``,
+   ``min(k, n_eligible)`` (all of them scored when there are at most ``subsets.EXHAUSTIVE_MAX``,
    otherwise greedy forward selection polished by 1-swaps). Near-copies still add nothing
    (two copies have the ρ_u of one), but a candidate is never taken for a small NNLS weight
    that uniform training would then multiply.
@@ -66,24 +66,24 @@ Everything runs in float64 NumPy on the CPU: ``K`` is ``B×B`` and the solves ar
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from math import comb
 
 import numpy as np
-import scipy.linalg
-import scipy.optimize
 import torch
+
+from gradsift.select.subsets import (
+    best_uniform_subset,
+    greedy_forward,
+    greedy_subset,
+    held_out_gain,
+    nnls_fit,
+    subset_rho,
+    top_k,
+)
+from gradsift.select.target_noise import shrink_to_uniform
 
 SUBSETS = ("greedy", "topk", "uniform", "validated", "residual")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
-# how b enters the subset choice: as measured, or corrected for the target batch's noise
-ALIGNMENTS = ("mean", "posterior", "lcb")
-# the "uniform" subset: every subset of size k is scored when there are at most this many
-EXHAUSTIVE_MAX = 4096
-# 1-swap polishing: at most SWAP_EVALS NNLS fits, by default only when n_eligible * k is small.
-SWAP_EVALS = 200
-SWAP_AUTO_MAX = 1024
 
 
 @dataclass
@@ -120,287 +120,6 @@ class FTWResult:
     validation: float | None = None
 
 
-def _solve_nnls(k_ss: np.ndarray, b_s: np.ndarray, ridge: float) -> np.ndarray:
-    """``argmin_{w≥0} wᵀ(K + λI)w − 2bᵀw`` via ``nnls(Lᵀ, L⁻¹b)`` with ``LLᵀ = K + λI``.
-
-    The problem is convex: when the unconstrained solution ``(K + λI)⁻¹ b`` is positive it is
-    the answer (the usual case while the greedy adds useful candidates), and NNLS is skipped.
-    """
-    n = b_s.shape[0]
-    if n == 0:
-        return np.zeros(0)
-    scale = max(float(np.trace(k_ss)) / n, np.finfo(np.float64).tiny)
-    lam = ridge * scale
-    for _ in range(8):
-        try:
-            chol = np.linalg.cholesky(k_ss + lam * np.eye(n))
-            break
-        except np.linalg.LinAlgError:
-            lam = max(lam * 100.0, 1e-12 * scale)
-    else:  # pragma: no cover - K is a Gram matrix, a ridge always makes it definite
-        raise np.linalg.LinAlgError("interaction matrix is not positive semi-definite")
-    y = scipy.linalg.solve_triangular(chol, b_s, lower=True)
-    w = scipy.linalg.solve_triangular(chol.T, y, lower=False)
-    if np.all(w > 0.0):
-        return w
-    w, _ = scipy.optimize.nnls(chol.T, y, maxiter=50 * n)
-    return w
-
-
-def _rho(b: np.ndarray, kmat: np.ndarray, idx: np.ndarray, w: np.ndarray) -> float:
-    if idx.size == 0:
-        return 0.0
-    num = float(b[idx] @ w)
-    den = float(w @ kmat[np.ix_(idx, idx)] @ w)
-    if den <= 0.0:
-        return 0.0
-    return num / np.sqrt(den)
-
-
-def _fit(
-    b: np.ndarray, kmat: np.ndarray, idx: list[int], ridge: float
-) -> tuple[list[int], np.ndarray]:
-    """NNLS on ``idx``; returns the indices with positive weight and those weights."""
-    if not idx:
-        return [], np.zeros(0)
-    arr = np.asarray(idx)
-    w = _solve_nnls(kmat[np.ix_(arr, arr)], b[arr], ridge)
-    keep = w > 1e-12 * max(float(w.max(initial=0.0)), np.finfo(np.float64).tiny)
-    return [i for i, kept in zip(idx, keep, strict=True) if kept], w[keep]
-
-
-def _greedy(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
-            temperature: float = 0.0, generator: torch.Generator | None = None,
-            residual: bool = False) -> list[int]:
-    """Greedy forward selection on the gain ``r_j²/s_j`` with NNLS refits (indices into b);
-    with ``residual`` on ``r_j`` (stops when no ``r_j`` exceeds ``tol · max b``).
-
-    With ``temperature > 0`` each addition is drawn with ``p_j ∝ exp((gain_j/max − 1)/τ)``
-    among the positive gains (``generator`` is the only randomness).
-
-    The Schur complements ``s`` are kept up to date by incremental (pivoted) Cholesky: adding
-    ``j`` appends the row ``c = (K_j − c_jᵀ C)/√s_j`` to ``C = L⁻¹ K_S,:`` and ``s −= c²``:
-    ``O(B |S|)`` per step, no solve.
-    """
-    n = b.shape[0]
-    diag = np.diag(kmat).copy()
-    lam = ridge * float(diag.mean())
-    banned = np.zeros(n, dtype=bool)
-    chosen: list[int] = []
-    w = np.zeros(0)
-    f = 0.0  # current ρ² = bᵀw
-    f_scale = float(np.max(b**2 / diag))  # ρ² of the best single candidate
-    c_rows = np.zeros((k, n))
-    schur = diag + lam
-
-    def append_row(j: int, m: int) -> None:
-        c = (kmat[j] - c_rows[:m, j] @ c_rows[:m]) / np.sqrt(max(schur[j], 1e-300))
-        c_rows[m] = c
-        schur[:] -= c * c
-
-    for _ in range(k + 2 * n + 1):  # each pass adds or bans one; dropped ones are banned
-        m = len(chosen)
-        if m >= k:
-            break
-        w_full = np.zeros(n)
-        w_full[chosen] = w
-        r = b - kmat @ w_full  # residual alignment b − K w
-        if residual:
-            gain = np.where((r > 0) & ~banned, r, 0.0)
-        else:
-            gain = np.where((r > 0) & ~banned, r * r / np.maximum(schur, 1e-9 * diag), 0.0)
-        gain[chosen] = 0.0
-        j = int(np.argmax(gain))
-        if gain[j] <= (tol * float(b.max()) if residual else tol * max(f, f_scale)):
-            break
-        if temperature > 0.0:
-            useful = gain > tol * max(f, f_scale)
-            logits = np.where(useful, (gain / gain[j] - 1.0) / temperature, -np.inf)
-            j = int(torch.multinomial(torch.softmax(torch.as_tensor(logits), 0), 1,
-                                      generator=generator))
-        new, w_new = _fit(b, kmat, chosen + [j], ridge)
-        f_new = float(b[new] @ w_new) if new else 0.0
-        for i in set(chosen + [j]) - set(new):
-            banned[i] = True
-        if f_new <= f:  # the refit did not help: keep the old set, never retry j
-            banned[j] = True
-            continue
-        if new == chosen + [j]:
-            append_row(j, m)
-        else:  # some weights fell to zero: rebuild the factor of the new set
-            schur[:] = diag + lam
-            for pos, i in enumerate(new):
-                append_row(i, pos)
-        chosen, w, f = new, w_new, f_new
-    return chosen
-
-
-def _rho_uniform(b: np.ndarray, kmat: np.ndarray, subsets: np.ndarray) -> np.ndarray:
-    """``ρ_u(S) = Σ_S b / √(1ᵀ K_S 1)`` for each row of ``subsets`` (m, s) of indices."""
-    num = b[subsets].sum(axis=1)
-    den = kmat[subsets[:, :, None], subsets[:, None, :]].sum(axis=(1, 2))
-    return num / np.sqrt(np.maximum(den, np.finfo(np.float64).tiny))
-
-
-def _best_uniform(b: np.ndarray, kmat: np.ndarray, k: int, max_swaps: int = SWAP_EVALS
-                  ) -> list[int]:
-    """The subset of size ``min(k, n)`` with the largest ``ρ_u`` (module docstring)."""
-    n = b.shape[0]
-    k = min(k, n)
-    if k == 0:
-        return []
-    if comb(n, k) <= EXHAUSTIVE_MAX:
-        subsets = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64)
-        return [int(i) for i in subsets[int(np.argmax(_rho_uniform(b, kmat, subsets)))]]
-    chosen: list[int] = []
-    for _ in range(k):  # greedy: the candidate whose addition gives the largest ρ_u
-        rest = np.array([j for j in range(n) if j not in chosen], dtype=np.int64)
-        trials = np.concatenate([np.tile(chosen, (rest.size, 1)).astype(np.int64),
-                                 rest[:, None]], axis=1)
-        chosen.append(int(rest[np.argmax(_rho_uniform(b, kmat, trials))]))
-    best = float(_rho_uniform(b, kmat, np.array([chosen]))[0])
-    for _ in range(max_swaps):  # best-improvement 1-swaps, each round scored at once
-        rest = [j for j in range(n) if j not in chosen]
-        trials = np.array([[x if x != i else j for x in chosen]
-                           for i in chosen for j in rest], dtype=np.int64)
-        scores = _rho_uniform(b, kmat, trials)
-        top = int(np.argmax(scores))
-        if scores[top] <= best * (1.0 + 1e-12):
-            break
-        chosen, best = [int(x) for x in trials[top]], float(scores[top])
-    return chosen
-
-
-def _swap_search(
-    b: np.ndarray, kmat: np.ndarray, chosen: list[int], ridge: float, tol: float, max_evals: int
-) -> list[int]:
-    """First-improvement 1-swap local search on ``ρ²(S)`` within ``max_evals`` NNLS fits."""
-    if not chosen:
-        return chosen
-    n = b.shape[0]
-    chosen, w = _fit(b, kmat, chosen, ridge)
-    best = float(b[chosen] @ w) if chosen else 0.0
-    evals = 0
-    improved = True
-    while improved and evals < max_evals:
-        improved = False
-        outside = [j for j in range(n) if j not in chosen]
-        for i, j in itertools.product(list(chosen), outside):
-            trial = [x for x in chosen if x != i] + [j]
-            new, w_new = _fit(b, kmat, trial, ridge)
-            evals += 1
-            f_new = float(b[new] @ w_new) if new else 0.0
-            if f_new > best * (1.0 + tol):
-                chosen, best, improved = new, f_new, True
-                break
-            if evals >= max_evals:
-                break
-    return chosen
-
-
-def _greedy_subset(b: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
-                   swap_evals: int | None) -> list[int]:
-    """The greedy ``ρ`` subset, 1-swap polished (``swap_evals`` None: small problems only)."""
-    greedy = _greedy(b, kmat, k, ridge, tol)
-    if swap_evals is None:  # auto: polish small problems only (cost ~ n k fits)
-        swap_evals = SWAP_EVALS if b.shape[0] * k <= SWAP_AUTO_MAX else 0
-    return _swap_search(b, kmat, greedy, ridge, tol, swap_evals) if swap_evals > 0 else greedy
-
-
-def _top(b: np.ndarray, k: int) -> list[int]:
-    return [int(j) for j in np.argsort(-b, kind="stable")[:k]]
-
-
-def _held_out_gain(per_target: np.ndarray, kmat: np.ndarray, k: int, ridge: float, tol: float,
-                   swap_evals: int | None) -> float | None:
-    """``Σ_folds ρ_test(greedy_fit) − ρ_test(top_fit)``: each rule's subset and NNLS weights
-    from one half of the target examples, ``ρ`` on the other (module docstring)."""
-    if per_target.shape[0] < 2:
-        return None
-    halves = (per_target[0::2].mean(axis=0), per_target[1::2].mean(axis=0))
-    gain = 0.0
-    for fit, test in (halves, halves[::-1]):
-        for sign, rule in ((1.0, _greedy_subset(fit, kmat, k, ridge, tol, swap_evals)),
-                           (-1.0, _top(fit, k))):
-            idx, w = _fit(fit, kmat, rule, ridge)
-            gain += sign * (_rho(test, kmat, np.asarray(idx), w) if idx else 0.0)
-    return gain
-
-
-def _shrink_to_uniform(
-    b: np.ndarray, kmat: np.ndarray, chosen: list[int], ridge: float,
-    per_target: np.ndarray | None,
-) -> tuple[np.ndarray, float]:
-    """``w_unif + s (w_nnls − w_unif)`` with ``s = d̄²/(d̄² + se²)`` (module docstring).
-
-    ``per_target`` is (n_t, n) alignments per target example; without two of them the gain
-    of NNLS cannot be told from noise and ``s = 0``.
-    """
-    idx = np.asarray(chosen)
-    n = len(chosen)
-    w_u = np.full(n, 1.0 / n)
-    w_n = np.zeros(n)
-    kept, w_fit = _fit(b, kmat, chosen, ridge)
-    if not kept or per_target is None or per_target.shape[0] < 2:
-        return w_u, 0.0
-    w_n[[chosen.index(i) for i in kept]] = w_fit / w_fit.sum()
-    k_ss = kmat[np.ix_(idx, idx)]
-    den_n = float(w_n @ k_ss @ w_n)
-    den_u = float(w_u @ k_ss @ w_u)
-    if den_n <= 0.0 or den_u <= 0.0:
-        return w_u, 0.0
-    b_t = per_target[:, idx]  # (n_t, n)
-    d = b_t @ w_n / np.sqrt(den_n) - b_t @ w_u / np.sqrt(den_u)
-    mean, se2 = float(d.mean()), float(d.var(ddof=1)) / d.shape[0]
-    s = mean * mean / (mean * mean + se2) if mean > 0.0 and mean * mean + se2 > 0 else 0.0
-    w = w_u + s * (w_n - w_u)
-    return w / w.sum(), s
-
-
-def denoised_alignment(
-    per_target: torch.Tensor, kind: str, norms: torch.Tensor | None = None
-) -> tuple[torch.Tensor, float]:
-    """The alignment the subset is chosen on, from ``B_ti``, (n_t, B) alignments per target
-    example (``b = mean_t B_t``; ``se_i² = var_t(B_ti)/n_t`` is the noise of ``b_i``).
-
-    * ``"mean"``: ``b`` as measured.
-    * ``"posterior"``: the empirical-Bayes posterior mean of each candidate's cosine
-      ``c_i = b_i/n_i`` (``n_i = √K_ii``, its norm in the metric; 1 without ``norms``) under a
-      zero-mean normal prior fitted across the candidates, scaled back by ``n_i``:
-      ``b_i f_i``, ``f_i = τ²/(τ² + se_i²/n_i²)``, ``τ² = max(mean_i c_i² − mean_i se_i²/n_i², 0)``.
-      A candidate that aligns with one target example only is shrunk more than one that aligns
-      with all of them (taking the largest of B noisy estimates favours the noisiest), and a
-      candidate's gradient norm does not change its factor. Signs are kept, so the filter
-      keeps the same candidates; with ``τ² = 0`` (no spread beyond the noise) ``b`` is kept.
-
-    * ``"lcb"``: the lower confidence bound ``b_i − se_i`` (one standard error): a candidate
-      must be aligned on the evidence, not on its mean alone, to pass the filter.
-
-    Returns the alignment and a summary: the mean factor ``f_i`` (``posterior``), the share of
-    candidates with ``b_i > 0`` whose bound stays above zero (``lcb``), 1.0 when ``b`` is kept.
-    Non-finite entries stay non-finite (the filter drops them).
-    """
-    if kind not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {kind!r}")
-    bt = per_target.detach().to(torch.float64)
-    b = bt.mean(dim=0)
-    if kind == "mean" or bt.shape[0] < 2:
-        return b, 1.0
-    if kind == "lcb":
-        bound = b - (bt.var(dim=0, unbiased=True) / bt.shape[0]).sqrt()
-        positive = b > 0.0
-        kept = float((bound[positive] > 0.0).double().mean()) if bool(positive.any()) else 1.0
-        return bound, kept
-    n2 = torch.ones_like(b) if norms is None else norms.detach().to(b) ** 2
-    cos2, noise2 = b**2 / n2, bt.var(dim=0, unbiased=True) / bt.shape[0] / n2
-    ok = torch.isfinite(cos2) & torch.isfinite(noise2)
-    if not bool(ok.any()):
-        return b, 1.0
-    tau2 = float(cos2[ok].mean() - noise2[ok].mean())
-    if not tau2 > 0.0:
-        return b, 1.0
-    factor = tau2 / (tau2 + noise2)
-    return b * factor, float(factor[ok].mean())
 
 
 def _validate(align: torch.Tensor, gram: torch.Tensor, k: int) -> None:
@@ -490,33 +209,33 @@ def ftw_solve(
     if k == 0 or pos.size == 0:
         chosen: list[int] = []
     else:
-        top = _top(b, k)
+        top = top_k(b, k)
         options = []
         chosen = []
         if subset == "validated" and per_target_all is not None:
-            validation = _held_out_gain(per_target_all[:, pos], kmat, k, ridge, tol,
+            validation = held_out_gain(per_target_all[:, pos], kmat, k, ridge, tol,
                                         swap_evals)
         if subset == "uniform":  # scored at uniform weights: no NNLS refit drops one
-            chosen = sorted(_best_uniform(b, kmat, k))
+            chosen = sorted(best_uniform_subset(b, kmat, k))
         elif subset == "topk" or (validation is not None and not validation > 0.0):
             options.append(top)
         elif subset == "residual":  # its own order: comparing on ρ would undo it
-            options.append(_greedy(b, kmat, k, ridge, tol, residual=True))
+            options.append(greedy_forward(b, kmat, k, ridge, tol, residual=True))
         elif temperature > 0.0:  # a draw: polishing or comparing would undo it
-            options.append(_greedy(b, kmat, k, ridge, tol, temperature, generator))
+            options.append(greedy_forward(b, kmat, k, ridge, tol, temperature, generator))
         else:
-            options += [_greedy_subset(b, kmat, k, ridge, tol, swap_evals), top]
+            options += [greedy_subset(b, kmat, k, ridge, tol, swap_evals), top]
         best_f = -1.0
         for cand in options:
-            new, w = _fit(b, kmat, cand, ridge)
-            f = _rho(b, kmat, np.asarray(new, dtype=np.int64), w) if new else 0.0
+            new, w = nnls_fit(b, kmat, cand, ridge)
+            f = subset_rho(b, kmat, np.asarray(new, dtype=np.int64), w) if new else 0.0
             if f > best_f * (1.0 + 1e-12):
                 chosen, best_f = new, f
 
     # the weight stage: NNLS on the subset (a refit in another order may zero a weight)
     shrink = None
     if weighting == "nnls":
-        chosen, w = _fit(b_w, kmat, sorted(chosen), ridge)
+        chosen, w = nnls_fit(b_w, kmat, sorted(chosen), ridge)
         w = w / w.sum() if chosen else w
     else:
         if fill and len(chosen) < k:
@@ -526,9 +245,9 @@ def ftw_solve(
         w = np.full(len(chosen), 1.0 / max(1, len(chosen)))
         if weighting == "shrink" and len(chosen) > 1:
             per_target = None if per_target_all is None else per_target_all[:, pos]
-            w, shrink = _shrink_to_uniform(b_w, kmat, chosen, ridge, per_target)
+            w, shrink = shrink_to_uniform(b_w, kmat, chosen, ridge, per_target)
     idx = np.asarray(chosen, dtype=np.int64)
-    rho = _rho(b, kmat, idx, w) if chosen else 0.0  # of the update: ρ is scale-free
+    rho = subset_rho(b, kmat, idx, w) if chosen else 0.0  # of the update: ρ is scale-free
     if chosen and norm_clip > 0.0:  # train on the clipped gradients: w_i f_i, renormalized
         w = w * clip[pos[idx]]
         w = w / w.sum()

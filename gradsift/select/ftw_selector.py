@@ -26,15 +26,9 @@ from gradsift.select.base import (
     SelectorConfig,
     register_selector,
 )
-from gradsift.select.ftw import (
-    ALIGNMENTS,
-    SUBSETS,
-    WEIGHTINGS,
-    alignment_ratio,
-    denoised_alignment,
-    ftw_solve,
-)
+from gradsift.select.ftw import SUBSETS, WEIGHTINGS, alignment_ratio, ftw_solve
 from gradsift.select.next_step import NextStep, best_weights, shrink_weights
+from gradsift.select.target_noise import ALIGNMENTS, denoised_alignment
 
 GEOMETRIES = ("adam", "sgd")
 # "next-step": the weights that maximize the decrease predicted from Adam's exact next
@@ -71,7 +65,7 @@ class FTWConfig(SelectorConfig):
         alignment: the ``b`` the subset is chosen on: ``"mean"`` (as measured) or
             ``"posterior"`` (each candidate's cosine with ``ĝ`` shrunk towards 0 by its noise
             over the target examples, empirical Bayes;
-            ``gradsift.select.ftw.denoised_alignment``). Scores stay the measured ``b``.
+            ``gradsift.select.target_noise.denoised_alignment``). Scores stay the measured ``b``.
         fill: top a subset smaller than ``k`` up with the next candidates by alignment
             (``uniform`` and ``shrink`` only: NNLS gives them no weight).
         crossfit: choose the subset on the target examples of even position and fit the

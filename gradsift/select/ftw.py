@@ -41,6 +41,14 @@ regression of ``ĝ`` on the candidates in the metric of ``K``. So:
    summed over both folds, is higher, otherwise the top-``k``. Greedy's edge in ``ρ`` on the
    ``b`` it was fitted to is partly the target batch's noise (it fits a regression to it);
    held out, that part is gone, and near-copies still cost the top-``k`` its ``ρ``.
+   ``subset="debiased"`` corrects that edge in closed form instead of by splitting: fitting
+   ``b̂ = mean_t B_t`` on the active rows ``A`` adds ``N = tr(K_AA⁻¹ Σ_AA)`` to ``ρ̂²`` on
+   average, ``Σ = cov_t(B_t)/n_t`` the noise of ``b̂``; so ``ρ̂² − N`` is unbiased for the
+   ``ρ²`` of the target's expectation and ``(ρ̂² − N)/ρ̂`` estimates the ``ρ`` the fitted
+   weights reach on it. Greedy forward selection on that score (compared with the top-``k``
+   on it too) stops where the target batch stops carrying signal; ``fill`` tops up by ``b``,
+   so with no signal left the subset is the top-``k``
+   (``gradsift.select.target_noise.debiased_subset``).
 2. **Weight**: NNLS on the subset (``scipy.optimize.nnls`` on a Cholesky factor of
    ``K_S + ridge``), normalized to ``Σ w = 1`` (``nnls``); uniform (``uniform``); or
    ``shrink``: uniform moved towards NNLS only as far as the target batch supports it.
@@ -80,9 +88,9 @@ from gradsift.select.subsets import (
     subset_rho,
     top_k,
 )
-from gradsift.select.target_noise import shrink_to_uniform
+from gradsift.select.target_noise import debiased_subset, shrink_to_uniform
 
-SUBSETS = ("greedy", "topk", "uniform", "validated", "residual")
+SUBSETS = ("greedy", "topk", "uniform", "validated", "residual", "debiased")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
 
 
@@ -217,6 +225,11 @@ def ftw_solve(
                                         swap_evals)
         if subset == "uniform":  # scored at uniform weights: no NNLS refit drops one
             chosen = sorted(best_uniform_subset(b, kmat, k))
+        elif subset == "debiased":  # scored net of the target batch's noise, not on ρ̂
+            if per_target_all is None or per_target_all.shape[0] < 2:
+                raise ValueError("subset 'debiased' needs target_align with >= 2 target "
+                                 "examples (the noise of b)")
+            chosen = sorted(debiased_subset(b, kmat, per_target_all[:, pos], k, ridge, tol))
         elif subset == "topk" or (validation is not None and not validation > 0.0):
             options.append(top)
         elif subset == "residual":  # its own order: comparing on ρ would undo it

@@ -52,7 +52,9 @@ class FTWConfig(SelectorConfig):
             alignment, ``"validated"`` (greedy when it beats the top-``k`` on held-out target
             examples, two-fold; otherwise the top-``k``: ``gradsift.select.ftw``),
             ``"residual"`` (greedy on the residual alignment ``r_j`` itself: matching pursuit,
-            where a larger gradient counts for more), or
+            where a larger gradient counts for more), ``"debiased"`` (greedy on ``ρ`` net of
+            the target batch's noise, ``(ρ̂² − tr(K_A⁻¹Σ_A))/ρ̂``; stops where the target
+            examples stop agreeing and fills up by ``b``), or
             ``"next-step"``
             (greedy on the decrease predicted from Adam's exact next update, among the
             candidates with ``b_i > 0``; materializes all ``B`` per-sample gradients; Adam/AdamW
@@ -131,9 +133,9 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
         if not isinstance(self.crossfit, bool):
             raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
-        if self.crossfit and self.subset == "validated":
-            raise ValueError("crossfit and subset 'validated' both split the target batch: "
-                             "use one of them")
+        if self.crossfit and self.subset in ("validated", "debiased"):
+            raise ValueError(f"crossfit splits the target batch that subset {self.subset!r} "
+                             "reads whole (its own noise estimate): use one of them")
         if self.crossfit and self.weighting not in ("shrink", "nnls"):
             raise ValueError(f"crossfit fits the weights on half the target batch: it needs "
                              f"weighting 'shrink' or 'nnls', got {self.weighting!r}")
@@ -171,7 +173,7 @@ class FTWSelector(Selector):
     def needs_target_samples(self) -> bool:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
         return (cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
-                or cfg.crossfit or cfg.subset == "validated")
+                or cfg.crossfit or cfg.subset in ("validated", "debiased"))
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -210,7 +212,7 @@ class FTWSelector(Selector):
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
         # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
         per_example = (weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
-                       or subset == "validated")
+                       or subset in ("validated", "debiased"))
         b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
             ctx.target_samples if per_example else None)
@@ -248,7 +250,7 @@ class FTWSelector(Selector):
             swap_evals=cfg.swap_evals,
             fill=cfg.fill,
             target_align=weight_rows if weighting == "shrink" else (
-                per_target if subset == "validated" else None),
+                per_target if subset in ("validated", "debiased") else None),
             weight_align=b_weights,
             temperature=cfg.temperature,
             generator=ctx.generator,

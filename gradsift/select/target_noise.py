@@ -89,3 +89,62 @@ def denoised_alignment(
         return b, 1.0
     factor = tau2 / (tau2 + noise2)
     return b * factor, float(factor[ok].mean())
+
+
+def debiased_rho(
+    b: np.ndarray, kmat: np.ndarray, noise: np.ndarray, idx: list[int], ridge: float
+) -> tuple[float, list[int]]:
+    """``(ρ̂² − N)/ρ̂`` of ``idx`` at its NNLS weights, and the rows kept with weight > 0.
+
+    ``ρ̂² = b_Aᵀ K_AA⁻¹ b_A`` on the active rows ``A``; ``N = tr(K_AA⁻¹ Σ_AA)``, with ``Σ`` the
+    covariance of ``b`` over target batches (``noise``), is what fitting the target batch's noise
+    adds to it on average, so ``ρ̂² − N`` is unbiased for the ``ρ²`` of the target's expectation
+    and ``(ρ̂² − N)/ρ̂`` estimates the ``ρ`` the fitted weights reach on it.
+    """
+    kept, w = nnls_fit(b, kmat, idx, ridge)
+    if not kept:
+        return 0.0, []
+    rho2 = float(b[kept] @ w)
+    if rho2 <= 0.0:
+        return 0.0, []
+    a = np.asarray(kept)
+    k_aa = kmat[np.ix_(a, a)]
+    k_aa = k_aa + ridge * float(np.trace(k_aa)) / a.size * np.eye(a.size)
+    extra = float(np.trace(np.linalg.lstsq(k_aa, noise[np.ix_(a, a)], rcond=None)[0]))
+    return (rho2 - extra) / np.sqrt(rho2), kept
+
+
+def debiased_subset(
+    b: np.ndarray, kmat: np.ndarray, per_target: np.ndarray, k: int, ridge: float, tol: float
+) -> list[int]:
+    """Greedy forward selection on ``debiased_rho``, compared with the top ``k`` by ``b``.
+
+    ``per_target`` is (n_t, n), ``b = mean_t B_t``; ``Σ = cov_t(B_t)/n_t``. Each round adds the
+    candidate whose NNLS refit has the largest debiased ``ρ``; it stops when none raises it by
+    more than ``tol``. A candidate only the target batch's noise aligns adds less than the noise
+    it fits, so the subset stops where the 8 target examples stop carrying signal (the caller
+    fills it up by ``b``). Empty when no subset has a debiased ``ρ`` above 0.
+    """
+    n_t, n = per_target.shape
+    if n_t < 2:
+        raise ValueError(f"the debiased subset needs >= 2 target examples, got {n_t}")
+    centred = per_target - per_target.mean(axis=0, keepdims=True)
+    noise = centred.T @ centred / (n_t - 1) / n_t
+    chosen: list[int] = []
+    score = 0.0
+    while len(chosen) < k:
+        best, best_set = score, None
+        for j in range(n):
+            if j in chosen or b[j] <= 0.0:
+                continue
+            s, kept = debiased_rho(b, kmat, noise, chosen + [j], ridge)
+            if j in kept and s > best:
+                best, best_set = s, kept
+        if best_set is None or best <= score + tol * abs(score):
+            break
+        chosen, score = best_set, best
+    top, _ = debiased_rho(b, kmat, noise, [j for j in np.argsort(-b, kind="stable")[:k]
+                                           if b[j] > 0.0], ridge)
+    if top > score:
+        return [int(j) for j in np.argsort(-b, kind="stable")[:k] if b[j] > 0.0]
+    return chosen

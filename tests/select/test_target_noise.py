@@ -1,13 +1,18 @@
-"""denoised_alignment: the posterior and the lower bound of ``b`` recomputed by hand."""
+"""denoised_alignment: the posterior and the lower bound of ``b`` recomputed by hand; the
+debiased subset score checked for unbiasedness by simulation and on a case solved by hand."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from gradsift.select.target_noise import denoised_alignment
+from gradsift.select.ftw import ftw_solve
+from gradsift.select.ftw_selector import FTWConfig
+from gradsift.select.subsets import greedy_subset
+from gradsift.select.target_noise import debiased_rho, debiased_subset, denoised_alignment
 
 
 def test_denoised_alignment_by_hand() -> None:
@@ -65,3 +70,59 @@ def test_lcb_alignment_by_hand() -> None:
     torch.testing.assert_close(b, torch.tensor(want, dtype=torch.float64))
     assert int(b.argmax()) == 1 and rows[0][0] / n_t > sum(r[1] for r in rows) / n_t
     assert kept == pytest.approx(sum(kept_pos) / 3)  # all three means > 0, candidate 2's bound < 0
+
+
+def test_debiased_rho_is_unbiased_where_the_plain_one_is_not() -> None:
+    """Three candidates ``G`` (3, d), metric ``P = I``; each draw takes 8 target examples
+    ``g_t = μ + ε_t`` and ``B_t = G g_t``. The true ``ρ²`` of all three is ``bᵀK⁻¹b`` with
+    ``b = Gμ``. Over draws, ``ρ̂² = b̂ᵀK⁻¹b̂`` overshoots it by ``tr(K⁻¹ GΣGᵀ)/8``; the debiased
+    ``ρ̂² − N`` (recovered from the returned score times ``ρ̂``) matches it within noise."""
+    rng = np.random.default_rng(0)
+    d, n_t, draws = 12, 8, 4000
+    g = rng.normal(size=(3, d))
+    mu = g.sum(axis=0) * 0.4 + rng.normal(size=d) * 0.3  # positively aligned with all three
+    kmat = g @ g.T
+    b_true = g @ mu
+    rho2_true = float(b_true @ np.linalg.solve(kmat, b_true))
+    plain, debiased = [], []
+    for _ in range(draws):
+        per_target = (mu + 1.5 * rng.normal(size=(n_t, d))) @ g.T  # (n_t, 3)
+        b = per_target.mean(axis=0)
+        centred = per_target - b
+        noise = centred.T @ centred / (n_t - 1) / n_t
+        score, kept = debiased_rho(b, kmat, noise, [0, 1, 2], ridge=0.0)
+        if kept != [0, 1, 2]:  # NNLS dropped one: the identity is for the fixed subset
+            continue
+        rho2 = float(b @ np.linalg.solve(kmat, b))
+        plain.append(rho2)
+        debiased.append(score * np.sqrt(rho2))
+    assert len(plain) > draws // 2
+    se = np.std(debiased) / np.sqrt(len(debiased))
+    assert abs(np.mean(debiased) - rho2_true) < 3.5 * se
+    assert np.mean(plain) - rho2_true > 10 * np.std(plain) / np.sqrt(len(plain))
+
+
+def test_debiased_subset_stops_where_one_target_example_carries_a_candidate() -> None:
+    """Candidate 0 aligns with all 8 target examples; candidates 1-3 are orthogonal to it and
+    to each other, and each aligns with one target example only (alignment ``a``, 0 with the
+    other seven). By hand: ``b̂_j = a/8`` and ``var_t = a²/8``, so its noise ``a²/64`` equals
+    ``b̂_j²``: adding it raises ``ρ̂²`` by exactly its noise, the debiased score by nothing,
+    and lowers ``(ρ̂² − N)/ρ̂``. The plain greedy takes all four, the debiased one candidate 0."""
+    kmat = np.eye(4)
+    per_target = np.zeros((8, 4))
+    per_target[:, 0] = [1.0, 1.2, 0.9, 1.1, 1.0, 0.8, 1.0, 1.0]
+    per_target[1, 1], per_target[4, 2], per_target[6, 3] = 0.9, 1.1, 1.0
+    b = per_target.mean(axis=0)
+    assert sorted(greedy_subset(b, kmat, 4, 0.0, 1e-6, None)) == [0, 1, 2, 3]
+    assert debiased_subset(b, kmat, per_target, 4, 0.0, 1e-6) == [0]
+    # through ftw_solve: the one row, topped up to k by b with uniform weights (fill)
+    res = ftw_solve(torch.tensor(b), torch.tensor(kmat), 2, subset="debiased",
+                    weighting="uniform", fill=True, target_align=torch.tensor(per_target))
+    assert res.indices.tolist() == [0, 2] and res.weights.tolist() == [0.5, 0.5]
+
+
+def test_debiased_subset_needs_the_target_examples() -> None:
+    with pytest.raises(ValueError, match="debiased"):
+        ftw_solve(torch.ones(3), torch.eye(3), 2, subset="debiased")
+    with pytest.raises(ValueError, match="crossfit"):
+        FTWConfig(subset="debiased", crossfit=True)

@@ -1,7 +1,8 @@
 """Session 24's screen (SCREEN.md): ftw's subset scored net of the target batch's noise.
 
 Per setting: the primary (mean held-out target loss, steps 20-24) of `ftw@subset=debiased`
-(this session's runs) paired with session 22's `ftw` and `ftw@subset=topk` on seeds 30-32,
+paired with `ftw`, both this session's runs (SCREEN.md's amendment), and session 22's
+`ftw@subset=topk` on seeds 30-32,
 the paired differences, and (descriptive) the rows trained per step and the share of steps
 whose rows equal ftw's and the top-`k`'s. First the reproduction check of session 22's ftw.
 
@@ -39,27 +40,29 @@ def main(root: Path, sel22: Path | None) -> None:
               f"diff {a - b:+.2e}")
     means = {}
     for sc in SETTINGS:
-        seeds = [s for s in SEEDS if (root / sc / V / f"seed_{s}" / "result.json").exists()]
+        seeds = [s for s in SEEDS if all((root / sc / m / f"seed_{s}" / "result.json").exists()
+                                         for m in (V, FTW))]
         if not seeds:
             print(f"## {sc}: no finished seeds")
             continue
-        p = {V: np.array([primary(root / sc / V / f"seed_{s}" / "result.json") for s in seeds])}
-        for m in (FTW, TOPK):
-            p[m] = np.array([primary(S22 / sc / m / f"seed_{s}" / "result.json") for s in seeds])
+        p = {m: np.array([primary(root / sc / m / f"seed_{s}" / "result.json") for s in seeds])
+             for m in (V, FTW)}  # both from this checkout (SCREEN.md, amendment)
+        p[TOPK] = np.array([primary(S22 / sc / TOPK / f"seed_{s}" / "result.json")
+                            for s in seeds])  # session 22's checkout
         d_ftw, d_topk = p[V] - p[FTW], p[V] - p[TOPK]
         means[sc] = d_ftw.mean()
         print(f"## {sc}: seeds {seeds} primary V {p[V].mean():.4f} ftw {p[FTW].mean():.4f} "
               f"topk {p[TOPK].mean():.4f}")
         print(f"  V − ftw  {d_ftw.mean():+.4f}  per seed " + " ".join(f"{x:+.4f}" for x in d_ftw))
-        print(f"  V − topk {d_topk.mean():+.4f}  per seed "
+        print(f"  V − topk (s22) {d_topk.mean():+.4f}  per seed "
               + " ".join(f"{x:+.4f}" for x in d_topk))
         n_rows, same_ftw, same_top = [], [], []
         for s in seeds:
             mine = rows(root / sc / V / f"seed_{s}" / "selections.jsonl")
             n_rows += [len(r) for r in mine]
             if sel22 is not None:
-                for m, out in ((FTW, same_ftw), (TOPK, same_top)):
-                    ref = rows(sel22 / sc / m / f"seed_{s}" / "selections.jsonl")
+                for ref_path, out in ((root / sc / FTW, same_ftw), (sel22 / sc / TOPK, same_top)):
+                    ref = rows(ref_path / f"seed_{s}" / "selections.jsonl")
                     out += [a == b for a, b in zip(mine, ref, strict=True)]
         line = f"  rows/step {np.mean(n_rows):.2f}"
         if same_ftw:

@@ -69,6 +69,17 @@ def main(root: Path, sel22: Path | None) -> None:
             line += (f"  steps with ftw's rows {np.mean(same_ftw):.0%}, with topk's "
                      f"{np.mean(same_top):.0%} (paths part after the first difference)")
         print(line)
+        # descriptive, as session 23: the realized decrease on the batches each step was
+        # chosen on (summed) beside the held-out decrease over the run (first − last eval)
+        gains = {}
+        for m in (V, FTW):
+            runs = [read_result(root / sc / m / f"seed_{s}" / "result.json") for s in seeds]
+            gains[m] = np.array([(sum(c["realized"] for c in r["calibration"] if c),
+                                  r["losses"][0] - r["losses"][-1]) for r in runs])
+        tb, ho = gains[FTW].mean(axis=0)
+        dtb, dho = (gains[V] - gains[FTW]).mean(axis=0)
+        print(f"  ftw: target batches {tb:.3f}, held out {ho:.3f};  V − ftw: target batches "
+              f"{dtb:+.3f}, held out {dho:+.3f}")
     if len(means) == len(SETTINGS):
         vals = np.array(list(means.values()))
         go = means["label-noise"] < 0 and vals.mean() < 0 and vals.max() <= 0.010

@@ -134,8 +134,8 @@ class FTWConfig(SelectorConfig):
         if not isinstance(self.crossfit, bool):
             raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
         if self.crossfit and self.subset in ("validated", "debiased"):
-            raise ValueError(f"crossfit splits the target batch that subset {self.subset!r} "
-                             "reads whole (its own noise estimate): use one of them")
+            raise ValueError(f"crossfit and subset {self.subset!r} both use the target batch's "
+                             "examples to correct for its noise: use one of them")
         if self.crossfit and self.weighting not in ("shrink", "nnls"):
             raise ValueError(f"crossfit fits the weights on half the target batch: it needs "
                              f"weighting 'shrink' or 'nnls', got {self.weighting!r}")

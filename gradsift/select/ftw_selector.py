@@ -28,7 +28,7 @@ from gradsift.select.base import (
 )
 from gradsift.select.ftw import SUBSETS, WEIGHTINGS, alignment_ratio, ftw_solve
 from gradsift.select.next_step import NextStep, best_weights, shrink_weights
-from gradsift.select.target_noise import ALIGNMENTS, denoised_alignment
+from gradsift.select.target_noise import ALIGNMENTS, denoised_alignment, target_agreement
 
 GEOMETRIES = ("adam", "sgd")
 # "next-step": the weights that maximize the decrease predicted from Adam's exact next
@@ -297,6 +297,8 @@ class FTWSelector(Selector):
             diagnostics["note_crossfit"] = "crossfit needs 4 target examples: fitted on all"
         if cfg.alignment != "mean":
             diagnostics["alignment_shrink"] = shrunk
+        if per_target is not None and per_target.shape[0] > 1:
+            diagnostics["target_agreement"] = target_agreement(per_target)
         if res.note:
             diagnostics["note"] = res.note
         return Selection(

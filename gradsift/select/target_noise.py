@@ -91,6 +91,17 @@ def denoised_alignment(
     return b * factor, float(factor[ok].mean())
 
 
+def target_agreement(per_target: torch.Tensor) -> float:
+    """``‖mean_t B_t‖² / mean_t ‖B_t‖²`` over the finite candidates: how alike the target
+    examples pull on them. ``1/n_t`` for examples that agree on nothing (zero-mean), 1 when all
+    pull alike; logged, so a run shows whether its target is one narrow task or a diverse one.
+    """
+    bt = per_target.detach().to(torch.float64)
+    bt = bt[:, torch.isfinite(bt).all(dim=0)]
+    den = float((bt**2).sum(dim=1).mean())
+    return float((bt.mean(dim=0) ** 2).sum()) / den if den > 0.0 else 0.0
+
+
 def debiased_rho(
     b: np.ndarray, kmat: np.ndarray, noise: np.ndarray, idx: list[int], ridge: float
 ) -> tuple[float, list[int]]:

@@ -12,7 +12,12 @@ import torch
 from gradsift.select.ftw import ftw_solve
 from gradsift.select.ftw_selector import FTWConfig
 from gradsift.select.subsets import greedy_subset
-from gradsift.select.target_noise import debiased_rho, debiased_subset, denoised_alignment
+from gradsift.select.target_noise import (
+    debiased_rho,
+    debiased_subset,
+    denoised_alignment,
+    target_agreement,
+)
 
 
 def test_denoised_alignment_by_hand() -> None:
@@ -126,3 +131,13 @@ def test_debiased_subset_needs_the_target_examples() -> None:
         ftw_solve(torch.ones(3), torch.eye(3), 2, subset="debiased")
     with pytest.raises(ValueError, match="crossfit"):
         FTWConfig(subset="debiased", crossfit=True)
+
+
+def test_target_agreement_by_hand() -> None:
+    """Two target examples pulling on different candidates: ``‖(½, ½)‖² / 1 = ½ = 1/n_t``;
+    alike: 1; opposite: 0. A candidate with a non-finite alignment is left out."""
+    assert target_agreement(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(0.5)
+    assert target_agreement(torch.tensor([[2.0, 1.0], [2.0, 1.0]])) == pytest.approx(1.0)
+    assert target_agreement(torch.tensor([[1.0, 3.0], [-1.0, -3.0]])) == pytest.approx(0.0)
+    rows = torch.tensor([[3.0, float("nan"), 1.0], [1.0, 2.0, 1.0]])
+    assert target_agreement(rows) == pytest.approx((4.0 + 1.0) / ((10.0 + 2.0) / 2))

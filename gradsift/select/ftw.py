@@ -91,6 +91,8 @@ from gradsift.select.subsets import (
 from gradsift.select.target_noise import debiased_subset, shrink_to_uniform
 
 SUBSETS = ("greedy", "topk", "uniform", "validated", "residual", "debiased")
+# the subsets that read the per-target-example alignments (``target_align``)
+PER_TARGET_SUBSETS = ("validated", "debiased")
 WEIGHTINGS = ("nnls", "uniform", "shrink")
 
 

@@ -26,7 +26,13 @@ from gradsift.select.base import (
     SelectorConfig,
     register_selector,
 )
-from gradsift.select.ftw import SUBSETS, WEIGHTINGS, alignment_ratio, ftw_solve
+from gradsift.select.ftw import (
+    PER_TARGET_SUBSETS,
+    SUBSETS,
+    WEIGHTINGS,
+    alignment_ratio,
+    ftw_solve,
+)
 from gradsift.select.next_step import NextStep, best_weights, shrink_weights
 from gradsift.select.target_noise import ALIGNMENTS, denoised_alignment, target_agreement
 
@@ -133,7 +139,7 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
         if not isinstance(self.crossfit, bool):
             raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
-        if self.crossfit and self.subset in ("validated", "debiased"):
+        if self.crossfit and self.subset in PER_TARGET_SUBSETS:
             raise ValueError(f"crossfit and subset {self.subset!r} both use the target batch's "
                              "examples to correct for its noise: use one of them")
         if self.crossfit and self.weighting not in ("shrink", "nnls"):
@@ -173,7 +179,7 @@ class FTWSelector(Selector):
     def needs_target_samples(self) -> bool:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
         return (cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
-                or cfg.crossfit or cfg.subset in ("validated", "debiased"))
+                or cfg.crossfit or cfg.subset in PER_TARGET_SUBSETS)
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -212,7 +218,7 @@ class FTWSelector(Selector):
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
         # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
         per_example = (weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
-                       or subset in ("validated", "debiased"))
+                       or subset in PER_TARGET_SUBSETS)
         b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
             ctx.target_samples if per_example else None)
@@ -250,7 +256,7 @@ class FTWSelector(Selector):
             swap_evals=cfg.swap_evals,
             fill=cfg.fill,
             target_align=weight_rows if weighting == "shrink" else (
-                per_target if subset in ("validated", "debiased") else None),
+                per_target if subset in PER_TARGET_SUBSETS else None),
             weight_align=b_weights,
             temperature=cfg.temperature,
             generator=ctx.generator,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradsift.select.subsets import nnls_fit
+from gradsift.select.subsets import nnls_fit, top_k
 
 # how b enters the subset choice: as measured, or corrected for the target batch's noise
 ALIGNMENTS = ("mean", "posterior", "lcb")
@@ -139,8 +139,7 @@ def debiased_subset(
     n_t, n = per_target.shape
     if n_t < 2:
         raise ValueError(f"the debiased subset needs >= 2 target examples, got {n_t}")
-    centred = per_target - per_target.mean(axis=0, keepdims=True)
-    noise = centred.T @ centred / (n_t - 1) / n_t
+    noise = np.atleast_2d(np.cov(per_target, rowvar=False)) / n_t
     chosen: list[int] = []
     score = 0.0
     while len(chosen) < k:
@@ -154,8 +153,5 @@ def debiased_subset(
         if best_set is None or best <= score + tol * abs(score):
             break
         chosen, score = best_set, best
-    top, _ = debiased_rho(b, kmat, noise, [j for j in np.argsort(-b, kind="stable")[:k]
-                                           if b[j] > 0.0], ridge)
-    if top > score:
-        return [int(j) for j in np.argsort(-b, kind="stable")[:k] if b[j] > 0.0]
-    return chosen
+    top = [j for j in top_k(b, k) if b[j] > 0.0]
+    return top if debiased_rho(b, kmat, noise, top, ridge)[0] > score else chosen

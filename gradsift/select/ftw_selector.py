@@ -34,14 +34,22 @@ from gradsift.select.ftw import (
     ftw_solve,
 )
 from gradsift.select.next_step import NextStep, best_weights, shrink_weights
-from gradsift.select.target_noise import ALIGNMENTS, denoised_alignment, target_agreement
+from gradsift.select.target_noise import (
+    ALIGNMENTS,
+    denoised_alignment,
+    target_agreement,
+    target_snr,
+)
 
 GEOMETRIES = ("adam", "sgd")
 # "next-step": the weights that maximize the decrease predicted from Adam's exact next
 # update (gradsift.select.next_step), shrunk towards uniform by the target batch's evidence.
 SELECTOR_WEIGHTINGS = (*WEIGHTINGS, "next-step")
-# "next-step": greedy forward selection on the same predicted decrease (uniform weights)
-SELECTOR_SUBSETS = (*SUBSETS, "next-step")
+# "next-step": greedy forward selection on the same predicted decrease (uniform weights);
+# "snr": per step "greedy" where the target batch's b carries signal (target_snr >= 1), else "topk"
+SELECTOR_SUBSETS = (*SUBSETS, "next-step", "snr")
+# the subsets that read the per-target-example alignments B_ti
+READS_TARGET_ROWS = (*PER_TARGET_SUBSETS, "snr")
 
 
 @dataclass
@@ -60,7 +68,10 @@ class FTWConfig(SelectorConfig):
             ``"residual"`` (greedy on the residual alignment ``r_j`` itself: matching pursuit,
             where a larger gradient counts for more), ``"debiased"`` (greedy on ``ρ`` net of
             the target batch's noise, ``(ρ̂² − tr(K_A⁻¹Σ_A))/ρ̂``; stops where the target
-            examples stop agreeing and fills up by ``b``), or
+            examples stop agreeing and fills up by ``b``), ``"snr"`` (per step: ``greedy``
+            where the target batch's ``b`` carries at least as much signal as noise,
+            ``target_snr ≥ 1``, the top-``k`` by ``b`` where it carries less;
+            ``gradsift.select.target_noise.target_snr``), or
             ``"next-step"``
             (greedy on the decrease predicted from Adam's exact next update, among the
             candidates with ``b_i > 0``; materializes all ``B`` per-sample gradients; Adam/AdamW
@@ -139,7 +150,7 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
         if not isinstance(self.crossfit, bool):
             raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
-        if self.crossfit and self.subset in PER_TARGET_SUBSETS:
+        if self.crossfit and self.subset in READS_TARGET_ROWS:
             raise ValueError(f"crossfit and subset {self.subset!r} both use the target batch's "
                              "examples to correct for its noise: use one of them")
         if self.crossfit and self.weighting not in ("shrink", "nnls"):
@@ -179,7 +190,7 @@ class FTWSelector(Selector):
     def needs_target_samples(self) -> bool:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
         return (cfg.weighting in ("shrink", "next-step") or cfg.alignment != "mean"
-                or cfg.crossfit or cfg.subset in PER_TARGET_SUBSETS)
+                or cfg.crossfit or cfg.subset in READS_TARGET_ROWS)
 
     def _select(self, ctx: SelectionContext) -> Selection:
         cfg: FTWConfig = self.config  # type: ignore[assignment]
@@ -218,7 +229,7 @@ class FTWSelector(Selector):
         subset = "greedy" if cfg.subset == "next-step" else cfg.subset
         # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
         per_example = (weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
-                       or subset in PER_TARGET_SUBSETS)
+                       or subset in READS_TARGET_ROWS)
         b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
             ctx.target_samples if per_example else None)
@@ -233,6 +244,12 @@ class FTWSelector(Selector):
                 beta1 = max((state.beta1.get(n, 0.0) for n in names), default=0.0)
                 scale = 1.0 / (1.0 - beta1)
             per_target = b[None, :] + (cross - cross.mean(dim=0, keepdim=True)) * scale
+        snr = None
+        if subset == "snr":
+            # with fewer than 2 target examples the noise is unknown: the greedy subset
+            rows = per_target.shape[0] if per_target is not None else 0
+            snr = target_snr(per_target) if rows >= 2 else math.inf
+            subset = "greedy" if snr >= 1.0 else "topk"
         b_subset, shrunk = b, 1.0
         subset_rows, weight_rows, b_weights = per_target, per_target, None
         if cfg.crossfit and per_target is not None and per_target.shape[0] >= 4:
@@ -294,6 +311,9 @@ class FTWSelector(Selector):
             diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
+        if snr is not None:
+            diagnostics["target_snr"] = snr if math.isfinite(snr) else None
+            diagnostics["subset_used"] = subset
         if res.validation is not None:  # subset "validated": which rule held out better
             diagnostics["validation"] = res.validation
             diagnostics["subset_used"] = "greedy" if res.validation > 0.0 else "topk"

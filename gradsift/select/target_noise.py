@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -100,6 +102,25 @@ def target_agreement(per_target: torch.Tensor) -> float:
     bt = bt[:, torch.isfinite(bt).all(dim=0)]
     den = float((bt**2).sum(dim=1).mean())
     return float((bt.mean(dim=0) ** 2).sum()) / den if den > 0.0 else 0.0
+
+
+def target_snr(per_target: torch.Tensor) -> float:
+    """The signal-to-noise ratio of ``b = mean_t B_t`` over the finite candidates,
+    ``(‖b‖² − tr Σ)/tr Σ`` with ``tr Σ = Σ_i var_t(B_ti)/n_t`` (unbiased variances).
+
+    ``E‖b‖² = ‖β‖² + tr Σ`` for the target's expectation ``β``, so this is unbiased for
+    ``‖β‖²/tr Σ`` up to the ratio: the target's own pull on the candidates against the noise
+    its ``n_t`` examples leave in ``b``. About 0 where the examples agree on nothing, ``inf``
+    where they all pull alike. With ``a = target_agreement``: ``SNR = a(n_t − 1)/(1 − a) − 1``.
+    """
+    bt = per_target.detach().to(torch.float64)
+    bt = bt[:, torch.isfinite(bt).all(dim=0)]
+    n_t = bt.shape[0]
+    if n_t < 2:
+        raise ValueError(f"the target's signal-to-noise needs >= 2 target examples, got {n_t}")
+    noise = float(bt.var(dim=0, unbiased=True).sum()) / n_t
+    signal = float((bt.mean(dim=0) ** 2).sum()) - noise
+    return signal / noise if noise > 0.0 else math.inf
 
 
 def debiased_rho(

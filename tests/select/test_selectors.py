@@ -459,6 +459,42 @@ def test_ftw_validated_subset_reads_the_per_example_alignments() -> None:
         get_selector("ftw", subset="validated", crossfit=True)
 
 
+def test_ftw_snr_subset_switches_on_the_target_batch_noise() -> None:
+    """``subset='snr'``: the signal-to-noise of ``b``, recomputed by hand from per-target-example
+    gradients taken one at a time with autograd, picks the top-``k`` where it is below 1 (four
+    random target examples) and the greedy where the examples all pull alike (one repeated)."""
+    model, cands, state, target, b_t, t_batch = _per_target_world(2, 4, 4)
+    kmat = interaction(cands, state.preconditioner).double()
+    n_t = b_t.shape[0]
+    mean = [sum(float(b_t[t, i]) for t in range(n_t)) / n_t for i in range(B)]
+    noise = sum(sum((float(b_t[t, i]) - mean[i]) ** 2 for t in range(n_t)) / (n_t - 1)
+                for i in range(B)) / n_t
+    snr = (sum(m * m for m in mean) - noise) / noise
+    assert snr < 1.0
+
+    def ctx(samples, direction) -> SelectionContext:
+        return SelectionContext(cands, direction, state, 2, torch.Generator().manual_seed(0),
+                                target_samples=per_sample_grads(model, samples))
+
+    sel = get_selector("ftw", subset="snr").select(ctx(t_batch, target))
+    top = ftw_solve(b_t.mean(0), kmat, 2, subset="topk", weighting="shrink", fill=True,
+                    target_align=b_t)
+    greedy = get_selector("ftw").select(ctx(t_batch, target))
+    assert sel.indices.tolist() == top.indices.tolist() != greedy.indices.tolist()
+    assert sel.diagnostics["target_snr"] == pytest.approx(snr, rel=1e-3, abs=1e-6)
+    assert sel.diagnostics["subset_used"] == "topk"
+    # one target example four times: no noise, the greedy subset (which differs from the top-k)
+    one = {n: v[1:2].repeat(4, *([1] * (v.dim() - 1))) for n, v in t_batch.items()}
+    direction = {n: g.mean(0) for n, g in per_sample_grads(model, one).materialize().items()}
+    sel = get_selector("ftw", subset="snr").select(ctx(one, direction))
+    plain = get_selector("ftw").select(ctx(one, direction))
+    top = get_selector("ftw", subset="topk").select(ctx(one, direction))
+    assert sel.indices.tolist() == plain.indices.tolist() != top.indices.tolist()
+    assert sel.diagnostics["subset_used"] == "greedy" and sel.diagnostics["target_snr"] is None
+    with pytest.raises(ValueError, match="crossfit and subset 'snr'"):
+        get_selector("ftw", subset="snr", crossfit=True)
+
+
 def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
     """``temperature`` draws with the context's generator (same seed, same subset; several
     subsets over seeds); ``norm_clip`` counts and scales the clipped candidates by hand."""

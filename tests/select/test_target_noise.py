@@ -17,6 +17,7 @@ from gradsift.select.target_noise import (
     debiased_subset,
     denoised_alignment,
     target_agreement,
+    target_snr,
 )
 
 
@@ -141,3 +142,23 @@ def test_target_agreement_by_hand() -> None:
     assert target_agreement(torch.tensor([[1.0, 3.0], [-1.0, -3.0]])) == pytest.approx(0.0)
     rows = torch.tensor([[3.0, float("nan"), 1.0], [1.0, 2.0, 1.0]])
     assert target_agreement(rows) == pytest.approx((4.0 + 1.0) / ((10.0 + 2.0) / 2))
+
+
+def test_target_snr_by_hand() -> None:
+    """``(‖b‖² − tr Σ)/tr Σ`` worked out on small tables, and its identity with the agreement
+    ``a``: ``SNR = a(n_t − 1)/(1 − a) − 1``."""
+    # b = (0.5, 0.5), ‖b‖² = 0.5; var_t per column 0.5, tr Σ = (0.5 + 0.5)/2 = 0.5: SNR 0
+    assert target_snr(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(0.0)
+    # b = (2, 1), ‖b‖² = 5; columns [1, 3] and [0, 2]: var 2 each, tr Σ = 4/2 = 2: (5 − 2)/2
+    assert target_snr(torch.tensor([[1.0, 0.0], [3.0, 2.0]])) == pytest.approx(1.5)
+    # a non-finite candidate is left out; examples that all pull alike: no noise, inf
+    rows = torch.tensor([[1.0, 0.0, math.nan], [3.0, 2.0, 1.0]])
+    assert target_snr(rows) == pytest.approx(1.5)
+    assert target_snr(torch.tensor([[2.0, 1.0], [2.0, 1.0]])) == math.inf
+    gen = np.random.default_rng(0)
+    for n_t in (3, 8):
+        bt = torch.as_tensor(gen.normal(0.3, 1.0, (n_t, 16)))
+        a = target_agreement(bt)
+        assert target_snr(bt) == pytest.approx(a * (n_t - 1) / (1 - a) - 1)
+    with pytest.raises(ValueError, match=">= 2 target examples"):
+        target_snr(torch.ones(1, 4))

@@ -48,7 +48,11 @@ Usage::
 
     python -m gradsift.bench.quality --suite full [--out runs/quality] [--seeds 0,1,2,3,4]
         [--scenarios label-noise,code] [--methods ftw,random,ftw@target_ema=0.8]
-        [--report-only]
+        [--report-only] [--device cuda] [--shard I/N --threads T]
+
+On a GPU (``--device cuda``) a step of the 135M model is launch-bound (BENCHMARKS.md,
+session 6), so several processes (``--shard``) can share one; not yet measured for this suite. A folder holds one device kind's runs (``suite.json``), so paired
+methods ran on the same kind.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from gradsift.bench.scenarios import (
     build_data,
     choose_scenarios,
     claim_out_folder,
+    device_kind,
     make_trainer,
     parse_method,
     read_result,
@@ -298,10 +303,11 @@ def methods_for(scenario: Scenario, methods: Sequence[str] | None) -> list[str]:
 
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-              quiet: bool = False, shard: tuple[int, int] = (0, 1)) -> list[RunResult]:
+              quiet: bool = False, shard: tuple[int, int] = (0, 1),
+              device: str = "cpu") -> list[RunResult]:
     """Every (seed, scenario, method) run not finished yet (in ``_job_order``; with
-    ``shard=(i, n)`` every n-th of them from the i-th), then the results of all finished
-    runs."""
+    ``shard=(i, n)`` every n-th of them from the i-th), on ``device``, then the results of
+    all finished runs."""
     from gradsift.models import load_model_and_tokenizer
 
     chosen = choose_scenarios(suite, scenarios)
@@ -328,6 +334,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None = None,
             print(sizes_line((sc for _, sc, _ in todo), suite),
                   file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
+        base.to(device)
         for p in base.parameters():
             p.requires_grad_(False)
         for n, (seed, sc, method) in enumerate(todo, 1):
@@ -553,16 +560,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from "
                         "the I-th (N processes share a machine, e.g. with --threads 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu); a "
+                        "folder holds one kind's runs: pair methods on one device")
     parser.add_argument("--quiet", action="store_true")
     add_own_data_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    kind = device_kind(parser, args.device)
     suite = with_own_data(parser, args, SUITES[args.suite])
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")
     claim_out_folder(parser, out, args.suite, suite, RESULTS,
-                     write=not args.report_only)
+                     write=not args.report_only, device=kind)
 
     def split(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None
@@ -573,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         i, n = (int(x) for x in args.shard.split("/"))
         results = run_suite(suite, out, split(args.scenarios), split(args.methods), seeds,
-                            quiet=args.quiet, shard=(i, n))
+                            quiet=args.quiet, shard=(i, n), device=args.device)
     if not results:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 1

@@ -300,14 +300,17 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
 
 
 def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,
-                     finished: str, write: bool = True) -> None:
+                     finished: str, write: bool = True, device: str = "cpu") -> None:
     """Refuse a folder whose ``suite.json`` says its finished runs (files matching the glob
     ``finished``, ``<scenario>/...``) were made under other sizes, or a scenario's under
-    another k or B, which resuming or summarizing would mix; with ``write``, record this call's
-    sizes (keeping the other scenarios' records)."""
+    another k or B, or on another kind of device (a GPU's runs differ from a CPU's in the
+    digits a paired difference reads), which resuming or summarizing would mix; with
+    ``write``, record this call's sizes (keeping the other scenarios' records)."""
     per_scenario = ("scenarios", "seeds", "candidates", "budget")  # k and B: in ``kb``
     sizes = {"suite": name, **{f.name: getattr(suite, f.name) for f in fields(Suite)
                                if f.name not in per_scenario}}
+    if device != "cpu":  # folders written before the option hold CPU runs and no key
+        sizes["device"] = device
     kb = {sc.name: {"candidates": sc.candidates, "budget": sc.budget} for sc in suite.scenarios}
     path = out / "suite.json"
     has_runs = next(out.glob(finished), None) is not None
@@ -398,6 +401,20 @@ def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
                      "steady)")
     own.add_argument("--max-length", type=int, help="tokens per record, prompt and answer "
                      "(default: the suite's, 40 in full; every record must train within it)")
+
+
+def device_kind(parser: argparse.ArgumentParser, name: str) -> str:
+    """``--device``: ``cpu`` or ``cuda`` (``cuda:N`` picks a GPU); the kind is returned, and a
+    GPU that is not there is refused before any run."""
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {name!r}")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        parser.error(f"--device {name!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: torch sees no CUDA device on this machine")
+    return device.type
 
 
 def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,

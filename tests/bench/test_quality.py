@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
+import torch
 
 from gradsift.bench import quality, scenarios
 from gradsift.bench.progress import duration
 from gradsift.bench.quality import RunResult
+from gradsift.bench.scenarios import SUITES, claim_out_folder
 
 
 def _result(method: str, seed: int, losses: list[float]) -> RunResult:
@@ -117,6 +120,22 @@ def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
         assert str(tmp_path / "suite.json") in err
         assert ("steps 3 there, 12 here" if "full" in other else
                 "max_length 24 there, 30 here") in err
+    # --device: a CPU folder (no device key, as before the option) takes --device cpu; a GPU's
+    # runs are refused there, and a GPU that is not on the machine is refused before anything
+    assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--report-only",
+                         "--quiet", "--device", "cpu"]) == 0
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        claim_out_folder(parser, tmp_path, "smoke", SUITES["smoke"], quality.RESULTS,
+                         write=False, device="cuda")
+    assert "device None there, 'cuda' here" in capsys.readouterr().err
+    for bad, says in (("tpu", "--device must be cpu or cuda[:N], got 'tpu'"),
+                      ("cuda:x", "--device 'cuda:x'")) + (
+            () if torch.cuda.is_available() else
+            (("cuda", "--device cuda: torch sees no CUDA device"),)):
+        with pytest.raises(SystemExit):
+            quality.main(["--suite", "smoke", "--out", str(tmp_path), "--device", bad])
+        assert says in capsys.readouterr().err
     # a run's file cut short (a copy, an edit) is named, not a bare JSONDecodeError
     cut = tmp_path / "redundancy" / "ftw" / "seed_1" / "result.json"
     cut.write_text(cut.read_text()[:40])

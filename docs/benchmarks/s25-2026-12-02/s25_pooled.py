@@ -1,9 +1,9 @@
 """Session 25 (descriptive): every `steady` run of ftw, GREATS, cosine and random any session
 committed, pooled per setting, and issue 8's two bars read on all of them at once.
 
-Per (setting, method, seed) the primary is taken from the sessions' committed summaries
-(sessions 13-20, `per_seed`) and raw `result.json` files (sessions 22, 24, 25); a seed that
-two sessions ran must agree to 1e-4 (it is reported if not, and the first kept). Pairs are
+Per (setting, method, seed) the primary is taken from raw `result.json` files (sessions 25,
+24, 22, in that order) and the sessions' committed summaries (sessions 13-20, `per_seed`); a
+seed that two sessions ran must agree to 1e-4 (it is reported if not, and the first kept). Pairs are
 within a seed, so within one session's machine. Nothing here was registered as one analysis:
 it pools registered and exploratory runs alike and decides nothing.
 
@@ -25,8 +25,10 @@ SUMMARIES = ["s13-2026-11-30/quality-s13", "s14-2026-11-30/quality-s14",
              "s15-2026-11-30/quality-s15", "s16-2026-11-30/quality-s16",
              "s17-2026-12-01/quality-s17", "s18-2026-12-01/quality-s18",
              "s19-2026-12-01/quality-s19", "s20-2026-12-01/quality-s20"]
-RAW = ["s20-2026-12-01/raw-s22", "s24-2026-12-02/raw", "s24-2026-12-02/raw-agreement",
-       "s25-2026-12-02/raw"]
+# newest first: where a seed ran twice, this session's CPU kind is kept (it reproduced
+# session 24's runs to the bit; session 22's differ by up to 3e-3, "clash" lines)
+RAW = ["s25-2026-12-02/raw", "s24-2026-12-02/raw-agreement", "s24-2026-12-02/raw",
+       "s20-2026-12-01/raw-s22"]
 METHODS = ("ftw", "greats", "cosine", "random")
 SETTINGS = ("label-noise", "label-noise-1of8", "redundancy", "code", "verse",
             "unseen-definition", "unseen-aphorism")
@@ -47,19 +49,19 @@ def collect(extra: Path | None) -> dict:
         elif abs(old - value) > 1e-4:
             clashes.append(f"{sc} {m} seed {seed}: {old:.5f} kept, {value:.5f} in {where}")
 
-    for name in SUMMARIES:
-        for sc, v in json.loads((DOCS / f"{name}-summary.json").read_text()).items():
-            for m, mv in v["methods"].items():
-                if m in METHODS:
-                    for seed, x in mv["per_seed"]["primary"].items():
-                        put(sc, m, int(seed), x, name)
-    roots = [DOCS / r for r in RAW] + ([extra] if extra else [])
+    roots = ([extra] if extra else []) + [DOCS / r for r in RAW]
     for root in roots:
         for f in sorted(root.glob("*/*/seed_*/result.json")):
             sc, m, seed = f.parts[-4], f.parts[-3], int(f.parts[-2].removeprefix("seed_"))
             if m in METHODS:
                 r = quality.RunResult(**read_result(f))
                 put(sc, m, seed, quality.primary(r, SUITES["steady"]), str(root))
+    for name in SUMMARIES:
+        for sc, v in json.loads((DOCS / f"{name}-summary.json").read_text()).items():
+            for m, mv in v["methods"].items():
+                if m in METHODS:
+                    for seed, x in mv["per_seed"]["primary"].items():
+                        put(sc, m, int(seed), x, name)
     for c in clashes:
         print("clash:", c)
     return table

@@ -220,3 +220,25 @@ def test_your_own_stream_and_target_run_as_a_scenario(tmp_path) -> None:
         quality.main(args[:-6] + ["--target", str(tmp_path / "bad.jsonl"), "--name", "y"])
     with pytest.raises(SystemExit):
         quality.main(["--suite", "smoke", "--stream", str(tmp_path / "stream.jsonl")])
+
+
+def test_jobs_share_the_runs_and_match_a_single_process(tmp_path, capsys) -> None:
+    """``--jobs 2``: two processes (``--shard 0/2`` and ``1/2``) finish every run once, with
+    the primaries a single process gets on the same runs (up to thread-count rounding)."""
+    common = ["--suite", "smoke", "--scenarios", "label-noise", "--methods", "ftw,random",
+              "--seeds", "0"]
+    assert quality.main([*common, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert quality.main([*common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    for method in ("ftw", "random"):
+        one, two = (json.loads((tmp_path / f / "label-noise" / method / "seed_0" / "result.json")
+                               .read_text()) for f in ("one", "two"))
+        assert two["method"] == method and two["losses"] == pytest.approx(one["losses"],
+                                                                          rel=1e-3)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert set(summary["label-noise"]["methods"]) == {"ftw", "random"}
+    capsys.readouterr()
+    for bad, says in ((["--jobs", "2", "--shard", "0/2"], "--jobs sets each process's --shard"),
+                      (["--jobs", "0"], "--jobs must be >= 1, got 0")):
+        with pytest.raises(SystemExit):
+            quality.main([*common, "--out", str(tmp_path / "two"), *bad])
+        assert says in capsys.readouterr().err

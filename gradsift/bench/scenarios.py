@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -161,13 +163,19 @@ def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     if (folder / "done").exists():
         return folder
     n_target = suite.eval_size + 4 * suite.target_batch_size
-    build_stream(scenario.target, folder, seed=0, n_stream=suite.n_stream, n_target=n_target,
-                 sources=list(scenario.sources), noise_rate=scenario.noise_rate)
-    stream = read_jsonl(folder / "stream.jsonl")
-    target = read_jsonl(folder / "target.jsonl")
-    if scenario.duplicate_share > 0:
-        stream = _with_near_duplicates(stream, target, scenario.duplicate_share)
+    folder.mkdir(parents=True, exist_ok=True)
+    # built in a folder of this process's own, so a shard reading ``folder`` never sees the
+    # stream before its near-duplicates are in (each file below is replaced atomically)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
+        build_stream(scenario.target, tmp, seed=0, n_stream=suite.n_stream, n_target=n_target,
+                     sources=list(scenario.sources), noise_rate=scenario.noise_rate)
+        stream = read_jsonl(Path(tmp) / "stream.jsonl")
+        target = read_jsonl(Path(tmp) / "target.jsonl")
+        if scenario.duplicate_share > 0:
+            stream = _with_near_duplicates(stream, target, scenario.duplicate_share)
         write_jsonl(folder / "stream.jsonl", stream)
+        write_jsonl(folder / "target.jsonl", target)
+        os.replace(Path(tmp) / "manifest.json", folder / "manifest.json")
     if scenario.accuracy:
         seen = frozenset(r["prompt"] for r in stream + target if "prompt" in r)
         questions = arithmetic_records(random.Random(12345), suite.n_accuracy, noise_rate=0.0,

@@ -24,6 +24,41 @@ def test_near_duplicates_replace_the_requested_share() -> None:
     assert len({r["id"] for r in out}) == 40
 
 
+def test_redundancy_data_are_never_seen_without_their_near_duplicates(tmp_path,
+                                                                     monkeypatch) -> None:
+    """The shared data folder only ever holds the finished stream: ``build_stream`` writes
+    elsewhere (a shard reading the folder meanwhile would train on a stream without the
+    copies), and what lands there is that stream with a quarter replaced by near-copies."""
+    import gradsift.sources
+
+    suite = quality.SUITES["smoke"]
+    scenario = next(s for s in suite.scenarios if s.duplicate_share > 0)
+    folder = tmp_path / "data"
+    seen = []
+    real = gradsift.sources.build_stream
+
+    def spy(target, out_dir, **kw):
+        seen.append(out_dir)
+        assert not (folder / "stream.jsonl").exists()
+        return real(target, out_dir, **kw)
+
+    monkeypatch.setattr(gradsift.sources, "build_stream", spy)
+    scenarios.build_data(scenario, suite, folder)
+    assert len(seen) == 1 and str(folder) != str(seen[0])
+    real(scenario.target, tmp_path / "plain", seed=0, n_stream=suite.n_stream,
+         n_target=suite.eval_size + 4 * suite.target_batch_size, sources=list(scenario.sources),
+         noise_rate=scenario.noise_rate)
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "stream.jsonl").open()]
+    built = [json.loads(x) for x in (folder / "stream.jsonl").open()]
+    assert len(built) == len(plain)
+    changed = [a for a, b in zip(built, plain, strict=True) if a != b]
+    assert {r["source"] for r in changed} == {"duplicate"}
+    assert len(changed) == int(scenario.duplicate_share * len(plain))
+    assert (folder / "target.jsonl").read_text() == (tmp_path / "plain" / "target.jsonl"
+                                                      ).read_text()
+    assert (folder / "done").exists() and not list(folder.glob(".build-*"))
+
+
 def test_your_own_records_must_train_within_the_token_limit(tmp_path,
                                                             capsys) -> None:
     """A chat record whose answer lies past max_length would be skipped, shifting the batches:

@@ -85,13 +85,16 @@ from gradsift.bench.scenarios import (
     SUITES,
     Scenario,
     Suite,
+    add_jobs_argument,
     add_own_data_arguments,
     build_data,
+    check_jobs,
     choose_scenarios,
     claim_out_folder,
     make_trainer,
     parse_method,
     read_result,
+    run_jobs,
     sizes_line,
     stream_ended,
     with_own_data,
@@ -575,10 +578,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th pending run from the "
                         "I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
+    add_jobs_argument(parser)
     parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
     parser.add_argument("--quiet", action="store_true")
     add_own_data_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    check_jobs(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -591,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
     if args.report_only:
+        results = load_results(out)
+    elif args.jobs > 1:
+        if run_jobs("gradsift.bench.branch", argv, args, suite, out, split(args.scenarios)):
+            return 1
         results = load_results(out)
     else:
         i, n = (int(x) for x in args.shard.split("/"))

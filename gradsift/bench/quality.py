@@ -63,9 +63,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -82,14 +80,17 @@ from gradsift.bench.scenarios import (
     SUITES,
     Scenario,
     Suite,
+    add_jobs_argument,
     add_own_data_arguments,
     build_data,
+    check_jobs,
     choose_scenarios,
     claim_out_folder,
     device_kind,
     make_trainer,
     parse_method,
     read_result,
+    run_jobs,
     sizes_line,
     stream_ended,
     with_own_data,
@@ -552,40 +553,6 @@ def plot(results: list[RunResult], summary: dict[str, Any], folder: Path) -> lis
     return paths
 
 
-def run_jobs(argv: Sequence[str], jobs: int, threads: int | None, suite: Suite, out: Path,
-             scenarios: Sequence[str] | None) -> int:
-    """``jobs`` processes of this command, the i-th with ``--shard i/jobs --quiet``: every run
-    still to do, each by one of them. The scenarios' data are built here first, once, so no
-    two processes build the same files at once. Returns 0, or 1 naming the shards that failed.
-    """
-    for sc in choose_scenarios(suite, scenarios):
-        build_data(sc, suite, out / sc.name / "data")
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    children = [subprocess.Popen([sys.executable, "-m", "gradsift.bench.quality", *argv,
-                                  "--shard", f"{i}/{jobs}", "--quiet", "--threads",
-                                  str(threads)]) for i in range(jobs)]
-    failed = [f"{i}/{jobs} (exit {rc})" for i, child in enumerate(children)
-              if (rc := child.wait()) != 0]
-    if failed:
-        print(f"shard(s) {', '.join(failed)} failed: their runs are not finished; the same "
-              "command resumes them", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _without_jobs(argv: Sequence[str]) -> list[str]:
-    """``argv`` less ``--jobs N``/``--jobs=N`` and the flags each shard sets itself."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--jobs", "--threads"):
-            skip = True
-        elif not arg.startswith(("--jobs=", "--threads=")) and arg != "--quiet":
-            out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradsift.bench.quality",
                                      description=__doc__.split("\n\n")[0])
@@ -600,16 +567,12 @@ def main(argv: list[str] | None = None) -> int:
                         "the I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu); a "
                         "folder holds one kind's runs: pair methods on one device")
-    parser.add_argument("--jobs", type=int, default=1, help="N processes sharing the runs "
-                        "(each --shard i/N, --threads cores/N unless given)")
+    add_jobs_argument(parser)
     parser.add_argument("--quiet", action="store_true")
     add_own_data_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.jobs > 1 and args.shard != "0/1":
-        parser.error("--jobs sets each process's --shard: give one of them")
+    check_jobs(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     kind = device_kind(parser, args.device)
     suite = with_own_data(parser, args, SUITES[args.suite])
@@ -626,8 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         results = load_results(out)
     elif args.jobs > 1:
-        if run_jobs(_without_jobs(argv), args.jobs, args.threads, suite, out,
-                    split(args.scenarios)):
+        if run_jobs("gradsift.bench.quality", argv, args, suite, out, split(args.scenarios)):
             return 1
         results = load_results(out)
     else:

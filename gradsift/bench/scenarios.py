@@ -425,6 +425,51 @@ def device_kind(parser: argparse.ArgumentParser, name: str) -> str:
     return device.type
 
 
+def add_jobs_argument(parser: argparse.ArgumentParser) -> None:
+    """``--jobs N``: N processes share the runs (``run_jobs``)."""
+    parser.add_argument("--jobs", type=int, default=1, help="N processes sharing the runs "
+                        "(each --shard i/N, --threads cores/N unless given)")
+
+
+def check_jobs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and args.shard != "0/1":
+        parser.error("--jobs sets each process's --shard: give one of them")
+
+
+def run_jobs(module: str, argv: Sequence[str], args: argparse.Namespace, suite: Suite,
+             out: Path, scenarios: Sequence[str] | None) -> int:
+    """``args.jobs`` processes of ``python -m module argv``, the i-th with ``--shard i/N
+    --quiet``: every run still to do, each by one of them. The scenarios' data are built here
+    first, once. Returns 0, or 1 naming the shards that failed (the command resumes them)."""
+    import subprocess
+    import sys
+
+    for sc in choose_scenarios(suite, scenarios):
+        build_data(sc, suite, out / sc.name / "data")
+    jobs = args.jobs
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    mine = ("--jobs", "--threads", "--shard")  # each shard's own, set below
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in mine:
+            skip = True
+        elif not arg.startswith(tuple(f"{m}=" for m in mine)) and arg != "--quiet":
+            rest.append(arg)
+    children = [subprocess.Popen([sys.executable, "-m", module, *rest, "--shard", f"{i}/{jobs}",
+                                  "--quiet", "--threads", str(threads)]) for i in range(jobs)]
+    failed = [f"{i}/{jobs} (exit {rc})" for i, child in enumerate(children)
+              if (rc := child.wait()) != 0]
+    if failed:
+        print(f"shard(s) {', '.join(failed)} failed: their runs are not finished; the same "
+              "command resumes them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
                   suite: Suite) -> Suite:
     """``suite`` with the user's scenario added, which becomes the only one run unless

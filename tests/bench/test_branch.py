@@ -290,3 +290,18 @@ def test_the_oracle_refuses_more_subsets_than_it_can_step(tmp_path) -> None:
                                          r"'redundancy'"):
         branch.run_suite(steady, tmp_path, ["redundancy"], ["ftw", "oracle"], "random", [0])
     assert not list(tmp_path.iterdir())
+
+
+def test_jobs_split_the_seeds_over_processes(tmp_path) -> None:
+    """``--jobs 2``: two shard processes finish one seed each, with the picks and held-out
+    losses a single process gets on the same seeds (up to thread-count rounding)."""
+    common = ["--suite", "smoke", "--quiet", "--scenarios", "redundancy", "--seeds", "0,1",
+              "--methods", "ftw,random"]
+    assert branch.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert branch.main([*common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    for seed in (0, 1):
+        one, two = (json.loads((tmp_path / f / "redundancy" / "ref-random" / f"seed_{seed}" /
+                                "branch.json").read_text()) for f in ("one", "two"))
+        for a, b in zip(one["steps"], two["steps"], strict=True):
+            assert b["selected"] == a["selected"]
+            assert b["after"] == pytest.approx(a["after"], rel=1e-4)

@@ -37,7 +37,7 @@ Usage::
 
     python -m gradsift.bench.branch --suite full [--out runs/branch] [--seeds 0,1,2,3,4]
         [--scenarios label-noise,code] [--methods ftw,greats,cosine,random]
-        [--reference random] [--horizon 1] [--shard I/N] [--threads 1] [--report-only]
+        [--reference random] [--horizon 1] [--jobs N | --shard I/N] [--threads 1] [--report-only]
         [--stream my_stream.jsonl --target my_target.jsonl [--name mine]
          [--candidates 8 --budget 2] [--eval-size 64]]
 

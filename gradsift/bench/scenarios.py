@@ -18,6 +18,8 @@ import copy
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -443,9 +445,6 @@ def run_jobs(module: str, argv: Sequence[str], args: argparse.Namespace, suite: 
     """``args.jobs`` processes of ``python -m module argv``, the i-th with ``--shard i/N
     --quiet``: every run still to do, each by one of them. The scenarios' data are built here
     first, once. Returns 0, or 1 naming the shards that failed (the command resumes them)."""
-    import subprocess
-    import sys
-
     for sc in choose_scenarios(suite, scenarios):
         build_data(sc, suite, out / sc.name / "data")
     jobs = args.jobs

@@ -93,13 +93,18 @@ def denoised_alignment(
     return b * factor, float(factor[ok].mean())
 
 
+def _finite_columns(per_target: torch.Tensor) -> torch.Tensor:
+    """``B_ti`` in float64, without the candidates (columns) any target example left non-finite."""
+    bt = per_target.detach().to(torch.float64)
+    return bt[:, torch.isfinite(bt).all(dim=0)]
+
+
 def target_agreement(per_target: torch.Tensor) -> float:
     """``‖mean_t B_t‖² / mean_t ‖B_t‖²`` over the finite candidates: how alike the target
     examples pull on them. ``1/n_t`` for examples that agree on nothing (zero-mean), 1 when all
     pull alike; logged, so a run shows whether its target is one narrow task or a diverse one.
     """
-    bt = per_target.detach().to(torch.float64)
-    bt = bt[:, torch.isfinite(bt).all(dim=0)]
+    bt = _finite_columns(per_target)
     den = float((bt**2).sum(dim=1).mean())
     return float((bt.mean(dim=0) ** 2).sum()) / den if den > 0.0 else 0.0
 
@@ -113,8 +118,7 @@ def target_snr(per_target: torch.Tensor) -> float:
     its ``n_t`` examples leave in ``b``. About 0 where the examples agree on nothing, ``inf``
     where they all pull alike. With ``a = target_agreement``: ``SNR = a(n_t − 1)/(1 − a) − 1``.
     """
-    bt = per_target.detach().to(torch.float64)
-    bt = bt[:, torch.isfinite(bt).all(dim=0)]
+    bt = _finite_columns(per_target)
     n_t = bt.shape[0]
     if n_t < 2:
         raise ValueError(f"the target's signal-to-noise needs >= 2 target examples, got {n_t}")

@@ -307,3 +307,27 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
         "ids": [ex.id for ex in examples],
         "sources": [ex.source for ex in examples],
     }
+
+
+def join_batches(first: dict[str, Any], second: dict[str, Any], pad_token_id: int
+                 ) -> dict[str, Any]:
+    """Two collated batches as one: ``second``'s rows after ``first``'s, both right-padded to
+    the wider one (pads: ``pad_token_id``, mask 0, label -100)."""
+    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]),
+                                                   value=value) for b in (first, second)])
+           for key, value in fill.items()}
+    for key in ("ids", "sources"):
+        if key in first and key in second:
+            out[key] = [*first[key], *second[key]]
+    return out
+
+
+def split_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` rows of a collated batch (tensors and lists alike)."""
+    return {key: value[:n] for key, value in batch.items()}
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

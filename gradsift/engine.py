@@ -38,13 +38,7 @@ from gradsift.distributed import DistributedConfig, is_main_process, rank_slice,
 from gradsift.loss import trained_token_counts
 from gradsift.runlog import LOGS, METRICS, SELECTIONS, RunLog, selection_record
 from gradsift.select import Selector
-from gradsift.step import (  # noqa: F401  (split_parameters, set_weighted_gradients: re-exported)
-    SelectionConfig,
-    SelectionStep,
-    check_positive,
-    set_weighted_gradients,
-    split_parameters,
-)
+from gradsift.step import SelectionConfig, SelectionStep, check_positive
 
 logger = logging.getLogger(__name__)
 

@@ -40,12 +40,18 @@ from torch import nn
 
 from gradsift import distributed as ddp
 from gradsift.blocks import top_layers
-from gradsift.capture import Capture, capture, forward_losses, resolve_modules
-from gradsift.data import IGNORE_INDEX, Example, collate
+from gradsift.capture import capture, forward_losses
+from gradsift.data import Example, collate, join_batches, split_batch, to_device
 from gradsift.distributed import DistributedConfig, Exchange
 from gradsift.factors import FactorizedGrads
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import Selection, SelectionContext, Selector
+from gradsift.update import (
+    all_reduce_gradients,
+    set_weighted_gradients,
+    split_parameters,
+    train_on_rows,
+)
 
 
 @dataclass
@@ -318,7 +324,8 @@ class SelectionStep:
                     p.grad = None
             chosen = torch.zeros(len(weights), dtype=torch.bool)
             chosen[selection.indices] = True
-            self._train_on_rows(batches, weights * grad_scale, chosen)
+            train_on_rows(self.model, self.params.values(), batches, weights * grad_scale,
+                          chosen)
         elif len(selection.indices) > 0:
             set_weighted_gradients(captures, candidates, weights * grad_scale, self.params,
                                    self.other_params, accumulate=accumulate)
@@ -495,7 +502,7 @@ class SelectionStep:
             w_local = weights[mine] * grad_scale
             if local is not None and bool((w_local != 0).any()):
                 set_weighted_gradients(captures, local, w_local, self.params, self.other_params)
-            sent += self._all_reduce_gradients(saved)
+            sent += all_reduce_gradients(self.params, saved)
         del captures
         timing["update"] = time.perf_counter() - t0
         selection.diagnostics["distributed"] = {
@@ -568,13 +575,14 @@ class SelectionStep:
             if distributed or not accumulate:
                 for p in self.params.values():
                     p.grad = None
-            trained = self._train_on_rows(batches, weights[mine] * grad_scale,
+            trained = train_on_rows(self.model, self.params.values(), batches,
+                                    weights[mine] * grad_scale,
                                           chosen_mask[mine])
             for name in self.captured_shapes:  # as from the factors: zeros, never None
                 if self.params[name].grad is None:
                     self.params[name].grad = torch.zeros_like(self.params[name])
             if distributed:
-                sent += self._all_reduce_gradients(saved)
+                sent += all_reduce_gradients(self.params, saved)
             if self.selector.needs == "indices":  # the chosen rows' losses, now known
                 if distributed:
                     trained = ddp.all_gather_rows(trained.to(self.device)).cpu()
@@ -589,25 +597,6 @@ class SelectionStep:
                 "bytes_sent": sent}
         return StepResult(FactorizedGrads([], losses), selection, weights, timing,
                           local=mine if distributed else None, exchanged_bytes=sent)
-
-    def _train_on_rows(self, batches: Sequence[dict[str, Any]], weights: torch.Tensor,
-                       chosen: torch.Tensor) -> torch.Tensor:
-        """Backward of ``Σ_i w_i ℓ_i`` over the ``chosen`` rows of ``batches`` (rows in order),
-        accumulated into ``.grad``; returns the (n,) losses, NaN outside the chosen rows."""
-        params = list(self.params.values())
-        out = torch.full((len(weights),), math.nan)
-        offset = 0
-        for batch in batches:
-            n = int(batch["input_ids"].shape[0])
-            rows = chosen[offset : offset + n].nonzero().squeeze(1)
-            if rows.numel() > 0:
-                sub = chosen_rows(batch, rows.to(batch["input_ids"].device))
-                losses = forward_losses(self.model, sub)
-                w = weights[offset + rows].to(losses.device, losses.dtype)
-                torch.autograd.backward((w * losses).sum(), inputs=params)
-                out[offset + rows] = losses.detach().float().cpu()
-            offset += n
-        return out
 
     def _select_locally(self, local: FactorizedGrads | None, state: Any,
                         k: int) -> tuple[FactorizedGrads, Selection, torch.Tensor]:
@@ -647,21 +636,6 @@ class SelectionStep:
         return FactorizedGrads([], losses), selection, losses
 
     # ------------------------------------------------------------------ state
-    def _all_reduce_gradients(self, saved: dict[str, torch.Tensor | None]) -> int:
-        """Sum every parameter's ``.grad`` over the ranks (zeros where a rank has none), then
-        add back the ``.grad`` each held before the step (``saved``, accumulation); returns
-        the bytes sent."""
-        grads = []
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        ddp.all_reduce_sum_(grads)
-        for n, p in self.params.items():
-            if saved.get(n) is not None:
-                p.grad = saved[n] + p.grad
-        return 4 * sum(g.numel() for g in grads)
-
     def state_dict(self) -> dict[str, Any]:
         """Counters, generator states, the cached ``g_V`` and the selector's state."""
         return {
@@ -686,80 +660,3 @@ class SelectionStep:
             n: t.to(self.device) for n, t in grad.items()}
         self.target_samples = None
         self.selector.load_state_dict(state.get("selector") or {})
-
-
-def join_batches(first: dict[str, Any], second: dict[str, Any], pad_token_id: int
-                 ) -> dict[str, Any]:
-    """Two collated batches as one: ``second``'s rows after ``first``'s, both right-padded to
-    the wider one (pads: ``pad_token_id``, mask 0, label -100)."""
-    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]),
-                                                   value=value) for b in (first, second)])
-           for key, value in fill.items()}
-    for key in ("ids", "sources"):
-        if key in first and key in second:
-            out[key] = [*first[key], *second[key]]
-    return out
-
-
-def split_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
-    """The first ``n`` rows of a collated batch (tensors and lists alike)."""
-    return {key: value[:n] for key, value in batch.items()}
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def chosen_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The ``rows`` of a collated batch (``input_ids``, ``attention_mask``, ``labels``), without
-    the trailing columns that are padding in every one of them (right padding: nothing
-    before them attends to them, and they carry no loss)."""
-    sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")
-           if batch.get(k) is not None}
-    mask = sub.get("attention_mask")
-    if mask is not None and mask.shape[1] > 0:
-        used = mask.bool().any(0).nonzero()
-        width = int(used[-1]) + 1 if used.numel() else 1
-        sub = {k: v[:, :width] for k, v in sub.items()}
-    return sub
-
-
-def split_parameters(
-    model: nn.Module, modules: list[str] | None
-) -> tuple[list[str], dict[str, nn.Parameter], list[nn.Parameter]]:
-    """Captured module names, every trainable parameter by name, and the trainable parameters
-    outside the factors (updated through the retained graph)."""
-    names = resolve_modules(model, modules)
-    captured = {f"{m}.{a}" for m in names for a in ("weight", "bias")}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return names, params, [p for n, p in params.items() if n not in captured]
-
-
-def set_weighted_gradients(
-    captures: Sequence[Capture],
-    candidates: FactorizedGrads,
-    weights: torch.Tensor,
-    params: dict[str, nn.Parameter],
-    other_params: Sequence[nn.Parameter],
-    accumulate: bool = False,
-) -> None:
-    """Put ``Σ_i w_i ∇ℓ_i`` into ``.grad``: ``(w ⊙ D)ᵀ A`` for captured layers, and a
-    backward of ``Σ_i w_i ℓ_i`` through the retained graph for ``other_params``.
-
-    With ``accumulate`` the result is added to existing ``.grad`` (gradient accumulation).
-    """
-    for name, g in candidates.weighted_sum(weights).items():
-        p = params[name]
-        g = g.to(p.dtype)
-        p.grad = g if (p.grad is None or not accumulate) else p.grad + g
-    if other_params:
-        if not accumulate:
-            for p in other_params:
-                p.grad = None
-        offset = 0
-        for c in captures:
-            w = weights[offset : offset + len(c.losses)].to(c.losses.device)
-            offset += len(c.losses)
-            torch.autograd.backward((w * c.losses).sum(), inputs=list(other_params))

@@ -13,9 +13,9 @@ from torch import nn
 import gradsift
 import gradsift.linear_factors
 from gradsift.capture import forward_losses, resolve_modules
-from gradsift.engine import split_parameters
 from gradsift.factors import FactorizedGrads
 from gradsift.loss import per_sample_loss
+from gradsift.update import split_parameters
 
 TIE = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 

@@ -19,7 +19,7 @@ from reference import make_examples, reference_losses, tiny_llama
 from gradsift.data import collate
 from gradsift.select import get_selector
 from gradsift.select.baselines import LossSelector, RandomSelector
-from gradsift.step import SelectionConfig, SelectionStep, chosen_rows
+from gradsift.step import SelectionConfig, SelectionStep
 
 
 class GradsRandom(RandomSelector):
@@ -150,17 +150,6 @@ def test_random_reports_the_mean_loss_of_what_it_ran():
     assert result.candidate_loss == pytest.approx(
         float(result.candidates.losses[chosen].mean()), rel=1e-6)
     assert math.isfinite(result.train_loss)
-
-
-def test_chosen_rows_drop_only_columns_padded_in_every_chosen_row():
-    batch = collate(make_examples(5, seed=8), 0)
-    lengths = batch["attention_mask"].sum(1)
-    rows = torch.tensor([0, 3])
-    sub = chosen_rows(batch, rows)
-    width = int(lengths[rows].max())
-    assert sub["input_ids"].shape == (2, width)
-    assert torch.equal(sub["labels"], batch["labels"][rows, :width])
-    assert bool(sub["attention_mask"][:, -1].any())
 
 
 @pytest.mark.parametrize("method", ["ftw", "greats"])

@@ -105,7 +105,7 @@ from gradsift.engine import OnlineTrainer
 from gradsift.objective import alignment_and_interaction, target_sq_norm
 from gradsift.report.paired import paired_interval, seeds_for_power, sign_test
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
-from gradsift.step import set_weighted_gradients
+from gradsift.update import set_weighted_gradients
 
 logger = logging.getLogger(__name__)
 

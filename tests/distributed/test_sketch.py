@@ -13,7 +13,7 @@ from gradsift.distributed import DistributedConfig, Exchange, rank_slice
 from gradsift.objective import alignment, interaction
 from gradsift.optim_state import read_optimizer_state
 from gradsift.select import SelectionContext, alignment_ratio, get_selector
-from gradsift.step import split_parameters
+from gradsift.update import split_parameters
 
 
 def _examples(n: int, seed: int) -> list[Example]:

@@ -37,7 +37,8 @@ Usage::
 
     python -m gradsift.bench.branch --suite full [--out runs/branch] [--seeds 0,1,2,3,4]
         [--scenarios label-noise,code] [--methods ftw,greats,cosine,random]
-        [--reference random] [--horizon 1] [--jobs N | --shard I/N] [--threads 1] [--report-only]
+        [--reference random] [--horizon 1] [--jobs N | --shard I/N] [--threads 1]
+        [--device cuda] [--report-only]
         [--stream my_stream.jsonl --target my_target.jsonl [--name mine]
          [--candidates 8 --budget 2] [--eval-size 64]]
 
@@ -85,12 +86,14 @@ from gradsift.bench.scenarios import (
     SUITES,
     Scenario,
     Suite,
+    add_device_argument,
     add_jobs_argument,
     add_own_data_arguments,
     build_data,
     check_jobs,
     choose_scenarios,
     claim_out_folder,
+    device_kind,
     make_trainer,
     parse_method,
     read_result,
@@ -391,10 +394,11 @@ def _path(out: Path, scenario: str, reference: str, seed: int, horizon: int = 1)
 
 def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods: Sequence[str],
               reference: str, seeds: Sequence[int] | None, shard: tuple[int, int] = (0, 1),
-              quiet: bool = False, horizon: int = 1) -> list[dict[str, Any]]:
+              quiet: bool = False, horizon: int = 1, device: str = "cpu"
+              ) -> list[dict[str, Any]]:
     """Every (scenario, seed) not finished with all ``methods`` (every n-th from the i-th
-    with ``shard=(i, n)``), then every finished result under ``out``. ``horizon > 1``:
-    ``run_rollouts`` instead of ``run_branches``."""
+    with ``shard=(i, n)``), on ``device``, then every finished result under ``out``.
+    ``horizon > 1``: ``run_rollouts`` instead of ``run_branches``."""
     _check_horizon(horizon, suite, methods)  # before the model loads
     from gradsift.models import load_model_and_tokenizer
 
@@ -424,6 +428,7 @@ def run_suite(suite: Suite, out: Path, scenarios: Sequence[str] | None, methods:
             print(sizes_line((sc for _, sc in todo), suite),
                   file=sys.stderr, flush=True)
         base, tokenizer = load_model_and_tokenizer(suite.model, dtype=torch.float32)
+        base.to(device)
         for p in base.parameters():
             p.requires_grad_(False)
         for n, (seed, sc) in enumerate(todo, 1):
@@ -578,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th pending run from the "
                         "I-th (N processes share a machine, e.g. with --threads 1)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
+    add_device_argument(parser)
     add_jobs_argument(parser)
     parser.add_argument("--report-only", action="store_true", help="summarize finished runs")
     parser.add_argument("--quiet", action="store_true")
@@ -586,12 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_jobs(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    kind = device_kind(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     suite = with_own_data(parser, args, SUITES[args.suite])
     out = args.out or Path(f"runs/branch-{args.suite}")
     claim_out_folder(parser, out, args.suite, suite, RESULTS,
-                     write=not args.report_only)
+                     write=not args.report_only, device=kind)
 
     def split(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None
@@ -607,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in split(args.seeds) or []] or None
         results = run_suite(suite, out, split(args.scenarios), split(args.methods) or [],
                             args.reference, seeds, shard=(i, n), quiet=args.quiet,
-                            horizon=args.horizon)
+                            horizon=args.horizon, device=args.device)
     if not results:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 1

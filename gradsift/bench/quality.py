@@ -80,6 +80,7 @@ from gradsift.bench.scenarios import (
     SUITES,
     Scenario,
     Suite,
+    add_device_argument,
     add_jobs_argument,
     add_own_data_arguments,
     build_data,
@@ -565,8 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from "
                         "the I-th (N processes share a machine, e.g. with --threads 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu); a "
-                        "folder holds one kind's runs: pair methods on one device")
+    add_device_argument(parser)
     add_jobs_argument(parser)
     parser.add_argument("--quiet", action="store_true")
     add_own_data_arguments(parser)

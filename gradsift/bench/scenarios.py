@@ -427,6 +427,12 @@ def device_kind(parser: argparse.ArgumentParser, name: str) -> str:
     return device.type
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda[:N]`` (``device_kind`` checks it)."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu); a "
+                        "folder holds one kind's runs: pair methods on one device")
+
+
 def add_jobs_argument(parser: argparse.ArgumentParser) -> None:
     """``--jobs N``: N processes share the runs (``run_jobs``)."""
     parser.add_argument("--jobs", type=int, default=1, help="N processes sharing the runs "

@@ -253,6 +253,16 @@ def test_cli_smoke_and_resume(tmp_path, capsys) -> None:
         branch.main(args[:-1] + ["ftw@target_refresh=2"])
     with pytest.raises(ValueError, match="unknown scenario"):
         branch.main(["--suite", "smoke", "--out", str(tmp_path), "--scenarios", "nope"])
+    # --device: this CPU folder takes --device cpu; a device that is not cpu or cuda, or a GPU
+    # that is not on the machine, is refused before anything runs
+    assert branch.main(["--suite", "smoke", "--out", str(tmp_path), "--report-only",
+                        "--device", "cpu"]) == 0
+    for bad, says in (("tpu", "--device must be cpu or cuda[:N], got 'tpu'"),) + (
+            () if torch.cuda.is_available() else
+            (("cuda", "--device cuda: torch sees no CUDA device"),)):
+        with pytest.raises(SystemExit):
+            branch.main(["--suite", "smoke", "--out", str(tmp_path), "--device", bad])
+        assert says in capsys.readouterr().err
 
 
 def test_your_own_stream_and_target_run_as_a_scenario(tiny, tmp_path) -> None:

@@ -94,6 +94,9 @@ class Suite:
     extra_seeds: int = 3  # the ablations and weaker baselines run on this many seeds
     candidates: int = 8  # B and k of a user's own data (--stream), unless given: the size
     budget: int = 2  # of the suite's k/B = 1/4 scenarios
+    # the built scenarios' target examples (None: eval_size + 4 × target_batch_size);
+    # --target-batch-size keeps the suite's, so its runs read the same files
+    n_target: int | None = None
 
 
 _MIXED = ("code", "verse", "arithmetic")
@@ -154,6 +157,11 @@ def held_out_size(scenario: Scenario, suite: Suite) -> int:
     return scenario.eval_size if scenario.eval_size is not None else suite.eval_size
 
 
+def target_examples_built(suite: Suite) -> int:
+    """Target examples a built scenario holds: the held-out set and a pool of 4 batches."""
+    return suite.n_target or suite.eval_size + 4 * suite.target_batch_size
+
+
 def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
     """``stream.jsonl``, ``target.jsonl`` (eval examples first) and, for arithmetic,
     ``accuracy.jsonl`` (questions in neither), built once per scenario with seed 0."""
@@ -164,7 +172,7 @@ def build_data(scenario: Scenario, suite: Suite, folder: Path) -> Path:
         return _copy_user_data(scenario, suite, folder)
     if (folder / "done").exists():
         return folder
-    n_target = suite.eval_size + 4 * suite.target_batch_size
+    n_target = target_examples_built(suite)
     folder.mkdir(parents=True, exist_ok=True)
     # built in a folder of this process's own, so a shard reading ``folder`` never sees the
     # stream before its near-duplicates are in (each file below is replaced atomically)
@@ -397,7 +405,8 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--stream``/``--target`` (and ``--name``, ``--candidates``, ``--budget``): a user's own
-    data as one more scenario (``custom_scenario``); this suite and ``bench.branch``."""
+    data as one more scenario (``custom_scenario``); ``--max-length`` and
+    ``--target-batch-size`` resize every scenario. ``bench.quality`` and ``bench.branch``."""
     own = parser.add_argument_group("your own data, as one more scenario")
     own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
     own.add_argument("--target", type=Path, help="a JSONL target set: its first --eval-size "
@@ -411,6 +420,9 @@ def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
                      "steady)")
     own.add_argument("--max-length", type=int, help="tokens per record, prompt and answer "
                      "(default: the suite's, 40 in full; every record must train within it)")
+    own.add_argument("--target-batch-size", type=int, help="target examples per target "
+                     "gradient ĝ (default: the suite's, 8): how much a run's selections see of "
+                     "the target each step")
 
 
 def device_kind(parser: argparse.ArgumentParser, name: str) -> str:
@@ -485,6 +497,11 @@ def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if args.max_length < 2:
             parser.error(f"--max-length must be at least 2, got {args.max_length}")
         suite = replace(suite, max_length=args.max_length)
+    if args.target_batch_size is not None:
+        if args.target_batch_size < 1:
+            parser.error(f"--target-batch-size must be at least 1, got {args.target_batch_size}")
+        suite = replace(suite, target_batch_size=args.target_batch_size,
+                        n_target=target_examples_built(suite))
     if args.stream is None:
         if args.eval_size is not None:
             parser.error("--eval-size sizes the held-out part of --target: give --stream and "

@@ -194,3 +194,35 @@ def test_a_run_file_cut_short_is_named_and_the_summary_is_strict_json(tmp_path) 
     scenarios.write_summary(tmp_path / "summary.json", {"sc": {"sd": float("nan"), "n": 1}})
     assert (tmp_path / "summary.json").read_text().split() == [
         "{", '"sc":', "{", '"sd":', "null,", '"n":', "1", "}", "}"]
+
+
+def test_a_larger_target_batch_reads_the_same_files_and_draws_more(tmp_path) -> None:
+    """`--target-batch-size N`: every step's ĝ comes from N target examples, drawn from the
+    very files the suite's own size builds (the held-out set and the stream unchanged)."""
+    import argparse
+
+    from gradsift.select import get_selector
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios")
+    scenarios.add_own_data_arguments(parser)
+    smoke = scenarios.SUITES["smoke"]
+    larger = scenarios.with_own_data(parser, parser.parse_args(["--target-batch-size", "5"]),
+                                     smoke)
+    assert (smoke.target_batch_size, larger.target_batch_size) == (2, 5)
+    label_noise = smoke.scenarios[0]
+    paths = [scenarios.build_data(label_noise, suite, tmp_path / name)
+             for name, suite in (("own", smoke), ("larger", larger))]
+    for name in ("stream.jsonl", "target.jsonl"):
+        assert (paths[0] / name).read_bytes() == (paths[1] / name).read_bytes()
+    target = [json.loads(line) for line in (paths[1] / "target.jsonl").read_text().splitlines()]
+    assert len(target) == smoke.eval_size + 4 * smoke.target_batch_size  # 2 × 4 + eval
+    base, tokenizer = load_model_and_tokenizer("tiny")
+    trainer = scenarios.make_trainer(base, tokenizer, label_noise, larger, get_selector("ftw"),
+                                     0, paths[1], tmp_path / "run")
+    trainer.step()
+    held_out = {ex.id for ex in trainer.eval_set}
+    assert len(trainer.target_batch) == 5 and not held_out & {ex.id for ex in
+                                                                trainer.target_batch}
+    with pytest.raises(SystemExit):
+        scenarios.with_own_data(parser, parser.parse_args(["--target-batch-size", "0"]), smoke)

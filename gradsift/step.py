@@ -576,8 +576,7 @@ class SelectionStep:
                 for p in self.params.values():
                     p.grad = None
             trained = train_on_rows(self.model, self.params.values(), batches,
-                                    weights[mine] * grad_scale,
-                                          chosen_mask[mine])
+                                    weights[mine] * grad_scale, chosen_mask[mine])
             for name in self.captured_shapes:  # as from the factors: zeros, never None
                 if self.params[name].grad is None:
                     self.params[name].grad = torch.zeros_like(self.params[name])

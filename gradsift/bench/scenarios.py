@@ -95,7 +95,8 @@ class Suite:
     candidates: int = 8  # B and k of a user's own data (--stream), unless given: the size
     budget: int = 2  # of the suite's k/B = 1/4 scenarios
     # the built scenarios' target examples (None: eval_size + 4 × target_batch_size);
-    # --target-batch-size keeps the suite's, so its runs read the same files
+    # --target-batch-size keeps the suite's, so its runs read the same files; --target-pool
+    # sets it
     n_target: int | None = None
 
 
@@ -405,8 +406,9 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--stream``/``--target`` (and ``--name``, ``--candidates``, ``--budget``): a user's own
-    data as one more scenario (``custom_scenario``); ``--max-length`` and
-    ``--target-batch-size`` resize every scenario. ``bench.quality`` and ``bench.branch``."""
+    data as one more scenario (``custom_scenario``); ``--max-length``,
+    ``--target-batch-size`` and ``--target-pool`` resize every scenario. ``bench.quality``
+    and ``bench.branch``."""
     own = parser.add_argument_group("your own data, as one more scenario")
     own.add_argument("--stream", type=Path, help="a JSONL stream (gradsift's record format)")
     own.add_argument("--target", type=Path, help="a JSONL target set: its first --eval-size "
@@ -423,6 +425,10 @@ def add_own_data_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--target-batch-size", type=int, help="target examples per target "
                      "gradient ĝ (default: the suite's, 8): how much a run's selections see of "
                      "the target each step")
+    own.add_argument("--target-pool", type=int, help="target examples the built scenarios "
+                     "draw target batches from, besides the held-out set (default: 4 target "
+                     "batches, 32 in full and steady): how many distinct target examples a "
+                     "run's selections ever see")
 
 
 def device_kind(parser: argparse.ArgumentParser, name: str) -> str:
@@ -502,6 +508,14 @@ def with_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(f"--target-batch-size must be at least 1, got {args.target_batch_size}")
         suite = replace(suite, target_batch_size=args.target_batch_size,
                         n_target=target_examples_built(suite))
+    if args.target_pool is not None:
+        if args.stream is not None:
+            parser.error("--target-pool sizes the built scenarios' target sets; with --target "
+                         "its records after the held-out ones are the pool")
+        if args.target_pool < suite.target_batch_size:
+            parser.error(f"--target-pool must hold a target batch of {suite.target_batch_size}, "
+                         f"got {args.target_pool}")
+        suite = replace(suite, n_target=suite.eval_size + args.target_pool)
     if args.stream is None:
         if args.eval_size is not None:
             parser.error("--eval-size sizes the held-out part of --target: give --stream and "

@@ -226,3 +226,31 @@ def test_a_larger_target_batch_reads_the_same_files_and_draws_more(tmp_path) -> 
                                                                 trainer.target_batch}
     with pytest.raises(SystemExit):
         scenarios.with_own_data(parser, parser.parse_args(["--target-batch-size", "0"]), smoke)
+
+
+def test_a_larger_target_pool_keeps_the_held_out_set(tmp_path, capsys) -> None:
+    """`--target-pool N`: the built arithmetic target holds N examples besides the same
+    held-out set (generated in order, so the first `eval_size` are the default build's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios")
+    scenarios.add_own_data_arguments(parser)
+    smoke = scenarios.SUITES["smoke"]
+    pooled = scenarios.with_own_data(parser, parser.parse_args(["--target-pool", "12"]), smoke)
+    label_noise = smoke.scenarios[0]
+    own, big = (scenarios.build_data(label_noise, suite, tmp_path / name)
+                for name, suite in (("own", smoke), ("big", pooled)))
+    rows = {name: (folder / "target.jsonl").read_text().splitlines()
+            for name, folder in (("own", own), ("big", big))}
+    assert len(rows["own"]) == smoke.eval_size + 4 * smoke.target_batch_size
+    assert len(rows["big"]) == smoke.eval_size + 12
+    assert rows["big"][: smoke.eval_size] == rows["own"][: smoke.eval_size]
+    stream = [json.loads(r) for r in (big / "stream.jsonl").read_text().splitlines()]
+    assert not {json.loads(r)["prompt"] for r in rows["big"]} & {r.get("prompt") for r in stream}
+    for bad, says in ((["--target-pool", "1"], "must hold a target batch of 2, got 1"),
+                      (["--target-pool", "9", "--stream", "s.jsonl", "--target", "t.jsonl"],
+                       "--target-pool sizes the built scenarios' target sets")):
+        with pytest.raises(SystemExit):
+            scenarios.with_own_data(parser, parser.parse_args(bad), smoke)
+        assert says in capsys.readouterr().err

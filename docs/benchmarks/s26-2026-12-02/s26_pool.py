@@ -11,17 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from gradsift.bench import quality
-from gradsift.bench.scenarios import SUITES, read_result
-
-S25 = Path(__file__).resolve().parent.parent / "s25-2026-12-02" / "raw"
-SETTINGS = {"label-noise-1of8": (30, 31, 32), "label-noise": (36, 37, 38)}
-
-
-def primary(root: Path, sc: str, m: str, s: int) -> float:
-    res = read_result(root / sc / m / f"seed_{s}" / "result.json")
-    return quality.primary(quality.RunResult(**res), SUITES["steady"])
+from s26_nt32 import S25, SETTINGS, primary  # this folder: the same settings and pairs
 
 
 def main(root: Path) -> None:

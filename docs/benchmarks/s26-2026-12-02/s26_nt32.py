@@ -24,13 +24,31 @@ def primary(root: Path, sc: str, m: str, s: int) -> float:
     return quality.primary(quality.RunResult(**res), SUITES["steady"])
 
 
+def finished(root: Path, sc: str, seeds: tuple[int, ...]) -> list[int]:
+    done = [s for s in seeds if all((root / sc / m / f"seed_{s}" / "result.json").exists()
+                                    for m in ("ftw", "greats"))]
+    if not done:
+        print(f"## {sc}: no finished seeds")
+    return done
+
+
+def show(rows: tuple[tuple[str, np.ndarray], ...]) -> None:
+    for label, x in rows:
+        print(f"  {label} {x.mean():+.4f}  per seed " + " ".join(f"{v:+.4f}" for v in x))
+
+
+def reading(deltas: dict[str, float]) -> None:
+    if len(deltas) == len(SETTINGS):
+        signs = {v < 0 for v in deltas.values()}
+        print("\nreading: " + ("supported (Δ < 0 in both)" if signs == {True} else
+                               "not supported (Δ >= 0 in both)" if signs == {False} else
+                               "mixed"))
+
+
 def main(root: Path) -> None:
     deltas = {}
     for sc, seeds in SETTINGS.items():
-        done = [s for s in seeds if all((root / sc / m / f"seed_{s}" / "result.json").exists()
-                                        for m in ("ftw", "greats"))]
-        if not done:
-            print(f"## {sc}: no finished seeds")
+        if not (done := finished(root, sc, seeds)):
             continue
         p = {(m, n): np.array([primary(root if n == 32 else S25, sc, m, s) for s in done])
              for m in ("ftw", "greats") for n in (8, 32)}
@@ -38,16 +56,11 @@ def main(root: Path) -> None:
         d = gap[32] - gap[8]
         deltas[sc] = d.mean()
         print(f"## {sc}: seeds {done}")
-        for label, x in (("ftw − greats @8 ", gap[8]), ("ftw − greats @32", gap[32]),
-                         ("Δ               ", d),
-                         ("ftw@32 − ftw@8  ", p["ftw", 32] - p["ftw", 8]),
-                         ("greats@32 − @8  ", p["greats", 32] - p["greats", 8])):
-            print(f"  {label} {x.mean():+.4f}  per seed " + " ".join(f"{v:+.4f}" for v in x))
-    if len(deltas) == len(SETTINGS):
-        signs = {v < 0 for v in deltas.values()}
-        print("\nreading: " + ("supported (Δ < 0 in both)" if signs == {True} else
-                               "not supported (Δ >= 0 in both)" if signs == {False} else
-                               "mixed"))
+        show((("ftw − greats @8 ", gap[8]), ("ftw − greats @32", gap[32]),
+              ("Δ               ", d),
+              ("ftw@32 − ftw@8  ", p["ftw", 32] - p["ftw", 8]),
+              ("greats@32 − @8  ", p["greats", 32] - p["greats", 8])))
+    reading(deltas)
 
 
 if __name__ == "__main__":

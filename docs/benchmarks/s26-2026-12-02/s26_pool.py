@@ -11,16 +11,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from s26_nt32 import S25, SETTINGS, primary  # this folder: the same settings and pairs
+from s26_nt32 import S25, SETTINGS, finished, primary, reading, show  # the same pairs
 
 
 def main(root: Path) -> None:
     deltas = {}
     for sc, seeds in SETTINGS.items():
-        done = [s for s in seeds if all((root / sc / m / f"seed_{s}" / "result.json").exists()
-                                        for m in ("ftw", "greats"))]
-        if not done:
-            print(f"## {sc}: no finished seeds")
+        if not (done := finished(root, sc, seeds)):
             continue
         gap = {pool: np.array([primary(folder, sc, "ftw", s) - primary(folder, sc, "greats", s)
                                for s in done])
@@ -28,14 +25,9 @@ def main(root: Path) -> None:
         d = gap[256] - gap[32]
         deltas[sc] = d.mean()
         print(f"## {sc}: seeds {done}")
-        for label, x in (("ftw − greats, pool 32 ", gap[32]), ("ftw − greats, pool 256", gap[256]),
-                         ("Δ                     ", d)):
-            print(f"  {label} {x.mean():+.4f}  per seed " + " ".join(f"{v:+.4f}" for v in x))
-    if len(deltas) == len(SETTINGS):
-        signs = {v < 0 for v in deltas.values()}
-        print("\nreading: " + ("supported (Δ < 0 in both)" if signs == {True} else
-                               "not supported (Δ >= 0 in both)" if signs == {False} else
-                               "mixed"))
+        show((("ftw − greats, pool 32 ", gap[32]), ("ftw − greats, pool 256", gap[256]),
+              ("Δ                     ", d)))
+    reading(deltas)
 
 
 if __name__ == "__main__":

@@ -330,4 +330,5 @@ def split_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors moved to ``device`` (its lists as they are)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

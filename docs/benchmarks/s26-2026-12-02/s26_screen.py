@@ -4,7 +4,8 @@ Per setting: the primary (mean held-out target loss, steps 20-24) of `ftw@target
 paired with `ftw` on the same seed and CPU kind (session 24's committed runs for label noise,
 session 25's for the others), the rule SCREEN.md fixed, and (reported, not used to choose)
 `ema − greats` and `greats@ema − greats` on label-noise-1of8, and the held-out loss difference
-at steps 4, 8, 16, 24. The reproducibility check (ftw rerun on 1of8 seed 30) is printed first.
+at steps 4, 8, 16, 24. The reproducibility check (ftw rerun on 1of8 seed 30) is printed first,
+the follow-up on code, redundancy and definitions (descriptive) last.
 
     python docs/benchmarks/s26-2026-12-02/s26_screen.py runs/quality-s26
 """
@@ -24,6 +25,10 @@ SETTINGS = ("label-noise", "label-noise-1of8", "verse", "unseen-aphorism")
 NARROW = ("label-noise", "label-noise-1of8")
 V, GV = "ftw@target_ema=0.5", "greats@target_ema=0.5"
 SEEDS = (30, 31, 32)
+# the follow-up (SCREEN.md, descriptive): setting -> (ftw's committed runs, seeds)
+REST = {"code": (S24, (30, 31, 32)),
+        "redundancy": (S24.parent / "raw-agreement", (30, 31)),
+        "unseen-definition": (S24.parent / "raw-agreement", (30, 31))}
 
 
 def result(root: Path, sc: str, m: str, s: int) -> Path:
@@ -84,5 +89,16 @@ def main(root: Path) -> None:
               f"{'registered run follows' if go else 'stop'}")
 
 
+def follow_up(root: Path) -> None:
+    print("\nfollow-up (descriptive):")
+    for sc, (ftw_root, seeds) in REST.items():
+        done = [s for s in seeds if result(root, sc, V, s).exists()]
+        if done:
+            print(f"## {sc}: seeds {done}")
+            show("ema − ftw", per_seed([(result(root, sc, V, s), result(ftw_root, sc, "ftw", s))
+                                        for s in done]))
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    follow_up(Path(sys.argv[1]))

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from gradsift.bench import quality, scenarios
 from gradsift.models import load_model_and_tokenizer
+
+
+def _own_data_parser() -> argparse.ArgumentParser:
+    """The benches' `--scenarios` and own-data flags, as `bench.quality` parses them."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios")
+    scenarios.add_own_data_arguments(parser)
+    return parser
 
 
 def _write(path, rows) -> None:
@@ -150,13 +159,9 @@ def test_a_small_target_set_holds_out_eval_size_records(tmp_path, capsys) -> Non
 def test_your_own_data_runs_at_the_suites_size_unless_told(tmp_path, suite, size) -> None:
     """`--stream/--target` without --candidates/--budget take the B and k of the suite's own
     k/B = 1/4 scenarios (`steady` doubles `full`'s 8 and 2); given, they win."""
-    import argparse
-
     for name in ("stream.jsonl", "target.jsonl"):
         _write(tmp_path / name, [{"id": "a", "text": "a"}])
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scenarios")
-    scenarios.add_own_data_arguments(parser)
+    parser = _own_data_parser()
     own = ["--stream", str(tmp_path / "stream.jsonl"), "--target", str(tmp_path / "target.jsonl")]
     built = scenarios.SUITES[suite]
     custom = scenarios.with_own_data(parser, parser.parse_args(own), built).scenarios[-1]
@@ -199,13 +204,9 @@ def test_a_run_file_cut_short_is_named_and_the_summary_is_strict_json(tmp_path) 
 def test_a_larger_target_batch_reads_the_same_files_and_draws_more(tmp_path) -> None:
     """`--target-batch-size N`: every step's ĝ comes from N target examples, drawn from the
     very files the suite's own size builds (the held-out set and the stream unchanged)."""
-    import argparse
-
     from gradsift.select import get_selector
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scenarios")
-    scenarios.add_own_data_arguments(parser)
+    parser = _own_data_parser()
     smoke = scenarios.SUITES["smoke"]
     larger = scenarios.with_own_data(parser, parser.parse_args(["--target-batch-size", "5"]),
                                      smoke)
@@ -231,11 +232,7 @@ def test_a_larger_target_batch_reads_the_same_files_and_draws_more(tmp_path) -> 
 def test_a_larger_target_pool_keeps_the_held_out_set(tmp_path, capsys) -> None:
     """`--target-pool N`: the built arithmetic target holds N examples besides the same
     held-out set (generated in order, so the first `eval_size` are the default build's)."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scenarios")
-    scenarios.add_own_data_arguments(parser)
+    parser = _own_data_parser()
     smoke = scenarios.SUITES["smoke"]
     pooled = scenarios.with_own_data(parser, parser.parse_args(["--target-pool", "12"]), smoke)
     label_noise = smoke.scenarios[0]

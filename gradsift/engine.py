@@ -266,15 +266,22 @@ class OnlineTrainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean per-sample loss on the held-out target examples (eval mode)."""
+        return self.evaluate_examples()[0]
+
+    def evaluate_examples(self) -> tuple[float, list[float]]:
+        """The held-out mean loss (``evaluate``) and each held-out example's own mean token
+        loss, in the held-out set's order: what an analysis over examples needs."""
         examples = self.eval_set or self.target_pool
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
+        total, each = 0.0, []
         with torch.no_grad():  # no graph kept for a loss nobody differentiates
             for batch in self.selection.batches(examples, self.config.micro_batch_size or 16):
-                total += float(forward_losses(self.model, batch).sum())
+                losses = forward_losses(self.model, batch)
+                total += float(losses.sum())
+                each += losses.tolist()
         self.model.train(was_training)
-        return total / len(examples)
+        return total / len(examples), each
 
     def _evaluate_and_record(self) -> float:
         loss = self.evaluate()

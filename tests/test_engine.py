@@ -42,6 +42,20 @@ def test_micro_batching_selects_and_updates_like_one_batch(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+def test_held_out_losses_per_example_match_one_forward_each(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.step()
+    mean, each = trainer.evaluate_examples()
+    assert len(each) == len(trainer.eval_set) == 2
+    trainer.model.eval()
+    with torch.no_grad():  # each example alone: the model's own mean token cross-entropy
+        hand = [float(trainer.model(input_ids=torch.tensor([e.input_ids]),
+                                    labels=torch.tensor([e.labels])).loss)
+                for e in trainer.eval_set]
+    assert each == pytest.approx(hand, rel=1e-5)
+    assert mean == pytest.approx(sum(hand) / 2, rel=1e-5) and mean == trainer.evaluate()
+
+
 def test_every_candidate_filtered_means_no_update_and_the_run_goes_on(tmp_path):
     trainer = _trainer(tmp_path, method_opts={"min_cosine": 0.999})
     before = {n: p.detach().clone() for n, p in trainer.params.items()}

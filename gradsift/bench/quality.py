@@ -168,6 +168,10 @@ class RunResult:
     selected_sources: dict[str, int] = field(default_factory=dict)
     wrong_answers: int = 0
     wall_seconds: float = 0.0  # the whole run, model copy and final evaluations included
+    # each held-out example's loss at each evaluation (aligned with ``steps``), and whether
+    # each accuracy question was answered right: what intervals over examples need
+    example_losses: list[list[float]] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
 
 
 def eval_steps(suite: Suite) -> list[int]:
@@ -185,7 +189,8 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
                            engine_options)
     model = trainer.model
     wanted = eval_steps(suite)
-    losses = [_initial_loss(trainer, run_dir.parent.parent)]
+    first, first_each = _initial_loss(trainer, run_dir.parent.parent)
+    losses, example_losses = [first], [first_each]
     calibration = []
     sources: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -201,23 +206,30 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
             if cid in chosen:
                 sources[src] = sources.get(src, 0) + 1
         if step in wanted:
-            losses.append(trainer.evaluate())
-    accuracy = arithmetic_accuracy(model, tokenizer, data / "accuracy.jsonl") \
-        if scenario.accuracy else None
+            loss, each = trainer.evaluate_examples()
+            losses.append(loss)
+            example_losses.append(each)
+    correct = arithmetic_answers(model, tokenizer, data / "accuracy.jsonl") \
+        if scenario.accuracy else []
+    accuracy = sum(correct) / len(correct) if correct else None
     wrong = _count_wrong(run_dir / "selections.jsonl", data / f"stream_seed{seed}.jsonl")
     return RunResult(scenario.name, method, seed, wanted, losses, accuracy,
                      round(time.perf_counter() - t0, 2), calibration,
-                     trainer.state.trained_samples, sources, wrong)
+                     trainer.state.trained_samples, sources, wrong,
+                     example_losses=example_losses, correct=correct)
 
 
-def _initial_loss(trainer: OnlineTrainer, scenario_dir: Path) -> float:
-    """Step 0's loss is the base model's (LoRA starts at zero): computed once per scenario."""
+def _initial_loss(trainer: OnlineTrainer, scenario_dir: Path) -> tuple[float, list[float]]:
+    """Step 0's loss, mean and per example, is the base model's (LoRA starts at zero):
+    computed once per scenario (a cache without the per-example losses is filled in)."""
     cache = scenario_dir / "step0_loss.json"
     if cache.exists():
-        return float(json.loads(cache.read_text())["loss"])
-    loss = trainer.evaluate()
-    write_text_atomic(cache, json.dumps({"loss": loss}))  # suites may share the folder
-    return loss
+        known = json.loads(cache.read_text())
+        if "example_losses" in known:
+            return float(known["loss"]), [float(v) for v in known["example_losses"]]
+    loss, each = trainer.evaluate_examples()
+    write_text_atomic(cache, json.dumps({"loss": loss, "example_losses": each}))
+    return loss, each  # (suites may share the folder: the write is atomic)
 
 
 def _count_wrong(selections: Path, stream: Path) -> int:
@@ -269,15 +281,16 @@ def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Te
 
 
 @torch.no_grad()
-def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
-                        batch_size: int = 25) -> float:
-    """Exact match of the first integer in a greedy answer (8 new tokens) with the truth."""
+def arithmetic_answers(model: torch.nn.Module, tokenizer: Any, path: Path,
+                       batch_size: int = 25) -> list[bool]:
+    """Per question of ``path``: does the first integer of the greedy answer (8 new tokens)
+    equal the truth (exact match)?"""
     rows = read_jsonl(path)
     was = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    correct = 0
+    correct: list[bool] = []
     device = next(model.parameters()).device
     try:
         for start in range(0, len(rows), batch_size):
@@ -289,11 +302,11 @@ def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, path: Path,
                                            skip_special_tokens=True)
             for r, text in zip(chunk, texts, strict=True):
                 m = re.search(r"-?\d+", text)
-                correct += bool(m) and int(m.group()) == int(r["correct_answer"])
+                correct.append(bool(m) and int(m.group()) == int(r["correct_answer"]))
     finally:
         tokenizer.padding_side = side
         model.train(was)
-    return correct / len(rows)
+    return correct
 
 
 # --------------------------------------------------------------------- the suite

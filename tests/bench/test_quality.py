@@ -74,6 +74,15 @@ def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
     assert ftw["calibration"]["n"] >= 3 and 0.0 <= ftw["accuracy"] <= 1.0
     assert -1.0 <= ftw["calibration"]["corr_next"] <= 1.0  # Adam's exact next step, probed
     assert (tmp_path / "plots" / "quality_label-noise.png").stat().st_size > 0
+    # each held-out example's loss at each evaluation, and each question's right or wrong:
+    # the run's means are theirs (4 held-out examples, 4 questions in the smoke suite)
+    for sc in ("label-noise", "redundancy"):
+        r = json.loads((tmp_path / sc / "ftw" / "seed_0" / "result.json").read_text())
+        assert len(r["example_losses"]) == len(r["steps"])
+        for mean, each in zip(r["losses"], r["example_losses"], strict=True):
+            assert len(each) == 4 and sum(each) / 4 == pytest.approx(mean, rel=1e-6)
+        assert (len(r["correct"]), r["accuracy"]) == ((4, sum(r["correct"]) / 4)
+                                                      if sc == "label-noise" else (0, None))
     assert "paired ftw − random" in (tmp_path / "quality.md").read_text()
     # the secondary metric paired on the same seeds: AUC by hand from each run's curve
     for sc, block in summary.items():

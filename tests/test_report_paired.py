@@ -61,3 +61,37 @@ def test_paired_comparison_uses_the_common_seeds_only() -> None:
                                                            d.mean() + half))
     assert paired.paired_comparison({0: 1.0}, {0: 2.0}) is None
     assert paired.paired_comparison({0: 1.0, 1: math.nan}, {0: 2.0, 1: 2.0}) is None
+
+
+def test_crossed_interval_by_hand_on_two_seeds_and_two_examples() -> None:
+    # D = [[1, 2], [3, 6]]: seed means 1.5, 4.5 (variance 4.5), example means 2, 4 (variance
+    # 2), residuals ±0.5 (one degree of freedom: variance 1); Var = 4.5/2 + 2/2 − 1/4 = 3
+    out = paired.crossed_interval([[1.0, 2.0], [3.0, 6.0]])
+    half = 1.959963984540054 * math.sqrt(3.0)
+    assert out["mean"] == 3.0
+    assert (out["lo"], out["hi"]) == pytest.approx((3.0 - half, 3.0 + half))
+    assert (out["seed_share"], out["example_share"]) == pytest.approx((2.25 / 3.25, 1 / 3.25))
+    with pytest.raises(ValueError, match=r"shape \(1, 3\)"):
+        paired.crossed_interval([[1.0, 2.0, 3.0]])
+
+
+def test_crossed_interval_covers_the_mean_of_a_crossed_random_effects_model() -> None:
+    # D = μ + a_s + b_e + ε with known spreads: the interval's width follows the closed form
+    # σ_a²/S + σ_b²/E + σ_ε²/(SE), and it covers μ about 95 % of the time
+    rng = np.random.default_rng(0)
+    n_s, n_e, sa, sb, se, mu = 12, 64, 0.05, 0.3, 0.2, 0.02
+    truth = sa**2 / n_s + sb**2 / n_e + se**2 / (n_s * n_e)
+    widths, covered, seeds_only = [], 0, 0
+    reps = 2000
+    for _ in range(reps):
+        d = (mu + rng.normal(0, sa, (n_s, 1)) + rng.normal(0, sb, (1, n_e))
+             + rng.normal(0, se, (n_s, n_e)))
+        out = paired.crossed_interval(d)
+        widths.append(((out["hi"] - out["lo"]) / (2 * 1.959963984540054)) ** 2)
+        covered += out["lo"] <= mu <= out["hi"]
+        _, lo, hi = paired.paired_interval(d.mean(axis=1))
+        seeds_only += lo <= mu <= hi
+    assert np.mean(widths) == pytest.approx(truth, rel=0.05)
+    assert 0.93 <= covered / reps <= 0.97
+    # the t-interval over seed means is about these examples: it misses μ far more often
+    assert seeds_only / reps < 0.75

@@ -102,7 +102,7 @@ from gradsift.capture import forward_losses
 from gradsift.engine import OnlineTrainer
 from gradsift.jsonio import read_jsonl, write_text_atomic
 from gradsift.optim_state import read_optimizer_state
-from gradsift.report.paired import describe, paired_comparison
+from gradsift.report.paired import crossed_interval, describe, paired_comparison
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 
 logger = logging.getLogger(__name__)
@@ -398,6 +398,29 @@ def primary(res: RunResult, suite: Suite) -> float:
     return float(np.mean(tail))
 
 
+def example_primary(res: RunResult, suite: Suite) -> np.ndarray | None:
+    """Each held-out example's primary: its loss averaged over the last 20 % of steps
+    (None for a run made before the runs kept them)."""
+    if not res.example_losses:
+        return None
+    cut = 0.8 * suite.steps
+    tail = [v for s, v in zip(res.steps, res.example_losses, strict=True) if s > cut]
+    return np.mean(np.asarray(tail, dtype=np.float64), axis=0)
+
+
+def paired_over_examples(mine: dict[int, RunResult], other: dict[int, RunResult],
+                         suite: Suite) -> dict[str, Any] | None:
+    """``mine − other`` over the seeds both ran and the held-out examples (``crossed_interval``);
+    None unless at least two common seeds kept every example's loss."""
+    rows = []
+    for seed in sorted(set(mine) & set(other)):
+        a, b = example_primary(mine[seed], suite), example_primary(other[seed], suite)
+        if a is None or b is None or a.shape != b.shape:
+            return None
+        rows.append(a - b)
+    return crossed_interval(np.stack(rows)) if len(rows) >= 2 and rows[0].size >= 2 else None
+
+
 def auc(res: RunResult) -> float:
     """Trapezoid mean of the loss curve over steps 0..T."""
     return float(np.trapezoid(res.losses, res.steps) / (res.steps[-1] - res.steps[0]))
@@ -449,7 +472,8 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
                 # per seed, so later runs can be paired with these without the run files
                 "per_seed": {"primary": by_seed[m], "auc": auc_by_seed[m]},
             }
-        pairs, pairs_auc = {}, {}
+        pairs, pairs_auc, pairs_examples = {}, {}, {}
+        by_run = {m: {s: r for (m2, s), r in runs.items() if m2 == m} for m in methods}
         for mine in [m for m in methods if m.startswith("ftw")]:
             for other in PAIRED_AGAINST:
                 if other == mine or other not in by_seed:
@@ -459,7 +483,11 @@ def summarize(results: list[RunResult], suite: Suite) -> dict[str, Any]:
                     pairs[f"{mine} − {other}"] = pair
                     pairs_auc[f"{mine} − {other}"] = paired_comparison(
                         auc_by_seed[mine], auc_by_seed[other])
-        out[sc] = {"methods": table, "paired": pairs, "paired_auc": pairs_auc}
+                    crossed = paired_over_examples(by_run[mine], by_run[other], suite)
+                    if crossed is not None:
+                        pairs_examples[f"{mine} − {other}"] = crossed
+        out[sc] = {"methods": table, "paired": pairs, "paired_auc": pairs_auc,
+                   "paired_examples": pairs_examples}
     return out
 
 
@@ -518,6 +546,13 @@ def markdown(summary: dict[str, Any]) -> str:
             p_auc = block.get("paired_auc", {}).get(name)
             if p_auc is not None:  # the secondary metric, on the same seeds
                 lines.append(f"\npaired {name}, AUC: {describe(p_auc)}")
+            p_ex = block.get("paired_examples", {}).get(name)
+            if p_ex is not None:  # the same primary, its interval over examples too
+                lines.append(f"\npaired {name}, over seeds and held-out examples: "
+                             f"{p_ex['mean']:+.4f} [95% CI {p_ex['lo']:+.4f}, "
+                             f"{p_ex['hi']:+.4f}] ({p_ex['n_seeds']} seeds × "
+                             f"{p_ex['n_examples']} examples; the examples' share of the "
+                             f"variance {p_ex['example_share']:.0%})")
     return "\n".join(lines) + "\n"
 
 

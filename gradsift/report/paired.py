@@ -8,7 +8,9 @@ per-seed differences ``d_s = x_s(a) − x_s(b)`` remove what the seed alone deci
 - the sign test: how often ``a`` was lower, how often higher (ties left out), and the
   two-sided binomial probability of a split at least that uneven under a fair coin;
 - the seeds a paired t-test needs to detect the observed mean at 80 % power (noncentral t),
-  so that a comparison can be planned at a fixed size instead of extended until it "works".
+  so that a comparison can be planned at a fixed size instead of extended until it "works";
+- over seeds *and* evaluation examples (``crossed_interval``): the interval over seeds alone
+  is about the fixed evaluation set; the crossed one also carries which examples were drawn.
 """
 
 from __future__ import annotations
@@ -30,6 +32,35 @@ def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
         return mean, math.nan, math.nan
     half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
     return mean, mean - half, mean + half
+
+
+def crossed_interval(diffs: Any) -> dict[str, float]:
+    """Mean and normal 95 % interval of paired differences ``D[s, e]`` over seeds ``s`` and
+    evaluation examples ``e``, both drawn at random (crossed random effects,
+    ``D = μ + a_s + b_e + ε``): ``Var(D̄) = σ_a²/S + σ_b²/E + σ_ε²/(SE)``, estimated by
+    ``V_seed/S + V_example/E − V_resid/(SE)`` from the variances of the seed means, of the
+    example means and of the additive fit's residuals (unbiased; clipped at 0).
+
+    Returns mean, lo, hi, ``n_seeds``, ``n_examples`` and the shares of the seed term
+    ``V_seed/S`` and the example term ``V_example/E`` in their sum. Needs at least two seeds
+    and two examples."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 2 or min(d.shape) < 2:
+        raise ValueError(f"crossed_interval needs a (seeds, examples) array with at least two "
+                         f"of each, got shape {d.shape}")
+    n_s, n_e = d.shape
+    mean = float(d.mean())
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    resid = d - rows[:, None] - cols[None, :] + mean
+    v_seed, v_example = float(rows.var(ddof=1)), float(cols.var(ddof=1))
+    v_resid = float((resid**2).sum() / ((n_s - 1) * (n_e - 1)))
+    var = max(v_seed / n_s + v_example / n_e - v_resid / (n_s * n_e), 0.0)
+    half = 1.959963984540054 * math.sqrt(var)
+    seed_part, example_part = v_seed / n_s, v_example / n_e
+    both = seed_part + example_part
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n_seeds": n_s,
+            "n_examples": n_e, "seed_share": seed_part / both if both > 0 else math.nan,
+            "example_share": example_part / both if both > 0 else math.nan}
 
 
 def sign_test(better: int, worse: int) -> float:

@@ -13,6 +13,7 @@ from gradsift.bench import quality, scenarios
 from gradsift.bench.progress import duration
 from gradsift.bench.quality import RunResult
 from gradsift.bench.scenarios import SUITES, claim_out_folder
+from gradsift.report.paired import crossed_interval
 
 
 def _result(method: str, seed: int, losses: list[float]) -> RunResult:
@@ -61,6 +62,30 @@ def test_ftw_is_paired_against_every_budget_respecting_baseline() -> None:
     assert "gradnorm − ftw" not in block["paired"]  # baselines are not paired among themselves
 
 
+def test_pairs_over_seeds_and_examples_use_each_example_s_last_fifth() -> None:
+    suite = _ten_steps()  # the last 20 %: steps 9 and 10, the 4th and 5th evaluations
+
+    def run(method: str, seed: int, tail: list[list[float]]) -> RunResult:
+        r = _result(method, seed, [3.0, 2.5, 2.0] + [sum(e) / 3 for e in tail])
+        r.example_losses = [[9.0, 9.0, 9.0]] * 3 + tail  # earlier evaluations never count
+        return r
+
+    ftw = {0: [[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]], 1: [[2.0, 2.0, 2.0], [2.0, 4.0, 2.0]]}
+    greats = {0: [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], 1: [[1.0, 3.0, 2.0], [3.0, 3.0, 2.0]]}
+    results = [run("ftw", s, t) for s, t in ftw.items()] + [
+        run("greats", s, t) for s, t in greats.items()]
+    # by hand: each example's mean over the two tail evaluations, ftw − greats, per seed
+    hand = [[(ftw[s][0][e] + ftw[s][1][e]) / 2 - (greats[s][0][e] + greats[s][1][e]) / 2
+             for e in range(3)] for s in (0, 1)]
+    assert hand == [[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]
+    got = quality.summarize(results, suite)["s"]["paired_examples"]["ftw − greats"]
+    assert got == pytest.approx(crossed_interval(hand))
+    assert got["mean"] == pytest.approx(4.0 / 6) and got["n_examples"] == 3
+    for r in results:  # runs made before the runs kept every example's loss: no such pair
+        r.example_losses = []
+    assert quality.summarize(results, suite)["s"]["paired_examples"] == {}
+
+
 def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
     assert quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet",
                          "--methods", "ftw,random", "--seeds", "0,1"]) == 0
@@ -97,6 +122,9 @@ def test_smoke_suite_runs_end_to_end(tmp_path, capsys) -> None:
         pair = block["paired_auc"]["ftw − random"]
         assert pair["n"] == 2 and pair["mean"] == pytest.approx(sum(diffs) / 2)
     assert "paired ftw − random, AUC:" in (tmp_path / "quality.md").read_text()
+    assert summary["label-noise"]["paired_examples"]["ftw − random"]["n_examples"] == 4
+    assert "paired ftw − random, over seeds and held-out examples:" in (
+        tmp_path / "quality.md").read_text()
     # restart: every run is finished, nothing runs again
     before = {p: p.stat().st_mtime for p in tmp_path.glob("*/*/seed_*/result.json")}
     quality.main(["--suite", "smoke", "--out", str(tmp_path), "--quiet", "--methods",

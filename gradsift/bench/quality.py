@@ -16,6 +16,9 @@ budget ``k`` of ``B`` candidates per step, and compares them in a **paired** des
   at step 0, every ``eval_every`` steps and at every step of the last 20 %. The primary metric
   is the mean held-out loss over the last 20 % of steps; also the final loss, the AUC (the
   trapezoid mean of the loss curve) and the steps to reach random's final loss (paired).
+  Each run keeps every held-out example's loss at each evaluation and each accuracy
+  question's right or wrong, so a paired difference is also given over seeds *and* held-out
+  examples (``paired_examples``): the interval over seeds alone is about these 64 examples.
 * **Calibration.** For methods that use a target gradient ``ĝ``, every step logs the target
   loss of the step's target batch before and after the update (``realized``), the first-order
   prediction ``ĝᵀ(θ − θ')`` of the update actually taken, the selection-time prediction

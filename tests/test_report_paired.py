@@ -65,12 +65,18 @@ def test_paired_comparison_uses_the_common_seeds_only() -> None:
 
 def test_crossed_interval_by_hand_on_two_seeds_and_two_examples() -> None:
     # D = [[1, 2], [3, 6]]: seed means 1.5, 4.5 (variance 4.5), example means 2, 4 (variance
-    # 2), residuals ±0.5 (one degree of freedom: variance 1); Var = 4.5/2 + 2/2 − 1/4 = 3
+    # 2), residuals ±0.5 (one degree of freedom: variance 1); the terms 4.5/2 − 1/4 = 2,
+    # 2/2 − 1/4 = 0.75 and 1/4: Var = 3
     out = paired.crossed_interval([[1.0, 2.0], [3.0, 6.0]])
     half = 1.959963984540054 * math.sqrt(3.0)
     assert out["mean"] == 3.0
     assert (out["lo"], out["hi"]) == pytest.approx((3.0 - half, 3.0 + half))
-    assert (out["seed_share"], out["example_share"]) == pytest.approx((2.25 / 3.25, 1 / 3.25))
+    assert (out["seed_share"], out["example_share"]) == pytest.approx((2 / 3, 0.25))
+    # [[0, 2], [2, 0]]: seed and example means all 1 (no spread), residuals ±1 (variance 4):
+    # both terms cut at zero, Var = 4/4 = 1, none of it from seeds or examples
+    out = paired.crossed_interval([[0.0, 2.0], [2.0, 0.0]])
+    assert (out["lo"], out["hi"]) == pytest.approx((1 - 1.959963984540054, 1 + 1.959963984540054))
+    assert (out["seed_share"], out["example_share"]) == (0.0, 0.0)
     with pytest.raises(ValueError, match=r"shape \(1, 3\)"):
         paired.crossed_interval([[1.0, 2.0, 3.0]])
 

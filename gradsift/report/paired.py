@@ -37,13 +37,13 @@ def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
 def crossed_interval(diffs: Any) -> dict[str, float]:
     """Mean and normal 95 % interval of paired differences ``D[s, e]`` over seeds ``s`` and
     evaluation examples ``e``, both drawn at random (crossed random effects,
-    ``D = μ + a_s + b_e + ε``): ``Var(D̄) = σ_a²/S + σ_b²/E + σ_ε²/(SE)``, estimated by
-    ``V_seed/S + V_example/E − V_resid/(SE)`` from the variances of the seed means, of the
-    example means and of the additive fit's residuals (unbiased; clipped at 0).
+    ``D = μ + a_s + b_e + ε``): ``Var(D̄) = σ_a²/S + σ_b²/E + σ_ε²/(SE)``. From the variances
+    of the seed means ``V_s``, of the example means ``V_e`` and of the additive fit's residuals
+    ``V_r``, the three terms are ``V_s/S − V_r/(SE)``, ``V_e/E − V_r/(SE)`` and ``V_r/(SE)``
+    (their sum is unbiased), the first two cut at zero as the variances they estimate are.
 
-    Returns mean, lo, hi, ``n_seeds``, ``n_examples`` and the shares of the seed term
-    ``V_seed/S`` and the example term ``V_example/E`` in their sum. Needs at least two seeds
-    and two examples."""
+    Returns mean, lo, hi, ``n_seeds``, ``n_examples`` and the seed and example terms' shares
+    of the variance. Needs at least two seeds and two examples."""
     d = np.asarray(diffs, dtype=np.float64)
     if d.ndim != 2 or min(d.shape) < 2:
         raise ValueError(f"crossed_interval needs a (seeds, examples) array with at least two "
@@ -52,15 +52,14 @@ def crossed_interval(diffs: Any) -> dict[str, float]:
     mean = float(d.mean())
     rows, cols = d.mean(axis=1), d.mean(axis=0)
     resid = d - rows[:, None] - cols[None, :] + mean
-    v_seed, v_example = float(rows.var(ddof=1)), float(cols.var(ddof=1))
-    v_resid = float((resid**2).sum() / ((n_s - 1) * (n_e - 1)))
-    var = max(v_seed / n_s + v_example / n_e - v_resid / (n_s * n_e), 0.0)
+    noise = float((resid**2).sum() / ((n_s - 1) * (n_e - 1))) / (n_s * n_e)
+    seed_part = max(float(rows.var(ddof=1)) / n_s - noise, 0.0)
+    example_part = max(float(cols.var(ddof=1)) / n_e - noise, 0.0)
+    var = seed_part + example_part + noise
     half = 1.959963984540054 * math.sqrt(var)
-    seed_part, example_part = v_seed / n_s, v_example / n_e
-    both = seed_part + example_part
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n_seeds": n_s,
-            "n_examples": n_e, "seed_share": seed_part / both if both > 0 else math.nan,
-            "example_share": example_part / both if both > 0 else math.nan}
+            "n_examples": n_e, "seed_share": seed_part / var if var > 0 else math.nan,
+            "example_share": example_part / var if var > 0 else math.nan}
 
 
 def sign_test(better: int, worse: int) -> float:

@@ -72,6 +72,7 @@ def test_crossed_interval_by_hand_on_two_seeds_and_two_examples() -> None:
     assert out["mean"] == 3.0
     assert (out["lo"], out["hi"]) == pytest.approx((3.0 - half, 3.0 + half))
     assert (out["seed_share"], out["example_share"]) == pytest.approx((2 / 3, 0.25))
+    assert (out["var"], out["seed_term"], out["example_term"]) == pytest.approx((3, 2, 0.75))
     # [[0, 2], [2, 0]]: seed and example means all 1 (no spread), residuals ±1 (variance 4):
     # both terms cut at zero, Var = 4/4 = 1, none of it from seeds or examples
     out = paired.crossed_interval([[0.0, 2.0], [2.0, 0.0]])

@@ -42,8 +42,9 @@ def crossed_interval(diffs: Any) -> dict[str, float]:
     ``V_r``, the three terms are ``V_s/S − V_r/(SE)``, ``V_e/E − V_r/(SE)`` and ``V_r/(SE)``
     (their sum is unbiased), the first two cut at zero as the variances they estimate are.
 
-    Returns mean, lo, hi, ``n_seeds``, ``n_examples`` and the seed and example terms' shares
-    of the variance. Needs at least two seeds and two examples."""
+    Returns mean, lo, hi, ``n_seeds``, ``n_examples``, ``var``, the seed and example terms
+    (``seed_term``, ``example_term``) and their shares of ``var``. Needs at least two seeds
+    and two examples."""
     d = np.asarray(diffs, dtype=np.float64)
     if d.ndim != 2 or min(d.shape) < 2:
         raise ValueError(f"crossed_interval needs a (seeds, examples) array with at least two "
@@ -58,7 +59,8 @@ def crossed_interval(diffs: Any) -> dict[str, float]:
     var = seed_part + example_part + noise
     half = 1.959963984540054 * math.sqrt(var)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n_seeds": n_s,
-            "n_examples": n_e, "seed_share": seed_part / var if var > 0 else math.nan,
+            "n_examples": n_e, "var": var, "seed_term": seed_part, "example_term": example_part,
+            "seed_share": seed_part / var if var > 0 else math.nan,
             "example_share": example_part / var if var > 0 else math.nan}
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 
 from gradsift.bench import quality
 from gradsift.bench.scenarios import SUITES
@@ -59,14 +60,23 @@ def main(out: Path) -> None:
                                                                            prim["greats"])))
         d = np.stack([quality.example_primary(ftw[s], STEADY)
                       - quality.example_primary(gr[s], STEADY) for s in seeds])
-        print("1. ftw − greats over seeds and held-out examples:",
-              crossed_line(crossed_interval(d)))
+        crossed = crossed_interval(d)
+        print("1. ftw − greats over seeds and held-out examples:", crossed_line(crossed))
         # 3. pooled with every earlier steady seed (session 25's table and its sources)
         pooled = _pooled_module().collect(out)[sc]
         common = sorted(set(pooled["ftw"]) & set(pooled["greats"]))
         diffs = {s: pooled["ftw"][s] - pooled["greats"][s] for s in common}
-        print(f"3. pooled ftw − greats, all {len(common)} seeds:",
-              describe(paired_comparison(diffs, dict.fromkeys(common, 0.0))))
+        pooled_pair = paired_comparison(diffs, dict.fromkeys(common, 0.0))
+        print(f"3. pooled ftw − greats, all {len(common)} seeds:", describe(pooled_pair))
+        # not registered: the earlier seeds kept no example's loss; add the example term the
+        # fresh seeds estimate (σ_b²/E: the same 64 examples, so the same term) to the pooled
+        # seed variance
+        sd = np.std(list(diffs.values()), ddof=1)
+        half = scipy.stats.t.ppf(0.975, len(common) - 1) * np.sqrt(
+            sd**2 / len(common) + crossed["example_term"])
+        print(f"3'. pooled, with the fresh seeds' example term added (not registered): "
+              f"{pooled_pair['mean']:+.4f} [{pooled_pair['mean'] - half:+.4f}, "
+              f"{pooled_pair['mean'] + half:+.4f}]")
         # 4. where: the held-out questions by operation and by the answer's length
         target = [json.loads(x) for x in (out / sc / "data" / "target.jsonl").open()]
         held = target[: d.shape[1]]

@@ -36,7 +36,15 @@ from gradsift.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from gradsift.data import Example
 from gradsift.distributed import DistributedConfig, is_main_process, rank_slice, world_size
 from gradsift.loss import trained_token_counts
-from gradsift.runlog import LOGS, METRICS, SELECTIONS, RunLog, selection_record
+from gradsift.runlog import (
+    EVAL_LOSSES,
+    LOGS,
+    METRICS,
+    SELECTIONS,
+    RunLog,
+    drop_records_after,
+    selection_record,
+)
 from gradsift.select import Selector
 from gradsift.step import SelectionConfig, SelectionStep, check_positive
 
@@ -268,10 +276,15 @@ class OnlineTrainer:
         """Mean per-sample loss on the held-out target examples (eval mode)."""
         return self.evaluate_examples()[0]
 
+    @property
+    def held_out(self) -> list[Example]:
+        """The examples ``evaluate`` scores: the held-out set (the target pool without one)."""
+        return self.eval_set or self.target_pool
+
     def evaluate_examples(self) -> tuple[float, list[float]]:
         """The held-out mean loss (``evaluate``) and each held-out example's own mean token
         loss, in the held-out set's order: what an analysis over examples needs."""
-        examples = self.eval_set or self.target_pool
+        examples = self.held_out
         was_training = self.model.training
         self.model.eval()
         total, each = 0.0, []
@@ -284,8 +297,12 @@ class OnlineTrainer:
         return total / len(examples), each
 
     def _evaluate_and_record(self) -> float:
-        loss = self.evaluate()
+        """Evaluate, and log each held-out example's loss (``eval_losses.jsonl``)."""
+        loss, each = self.evaluate_examples()
         self.state.last_target_loss, self.state.last_eval_step = loss, self.state.step
+        self._append(EVAL_LOSSES, {"step": self.state.step,
+                                   "ids": [e.id for e in self.held_out],
+                                   "losses": [round(v, 6) for v in each]})
         return loss
 
     def log_initial_eval(self) -> float:
@@ -436,6 +453,8 @@ class OnlineTrainer:
             if path.exists():
                 with open(path, "r+b") as f:
                     f.truncate(size)
+        for name in set(LOGS) - set(self.state.log_offsets):  # a log newer than the checkpoint
+            drop_records_after(self.run_dir / name, self.state.step)  # format: by its steps
         self._start = time.perf_counter()
         self._checkpoint_step = self.state.step
         return self.state.step

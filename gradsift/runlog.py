@@ -13,6 +13,10 @@ A ``selections.jsonl`` record::
 
 A ``metrics.jsonl`` record: ``step``, ``trained_samples``, ``trained_tokens``, ``train_loss``,
 ``candidate_loss``, ``lr``, ``wall_seconds`` and, at evaluation steps, ``target_loss``.
+
+An ``eval_losses.jsonl`` record, one per evaluation: ``step``, ``ids`` (the held-out examples,
+in order) and ``losses`` (each one's mean token loss; their mean is ``target_loss``), so that
+two runs can be compared example by example (``gradsift.report``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from gradsift.jsonio import dumps_line, read_jsonl
 
 SELECTIONS = "selections.jsonl"
 METRICS = "metrics.jsonl"
-LOGS = (SELECTIONS, METRICS)
+EVAL_LOSSES = "eval_losses.jsonl"
+LOGS = (SELECTIONS, METRICS, EVAL_LOSSES)
 
 
 class RunLogError(ValueError):
@@ -103,11 +108,15 @@ class RunLog:
         if not self.enabled:
             return
         for name in LOGS:
-            path = self.folder / name
-            if path.is_file():
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and json.loads(line)["step"] <= step]
-                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            drop_records_after(self.folder / name, step)
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the log ``path`` (if it exists) without its records of steps after ``step``."""
+    if path.is_file():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

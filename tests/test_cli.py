@@ -71,11 +71,19 @@ def test_compare_smoke_writes_runs_summary_and_report(tmp_path, data_dir, capsys
             assert metrics[0]["step"] == 0 and "target_loss" in metrics[0]
             assert metrics[-1]["step"] == 3 and "target_loss" in metrics[-1]
             assert summary["final_target_loss"] == pytest.approx(metrics[-1]["target_loss"])
+            each = read_jsonl(run / "eval_losses.jsonl")  # every held-out example's loss
+            assert [r["step"] for r in each] == [m["step"] for m in metrics
+                                                 if "target_loss" in m]
+            assert len(each[-1]["losses"]) == 4  # eval_size
             assert summary["trained_samples"] == sum(len(r["selected_ids"]) for r in records)
             resolved = yaml.safe_load((run / "config.yaml").read_text())
             assert resolved["method"] == method and resolved["seed"] == seed
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"ftw", "random", "greats"}
+    final_pairs = [p for p in summary["paired"] if p["metric"] == "final_target_loss"]
+    assert len(final_pairs) == 2 and all(
+        (p["over_examples"]["n_seeds"], p["over_examples"]["n_examples"]) == (2, 4)
+        for p in final_pairs)
     html = (out / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) >= 4

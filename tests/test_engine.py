@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from reference import ListStream, make_examples, tiny_llama
 
-from gradsift.config import load_config
+from gradsift.config import load_config, save_config
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.recipe import resume_run, run_config, setup
 
@@ -125,3 +125,48 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, stream_files):
         assert torch.allclose(a[n], b[n], atol=1e-6), n
     metrics = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(7))
+    # each held-out example's loss at every evaluation, written once per step though step 4's
+    # evaluation was written twice (before the cut and after the resume)
+    full_each, cut_each = (_records(tmp_path / name / "eval_losses.jsonl")
+                           for name in ("full", "cut"))
+    assert [r["step"] for r in cut_each] == [r["step"] for r in full_each] == [0, 2, 4, 6]
+    target_rows = [json.loads(x) for x in target.read_text().splitlines()][:4]
+    for a, b in zip(full_each, cut_each, strict=True):
+        assert a["ids"] == b["ids"] and len(a["ids"]) == len(target_rows) == 4
+        assert a["losses"] == pytest.approx(b["losses"], abs=1e-5)
+    evals = {m["step"]: m["target_loss"] for m in metrics if "target_loss" in m}
+    for r in cut_each:  # the per-example losses average to the logged held-out loss
+        assert sum(r["losses"]) / 4 == pytest.approx(evals[r["step"]], abs=1e-5)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_resume_from_a_checkpoint_older_than_the_per_example_log(tmp_path, stream_files,
+                                                                 monkeypatch):
+    """A checkpoint written before ``eval_losses.jsonl`` existed has no size for it: the
+    resume keeps that log's records up to the checkpoint's step, by their step numbers."""
+    import gradsift.engine
+
+    stream, target = stream_files
+    config = load_config(None, [f"stream={stream}", f"target={target}", "model=tiny",
+                                "steps=4", "engine.candidates_per_step=4",
+                                "engine.budget_per_step=2", "engine.target_batch_size=4",
+                                "engine.eval_size=4", "engine.eval_every=1",
+                                "engine.checkpoint_every=2", "max_length=32", "lora.r=2"])
+    run = setup(config, tmp_path / "run")
+    save_config(config, tmp_path / "run" / "config.yaml")
+    monkeypatch.setattr(gradsift.engine, "LOGS", ("selections.jsonl", "metrics.jsonl"))
+    run.trainer.log_initial_eval()
+    for _ in range(3):
+        run.trainer.step()
+    del run
+    monkeypatch.undo()
+    offsets = json.loads((tmp_path / "run/checkpoints/step_000002/state.json").read_text())
+    assert "eval_losses.jsonl" not in json.dumps(offsets)  # as an older version wrote it
+    assert [r["step"] for r in _records(tmp_path / "run" / "eval_losses.jsonl")] == [0, 1, 2, 3]
+    resume_run(tmp_path / "run", quiet=True)
+    assert [r["step"] for r in _records(tmp_path / "run" / "eval_losses.jsonl")] == [
+        0, 1, 2, 3, 4]
+    assert [m["step"] for m in _records(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3, 4]

@@ -12,6 +12,7 @@ import yaml
 
 from gradsift.report import (
     MissingRunFileError,
+    RunDirError,
     load_run,
     markdown_table,
     plots,
@@ -136,6 +137,51 @@ def test_summary_numbers_match_hand_computation(compare_dir: Path) -> None:
     assert pairs["auc_target_loss"]["mean"] == pytest.approx(
         (auc(2.0, 1.5, 1.2) - auc(2.0, 1.8, 1.6) + auc(2.0, 1.7, 1.45) - auc(2.0, 1.9, 1.4)) / 2)
     assert pairs["auc_target_loss"]["lower"] == 2
+
+
+# each held-out example's final loss (step 4), averaging to TARGET's final losses
+FINAL_EACH = {("ftw", 0): [1.0, 1.2, 1.4], ("ftw", 1): [1.25, 1.45, 1.65],
+              ("random", 0): [1.6, 1.3, 1.9], ("random", 1): [1.4, 1.4, 1.4]}
+
+
+def _write_eval_losses(run_dir: Path, final: list) -> None:
+    ids = ["t0", "t1", "t2"]
+    rows = [{"step": 0, "ids": ids, "losses": [2.0, 2.0, 2.0]},
+            {"step": 4, "ids": ids, "losses": final}]
+    (run_dir / "eval_losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_final_loss_is_also_paired_over_seeds_and_held_out_examples(compare_dir: Path) -> None:
+    for (method, seed), final in FINAL_EACH.items():
+        _write_eval_losses(compare_dir / method / f"seed_{seed}", final)
+    summary = summarize_compare(compare_dir)
+    pairs = {p["metric"]: p for p in summary["paired"]}
+    got = pairs["final_target_loss"]["over_examples"]
+    assert "over_examples" not in pairs["auc_target_loss"]
+    # by hand: D = ftw − random = [[-0.6, -0.1, -0.5], [-0.15, 0.05, 0.25]], mean -0.175;
+    # seed means -0.4, 0.05 (variance 0.10125); example means -0.375, -0.025, -0.125
+    # (variance 0.0325); residuals 0, ±0.15 (sum of squares 0.09 over 2 degrees of freedom:
+    # 0.045). Terms: 0.10125/2 − 0.045/6, 0.0325/3 − 0.045/6, 0.045/6
+    seed_term, example_term, noise = 0.10125 / 2 - 0.0075, 0.0325 / 3 - 0.0075, 0.0075
+    var = seed_term + example_term + noise
+    half = 1.959963984540054 * var ** 0.5
+    assert got["mean"] == pytest.approx(-0.175)
+    assert (got["lo"], got["hi"]) == pytest.approx((-0.175 - half, -0.175 + half))
+    assert (got["n_seeds"], got["n_examples"]) == (2, 3)
+    assert got["example_share"] == pytest.approx(example_term / var)
+    assert ("paired ftw − random (final), over seeds and held-out examples: -0.1750"
+            in markdown_table(summary))
+    html = write_report(compare_dir).read_text()
+    assert f"[{-0.175 - half:+.4f}, {-0.175 + half:+.4f}] (3 examples)" in html
+
+    # one seed without the per-example log: no interval over examples, the rest unchanged
+    (compare_dir / "random" / "seed_1" / "eval_losses.jsonl").unlink()
+    pairs = {p["metric"]: p for p in summarize_compare(compare_dir)["paired"]}
+    assert "over_examples" not in pairs["final_target_loss"]
+    # a malformed record names the file and the step
+    _write_eval_losses(compare_dir / "random" / "seed_1", [1.4, 1.4])
+    with pytest.raises(RunDirError, match=r"random/seed_1/eval_losses.jsonl step 4: 3 ids"):
+        summarize_compare(compare_dir)
 
 
 def test_steps_to_random_final_is_null_without_random(tmp_path: Path) -> None:

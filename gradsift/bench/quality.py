@@ -105,7 +105,12 @@ from gradsift.capture import forward_losses
 from gradsift.engine import OnlineTrainer
 from gradsift.jsonio import read_jsonl, write_text_atomic
 from gradsift.optim_state import read_optimizer_state
-from gradsift.report.paired import crossed_interval, describe, paired_comparison
+from gradsift.report.paired import (
+    crossed_interval,
+    describe,
+    describe_crossed,
+    paired_comparison,
+)
 from gradsift.select import Selection, SelectionContext, Selector, get_selector
 
 logger = logging.getLogger(__name__)
@@ -552,10 +557,7 @@ def markdown(summary: dict[str, Any]) -> str:
             p_ex = block.get("paired_examples", {}).get(name)
             if p_ex is not None:  # the same primary, its interval over examples too
                 lines.append(f"\npaired {name}, over seeds and held-out examples: "
-                             f"{p_ex['mean']:+.4f} [95% CI {p_ex['lo']:+.4f}, "
-                             f"{p_ex['hi']:+.4f}] ({p_ex['n_seeds']} seeds × "
-                             f"{p_ex['n_examples']} examples; the examples' share of the "
-                             f"variance {p_ex['example_share']:.0%})")
+                             f"{describe_crossed(p_ex)}")
     return "\n".join(lines) + "\n"
 
 

@@ -103,14 +103,17 @@ def _paired_table(summary: dict[str, Any]) -> str:
         return ("<p class=\"note\">No paired differences: they need at least two methods "
                 "with two or more common seeds.</p>")
     head = ["difference", "metric", "mean", "95 % interval", "seeds", "lower / higher",
-            "sign test p", "seeds for 80 % power"]
+            "sign test p", "seeds for 80 % power", "95 % interval over seeds and held-out examples"]
     rows = []
     for p in pairs:
         metric = "final target loss" if p["metric"] == "final_target_loss" else "AUC"
+        c = p.get("over_examples")
+        crossed = (f"[{c['lo']:+.4f}, {c['hi']:+.4f}] ({c['n_examples']} examples)" if c
+                   else "–")
         cells = [html.escape(f"{p['best']} − {p['other']}"), metric, f"{p['mean']:+.4f}",
                  f"[{p['lo']:+.4f}, {p['hi']:+.4f}]", str(p["n"]),
                  f"{p['lower']} / {p['higher']}", f"{p['sign_p']:.2g}",
-                 f"{p['seeds_for_80pct_power']:g}"]
+                 f"{p['seeds_for_80pct_power']:g}", crossed]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     return f"<table>{header}{''.join(rows)}</table>"

@@ -117,3 +117,12 @@ def describe(p: Mapping[str, Any]) -> str:
     return (f"{p['mean']:+.4f} [95% CI {p['lo']:+.4f}, {p['hi']:+.4f}] over {p['n']} seeds; "
             f"lower on {p['lower']}, higher on {p['higher']} (sign test p {p['sign_p']:.2g}); "
             f"seeds to detect this mean at 80 % power: {p['seeds_for_80pct_power']:g}")
+
+
+def describe_crossed(c: Mapping[str, Any]) -> str:
+    """One line for :func:`crossed_interval`: ``+0.0123 [95% CI …] (S seeds × E examples;
+    the examples' share of the variance …)``."""
+    share = c["example_share"]
+    return (f"{c['mean']:+.4f} [95% CI {c['lo']:+.4f}, {c['hi']:+.4f}] ({c['n_seeds']} seeds × "
+            f"{c['n_examples']} examples; the examples' share of the variance "
+            f"{'–' if math.isnan(share) else f'{share:.0%}'})")

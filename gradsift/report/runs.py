@@ -1,9 +1,10 @@
 """Read run directories and compare directories written by the engine.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl``, ``selections.jsonl`` and
-``summary.json``; a compare directory holds one run directory per method and seed at
-``DIR/<method>/seed_<seed>/``. Everything here is plain file reading and validation: a missing
-file or a malformed line raises an error that names the file (and the line).
+``summary.json``, and where the engine logged it ``eval_losses.jsonl``; a compare directory
+holds one run directory per method and seed at ``DIR/<method>/seed_<seed>/``. Everything here
+is plain file reading and validation: a missing file or a malformed line raises an error that
+names the file (and the line).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gradsift.runlog import RunLogError, read_records
+from gradsift.runlog import EVAL_LOSSES, RunLogError, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Run:
         metrics: ``metrics.jsonl`` records, sorted by step.
         selections: ``selections.jsonl`` records, sorted by step.
         summary: ``summary.json``.
+        eval_losses: ``eval_losses.jsonl`` records, sorted by step (empty for runs that have
+            none): each held-out example's loss at each evaluation.
     """
 
     path: Path
@@ -56,6 +59,7 @@ class Run:
     metrics: list[dict[str, Any]]
     selections: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
+    eval_losses: list[dict[str, Any]] = field(default_factory=list)
 
     def eval_curve(self, x: str = "step", finite: bool = True) -> tuple[list[float], list[float]]:
         """``(x, target_loss)`` at the evaluation steps.
@@ -93,6 +97,14 @@ class Run:
             return self.summary["steps"]
         return max((int(m["step"]) for m in self.metrics), default=0)
 
+    @property
+    def final_example_losses(self) -> dict[str, float] | None:
+        """Each held-out example's loss at the last evaluation, by id; None when the run has no
+        ``eval_losses.jsonl`` record of that step."""
+        steps, _ = self.eval_curve(finite=False)
+        last = [r for r in self.eval_losses if steps and r["step"] == steps[-1]]
+        return dict(zip(last[-1]["ids"], last[-1]["losses"], strict=True)) if last else None
+
     def last_metric(self, key: str) -> float | None:
         """The last logged value of a cumulative metric such as ``trained_tokens``."""
         for m in reversed(self.metrics):
@@ -126,6 +138,19 @@ def _check_selection(path: Path, rec: dict[str, Any]) -> None:
     unknown = set(rec["selected_ids"]) - set(rec["candidate_ids"])
     if unknown:
         raise RunDirError(f"{where}: selected ids not among the candidates: {sorted(unknown)}")
+
+
+def _check_eval_losses(path: Path, rec: dict[str, Any]) -> None:
+    """An ``eval_losses.jsonl`` record holds one loss (a number, or null) per distinct id."""
+    where = f"{path} step {rec['step']}"
+    ids, losses = rec.get("ids"), rec.get("losses")
+    if not isinstance(ids, list) or not isinstance(losses, list):
+        raise RunDirError(f"{where}: 'ids' and 'losses' must both be lists")
+    if len(ids) != len(losses) or len(set(map(str, ids))) != len(ids):
+        raise RunDirError(f"{where}: {len(ids)} ids ({len(set(map(str, ids)))} distinct) for "
+                          f"{len(losses)} losses")
+    if not all(v is None or _finite(v) for v in losses):
+        raise RunDirError(f"{where}: 'losses' holds a value that is not a number")
 
 
 def load_run(
@@ -167,6 +192,10 @@ def load_run(
     selections = _read_jsonl(run_dir / "selections.jsonl")
     for rec in selections:
         _check_selection(run_dir / "selections.jsonl", rec)
+    eval_losses = (_read_jsonl(run_dir / EVAL_LOSSES) if (run_dir / EVAL_LOSSES).is_file()
+                   else [])
+    for rec in eval_losses:
+        _check_eval_losses(run_dir / EVAL_LOSSES, rec)
     return Run(
         path=run_dir,
         method=method if method is not None else str(summary.get("method",
@@ -176,6 +205,7 @@ def load_run(
         metrics=_read_jsonl(run_dir / "metrics.jsonl"),
         selections=selections,
         summary=summary,
+        eval_losses=eval_losses,
     )
 
 

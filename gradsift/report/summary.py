@@ -17,7 +17,11 @@ Definitions (per run, then aggregated over a method's seeds):
 - **paired**: the method with the lowest mean final target loss against each other method, on
   the seeds both ran (a seed gives every method the same stream order, initialisation and target
   draws): per metric (final target loss, AUC) the mean difference with its 95 % t-interval, the
-  sign count and test, and the seeds needed for 80 % power (``gradsift.report.paired``).
+  sign count and test, and the seeds needed for 80 % power (``gradsift.report.paired``). For
+  the final loss, where every run logged each held-out example's loss (``eval_losses.jsonl``),
+  also ``over_examples``: the interval over seeds *and* held-out examples (crossed random
+  effects, ``crossed_interval``); the t-interval over seeds speaks only for the examples held
+  out.
 - **seconds per step**: per phase (capture, target, selection, update) the mean over steps of
   ``selections.jsonl``'s ``timing``, then the mean over seeds; ``wall_seconds_per_step`` is
   wall seconds / steps (includes evaluation and logging).
@@ -31,7 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from gradsift.report.paired import describe, paired_comparison
+from gradsift.report.paired import (
+    crossed_interval,
+    describe,
+    describe_crossed,
+    paired_comparison,
+)
 from gradsift.report.runs import PHASES, Run, load_compare
 
 RANDOM = "random"
@@ -146,9 +155,36 @@ def paired_against_best(runs: dict[str, list[Run]],
             per_seed = {name: {r.seed: value(r) for r in runs[name] if value(r) is not None}
                         for name in (best, other)}
             pair = paired_comparison(per_seed[best], per_seed[other])
-            if pair is not None:
-                out.append({"best": best, "other": other, "metric": metric, **pair})
+            if pair is None:
+                continue
+            if metric == "final_target_loss":
+                crossed = final_over_examples(runs[best], runs[other])
+                if crossed is not None:
+                    pair["over_examples"] = crossed
+            out.append({"best": best, "other": other, "metric": metric, **pair})
     return out
+
+
+def final_over_examples(mine: list[Run], other: list[Run]) -> dict[str, Any] | None:
+    """``mine − other`` in each held-out example's final loss, over the seeds both ran and the
+    examples (``crossed_interval``): the interval also carries which examples were held out.
+    None unless every such seed logged every example's final loss, finite, on the same ids."""
+    finals = [{r.seed: r.final_example_losses for r in runs} for runs in (mine, other)]
+    seeds = sorted(set(finals[0]) & set(finals[1]))
+    if len(seeds) < 2:
+        return None
+    ids = list(finals[0][seeds[0]] or {})
+    rows = []
+    for seed in seeds:
+        a, b = finals[0][seed], finals[1][seed]
+        if a is None or b is None or list(a) != ids or list(b) != ids:
+            return None
+        if any(a[i] is None or b[i] is None for i in ids):  # a diverged evaluation
+            return None
+        rows.append([a[i] - b[i] for i in ids])
+    if len(ids) < 2 or not np.isfinite(rows).all():
+        return None
+    return crossed_interval(rows)
 
 
 def summarize_compare(compare_dir: str | Path, skip_incomplete: bool = False) -> dict[str, Any]:
@@ -197,7 +233,9 @@ def summary_from_runs(runs: dict[str, list[Run]], compare_dir: str | Path,
             "std": "sample standard deviation over seeds (ddof=1); null with one seed",
             "paired": "the best method (lowest mean final target loss) minus each other, per "
                       "seed both ran: mean, 95 % t-interval, seeds lower / higher, sign test, "
-                      "and the seeds a paired t-test needs for 80 % power at that mean",
+                      "and the seeds a paired t-test needs for 80 % power at that mean; "
+                      "over_examples (final loss): the interval over seeds and held-out "
+                      "examples (crossed random effects)",
         },
         "methods": methods,
         "paired": paired_against_best(runs, methods),
@@ -247,6 +285,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for p in summary.get("paired", []):
         metric = "final" if p["metric"] == "final_target_loss" else "AUC"
         lines.append(f"\npaired {p['best']} − {p['other']} ({metric}): {describe(p)}")
+        if p.get("over_examples"):
+            lines.append(f"\npaired {p['best']} − {p['other']} ({metric}), over seeds and "
+                         f"held-out examples: {describe_crossed(p['over_examples'])}")
     if summary.get("skipped"):
         lines.append(f"\n{len(summary['skipped'])} incomplete run(s) skipped.")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import yaml
 
 from gradsift.report import (
@@ -164,7 +165,10 @@ def test_final_loss_is_also_paired_over_seeds_and_held_out_examples(compare_dir:
     # 0.045). Terms: 0.10125/2 − 0.045/6, 0.0325/3 − 0.045/6, 0.045/6
     seed_term, example_term, noise = 0.10125 / 2 - 0.0075, 0.0325 / 3 - 0.0075, 0.0075
     var = seed_term + example_term + noise
-    half = 1.959963984540054 * var ** 0.5
+    # Satterthwaite's degrees of freedom: the mean squares 0.10125/2 (1 df), 0.0325/3 (2 df)
+    # and 0.045/6 (2 df, coefficient −1)
+    dof = var**2 / ((0.10125 / 2) ** 2 / 1 + (0.0325 / 3) ** 2 / 2 + 0.0075**2 / 2)
+    half = scipy.stats.t.ppf(0.975, dof) * var ** 0.5
     assert got["mean"] == pytest.approx(-0.175)
     assert (got["lo"], got["hi"]) == pytest.approx((-0.175 - half, -0.175 + half))
     assert (got["n_seeds"], got["n_examples"]) == (2, 3)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from gradsift.report import paired
 
@@ -67,16 +68,20 @@ def test_crossed_interval_by_hand_on_two_seeds_and_two_examples() -> None:
     # D = [[1, 2], [3, 6]]: seed means 1.5, 4.5 (variance 4.5), example means 2, 4 (variance
     # 2), residuals ±0.5 (one degree of freedom: variance 1); the terms 4.5/2 − 1/4 = 2,
     # 2/2 − 1/4 = 0.75 and 1/4: Var = 3
+    # Satterthwaite: Var² / Σ (c_i M_i)²/df_i with M = 4.5/2, 2/2, 1/4, each on 1 degree
+    # of freedom: 9 / (2.25² + 1² + 0.25²)
     out = paired.crossed_interval([[1.0, 2.0], [3.0, 6.0]])
-    half = 1.959963984540054 * math.sqrt(3.0)
+    assert out["df"] == pytest.approx(9 / 6.125)
+    half = scipy.stats.t.ppf(0.975, 9 / 6.125) * math.sqrt(3.0)
     assert out["mean"] == 3.0
     assert (out["lo"], out["hi"]) == pytest.approx((3.0 - half, 3.0 + half))
     assert (out["seed_share"], out["example_share"]) == pytest.approx((2 / 3, 0.25))
     assert (out["var"], out["seed_term"], out["example_term"]) == pytest.approx((3, 2, 0.75))
     # [[0, 2], [2, 0]]: seed and example means all 1 (no spread), residuals ±1 (variance 4):
-    # both terms cut at zero, Var = 4/4 = 1, none of it from seeds or examples
+    # both terms cut at zero, Var = 4/4 = 1 on the residual's 1 degree of freedom (t 12.706),
+    # none of it from seeds or examples
     out = paired.crossed_interval([[0.0, 2.0], [2.0, 0.0]])
-    assert (out["lo"], out["hi"]) == pytest.approx((1 - 1.959963984540054, 1 + 1.959963984540054))
+    assert (out["lo"], out["hi"]) == pytest.approx((1 - 12.706204736, 1 + 12.706204736))
     assert (out["seed_share"], out["example_share"]) == (0.0, 0.0)
     with pytest.raises(ValueError, match=r"shape \(1, 3\)"):
         paired.crossed_interval([[1.0, 2.0, 3.0]])
@@ -94,7 +99,7 @@ def test_crossed_interval_covers_the_mean_of_a_crossed_random_effects_model() ->
         d = (mu + rng.normal(0, sa, (n_s, 1)) + rng.normal(0, sb, (1, n_e))
              + rng.normal(0, se, (n_s, n_e)))
         out = paired.crossed_interval(d)
-        widths.append(((out["hi"] - out["lo"]) / (2 * 1.959963984540054)) ** 2)
+        widths.append(out["var"])
         covered += out["lo"] <= mu <= out["hi"]
         _, lo, hi = paired.paired_interval(d.mean(axis=1))
         seeds_only += lo <= mu <= hi
@@ -102,3 +107,20 @@ def test_crossed_interval_covers_the_mean_of_a_crossed_random_effects_model() ->
     assert 0.93 <= covered / reps <= 0.97
     # the t-interval over seed means is about these examples: it misses μ far more often
     assert seeds_only / reps < 0.75
+
+
+def test_crossed_interval_with_few_seeds_is_not_narrower_than_the_seeds_allow() -> None:
+    # three seeds whose spread dominates: a normal quantile would cover μ about 80 % of the
+    # time; the t at Satterthwaite's degrees of freedom (about 2 here) keeps it near 95 %
+    rng = np.random.default_rng(1)
+    n_s, n_e, sa, sb, se, mu = 3, 64, 0.3, 0.05, 0.1, 0.0
+    covered = normal = 0
+    reps = 2000
+    for _ in range(reps):
+        d = (mu + rng.normal(0, sa, (n_s, 1)) + rng.normal(0, sb, (1, n_e))
+             + rng.normal(0, se, (n_s, n_e)))
+        out = paired.crossed_interval(d)
+        covered += out["lo"] <= mu <= out["hi"]
+        normal += abs(out["mean"] - mu) <= 1.959963984540054 * math.sqrt(out["var"])
+    assert 0.93 <= covered / reps <= 0.97
+    assert normal / reps < 0.88

@@ -35,16 +35,22 @@ def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
 
 
 def crossed_interval(diffs: Any) -> dict[str, float]:
-    """Mean and normal 95 % interval of paired differences ``D[s, e]`` over seeds ``s`` and
+    """Mean and 95 % interval of paired differences ``D[s, e]`` over seeds ``s`` and
     evaluation examples ``e``, both drawn at random (crossed random effects,
     ``D = μ + a_s + b_e + ε``): ``Var(D̄) = σ_a²/S + σ_b²/E + σ_ε²/(SE)``. From the variances
     of the seed means ``V_s``, of the example means ``V_e`` and of the additive fit's residuals
     ``V_r``, the three terms are ``V_s/S − V_r/(SE)``, ``V_e/E − V_r/(SE)`` and ``V_r/(SE)``
     (their sum is unbiased), the first two cut at zero as the variances they estimate are.
+    The interval is ``mean ± t·√Var``, ``t`` at Satterthwaite's degrees of freedom
+    ``Var² / Σ_i (c_i M_i)²/df_i`` for ``Var = Σ_i c_i M_i`` (``M_i``: ``V_s/S``, ``V_e/E``,
+    ``V_r/(SE)``): with few seeds and a large seed term it is as wide as the t-interval over
+    seeds, not narrower.
 
-    Returns mean, lo, hi, ``n_seeds``, ``n_examples``, ``var``, the seed and example terms
-    (``seed_term``, ``example_term``) and their shares of ``var``. Needs at least two seeds
-    and two examples."""
+    Returns mean, lo, hi, ``n_seeds``, ``n_examples``, ``var``, ``df``, the seed and example
+    terms (``seed_term``, ``example_term``) and their shares of ``var``. Needs at least two
+    seeds and two examples."""
+    from scipy import stats
+
     d = np.asarray(diffs, dtype=np.float64)
     if d.ndim != 2 or min(d.shape) < 2:
         raise ValueError(f"crossed_interval needs a (seeds, examples) array with at least two "
@@ -53,13 +59,21 @@ def crossed_interval(diffs: Any) -> dict[str, float]:
     mean = float(d.mean())
     rows, cols = d.mean(axis=1), d.mean(axis=0)
     resid = d - rows[:, None] - cols[None, :] + mean
-    noise = float((resid**2).sum() / ((n_s - 1) * (n_e - 1))) / (n_s * n_e)
-    seed_part = max(float(rows.var(ddof=1)) / n_s - noise, 0.0)
-    example_part = max(float(cols.var(ddof=1)) / n_e - noise, 0.0)
+    df_r = (n_s - 1) * (n_e - 1)
+    noise = float((resid**2).sum() / df_r) / (n_s * n_e)
+    seed_ms, example_ms = float(rows.var(ddof=1)) / n_s, float(cols.var(ddof=1)) / n_e
+    seed_part, example_part = max(seed_ms - noise, 0.0), max(example_ms - noise, 0.0)
     var = seed_part + example_part + noise
-    half = 1.959963984540054 * math.sqrt(var)
+    # Var = a·V_s/S + b·V_e/E + (1 − a − b)·V_r/(SE), a (b) 1 where the seed (example) term
+    # was kept
+    a, b = float(seed_part > 0), float(example_part > 0)
+    denom = ((a * seed_ms) ** 2 / (n_s - 1) + (b * example_ms) ** 2 / (n_e - 1)
+             + ((1 - a - b) * noise) ** 2 / df_r)
+    dof = var**2 / denom if denom > 0 else math.inf
+    half = float(stats.t.ppf(0.975, dof)) * math.sqrt(var) if var > 0 else 0.0
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n_seeds": n_s,
-            "n_examples": n_e, "var": var, "seed_term": seed_part, "example_term": example_part,
+            "n_examples": n_e, "var": var, "df": dof, "seed_term": seed_part,
+            "example_term": example_part,
             "seed_share": seed_part / var if var > 0 else math.nan,
             "example_share": example_part / var if var > 0 else math.nan}
 

@@ -31,7 +31,11 @@ def _pooled_module():
 
 
 def crossed_line(c: dict) -> str:
-    return (f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] ({c['n_seeds']} seeds × "
+    """The registered normal interval, then (amendment 3) the t at Satterthwaite's df that
+    ``crossed_interval`` gives since session 28."""
+    half = 1.959963984540054 * np.sqrt(c["var"])
+    return (f"{c['mean']:+.4f} [{c['mean'] - half:+.4f}, {c['mean'] + half:+.4f}] "
+            f"(t, df {c['df']:.1f}: [{c['lo']:+.4f}, {c['hi']:+.4f}]) ({c['n_seeds']} seeds × "
             f"{c['n_examples']} examples; examples' share of the variance "
             f"{c['example_share']:.0%})")
 
@@ -100,6 +104,11 @@ def main(out: Path) -> None:
                   f"{base[cols].max():.2f}), {len(cols)} examples, GREATS' loss "
                   f"{np.mean([quality.example_primary(gr[s], STEADY)[cols] for s in seeds]):.3f}"
                   f"; ftw − greats {crossed_line(crossed_interval(d[:, cols]))} (not registered)")
+        # not registered: when in the run the gap opens (mean over seeds at each evaluation)
+        curve = np.array([np.subtract(ftw[s].losses, gr[s].losses) for s in seeds])
+        print("5. ftw − greats by evaluation step (not registered): " + ", ".join(
+            f"{st}: {m:+.3f}" for st, m in zip(ftw[seeds[0]].steps, curve.mean(axis=0),
+                                               strict=True)))
         acc = [(s, ftw[s].correct, gr[s].correct) for s in seeds if ftw[s].correct]
         if acc:
             qs = [json.loads(x) for x in (out / sc / "data" / "accuracy.jsonl").open()]

@@ -43,6 +43,7 @@ from gradsift.runlog import (
     SELECTIONS,
     RunLog,
     drop_records_after,
+    eval_losses_record,
     selection_record,
 )
 from gradsift.select import Selector
@@ -300,9 +301,8 @@ class OnlineTrainer:
         """Evaluate, and log each held-out example's loss (``eval_losses.jsonl``)."""
         loss, each = self.evaluate_examples()
         self.state.last_target_loss, self.state.last_eval_step = loss, self.state.step
-        self._append(EVAL_LOSSES, {"step": self.state.step,
-                                   "ids": [e.id for e in self.held_out],
-                                   "losses": [round(v, 6) for v in each]})
+        self._append(EVAL_LOSSES, eval_losses_record(self.state.step,
+                                                     [e.id for e in self.held_out], each))
         return loss
 
     def log_initial_eval(self) -> float:

@@ -67,6 +67,13 @@ def selection_record(step: int, ids: Sequence[str], sources: Sequence[str], resu
     }
 
 
+def eval_losses_record(step: int, ids: Sequence[str], losses: Sequence[float]) -> dict[str, Any]:
+    """The ``eval_losses.jsonl`` record of one evaluation: each held-out example's loss."""
+    if len(ids) != len(losses):
+        raise ValueError(f"{len(ids)} held-out ids for {len(losses)} losses")
+    return {"step": step, "ids": list(ids), "losses": [_round(v, 6) for v in losses]}
+
+
 class RunLog:
     """Appends records to the logs of one run folder.
 

@@ -51,7 +51,14 @@ from gradsift.data import Example, collate
 from gradsift.distributed import DistributedConfig
 from gradsift.jsonio import write_json
 from gradsift.loss import trained_token_counts
-from gradsift.runlog import METRICS, SELECTIONS, RunLog, selection_record
+from gradsift.runlog import (
+    EVAL_LOSSES,
+    METRICS,
+    SELECTIONS,
+    RunLog,
+    eval_losses_record,
+    selection_record,
+)
 from gradsift.select import Selector, get_selector
 from gradsift.step import SelectionConfig, SelectionStep
 
@@ -368,27 +375,40 @@ class GradSiftTrainer(Trainer):
         if folder is None:  # a fresh run: the run folder's config and the step-0 target loss
             self._write_run_config()
             self.runlog.append(METRICS, {"step": 0, "trained_samples": 0, "trained_tokens": 0,
-                                         "wall_seconds": 0.0, "target_loss": self.target_loss()})
+                                         "wall_seconds": 0.0,
+                                         "target_loss": self._log_target_losses(0)})
         self._started = time.perf_counter()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._write_summary()
         return output
 
-    @torch.no_grad()
     def target_loss(self, limit: int = 64) -> float:
         """Mean per-sample loss on (up to ``limit``) target examples, in eval mode."""
+        losses = self.target_losses(limit)
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def target_losses(self, limit: int = 64) -> list[float]:
+        """Each of the first ``limit`` target examples' own mean token loss, in eval mode."""
         model = self.accelerator.unwrap_model(self.model)
         examples = self.target_examples[:limit]
         was = model.training
         model.eval()
         pad = getattr(self.processing_class, "pad_token_id", None) or 0
-        total = 0.0
+        each: list[float] = []
         for i in range(0, len(examples), 16):
             batch = collate(examples[i : i + 16], pad)
             batch = {k: v.to(self.args.device) for k, v in batch.items() if torch.is_tensor(v)}
-            total += float(forward_losses(model, batch).sum())
+            each += forward_losses(model, batch).tolist()
         model.train(was)
-        return total / len(examples)
+        return each
+
+    def _log_target_losses(self, step: int, limit: int = 64) -> float:
+        """Evaluate, log each example's loss (``eval_losses.jsonl``) and return their mean."""
+        each = self.target_losses(limit)
+        ids = [e.id for e in self.target_examples[:limit]]
+        self.runlog.append(EVAL_LOSSES, eval_losses_record(step, ids, each))
+        return sum(each) / len(each)
 
     def _write_run_config(self) -> None:
         """``config.yaml`` in the run-folder format ``gradsift report`` reads."""
@@ -419,8 +439,8 @@ class GradSiftTrainer(Trainer):
             yaml.safe_dump(config, sort_keys=False))
 
     def _write_summary(self) -> None:
-        loss = self.target_loss()
         step = self.state.global_step
+        loss = self._log_target_losses(step)
         self.runlog.append(METRICS, {"step": step, **self.counters, "target_loss": loss})
         if self.args.should_save:
             write_json(Path(self.args.output_dir) / "summary.json", {

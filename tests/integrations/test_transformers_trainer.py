@@ -161,6 +161,12 @@ def test_a_trainer_run_renders_in_gradsift_report(tmp_path):
     assert [r["step"] for r in run.selections] == [1, 2, 3]
     steps, losses = run.eval_curve()
     assert steps == [0.0, 3.0] and all(math.isfinite(v) for v in losses)
+    # and each target example's loss at both evaluations: the first 8 target rows, by id,
+    # averaging to the logged loss
+    assert [r["step"] for r in run.eval_losses] == [0, 3]
+    for rec, mean in zip(run.eval_losses, losses, strict=True):
+        assert rec["ids"] == [r["id"] for r in rows(8, 1, "target")]
+        assert sum(rec["losses"]) / 8 == pytest.approx(mean, abs=1e-5)
     assert run.summary["trained_samples"] == sum(len(r["selected_ids"]) for r in run.selections)
     assert main(["--quiet", "report", str(tmp_path)]) == 0
     assert (tmp_path / "report.html").stat().st_size > 0

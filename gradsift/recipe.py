@@ -232,11 +232,14 @@ def build_model(config: RunConfig, model_path: str | None = None) -> tuple[torch
     return model.to(config.device), tokenizer
 
 
-def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int,
+                    steps: int) -> Any:
+    """transformers' ``name`` schedule (``constant``, ``linear``, ``cosine``): ``warmup_steps``
+    linear warmup, then over the rest of ``steps``; stepped once per update."""
     from transformers import get_scheduler
 
-    return get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps,
-                         num_training_steps=config.steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=steps)
 
 
 def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None) -> Run:
@@ -251,7 +254,8 @@ def setup(config: RunConfig, out_dir: str | Path, model_path: str | None = None)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     stream, target, target_skips = build_data(config, tokenizer)
     trainer = OnlineTrainer(model, optimizer, selector, stream, target, config.engine, out_dir,
-                            scheduler=build_scheduler(config, optimizer),
+                            scheduler=build_scheduler(optimizer, config.scheduler,
+                                                      config.warmup_steps, config.steps),
                             pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                             total_steps=config.steps, distributed=config.distributed)
     return Run(config=config, trainer=trainer, out_dir=out_dir,

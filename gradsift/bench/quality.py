@@ -36,6 +36,9 @@ averages over more samples and moves the model less, which is meant to shrink th
 spread of a paired difference (``BENCHMARKS.md`` says by how much), at about 2.6 times
 ``full``'s time a run. ``--suite smoke`` runs the pipeline on the tiny model in well under a minute
 (``make test``).
+``--lr``, ``--scheduler linear|cosine`` and ``--warmup-steps`` train every method under
+another learning-rate schedule (transformers'; the suites' is constant), as a user's own runs
+would; ``suite.json`` keeps a folder to one schedule.
 ``--stream FILE --target FILE`` adds a scenario on your own data (and runs only it, unless
 ``--scenarios`` names more): the same paired comparison on a stream and target the suite has
 never seen.
@@ -70,7 +73,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +207,12 @@ def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Su
     t0 = time.perf_counter()
     for step in range(1, suite.steps + 1):
         before = _snapshot(trainer) if selector.needs_target else None
+        lr = trainer.optimizer.param_groups[0]["lr"]  # this step's: a schedule moves it after
         record = trainer.step()
         if record is None:
             raise stream_ended(trainer, data, step)
         if before is not None:
-            calibration.append(_calibrate(trainer, selector, before))
+            calibration.append(_calibrate(trainer, selector, before, lr))
         chosen = set(record["selected_ids"])
         for cid, src in zip(record["candidate_ids"], record["candidate_sources"], strict=True):
             if cid in chosen:
@@ -250,9 +254,10 @@ def _snapshot(trainer: OnlineTrainer) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Tensor]
-               ) -> dict[str, float]:
-    """Realized vs predicted decrease of the step's target-batch loss (module docstring)."""
+def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Tensor],
+               lr: float) -> dict[str, float]:
+    """Realized vs predicted decrease of the step's target-batch loss (module docstring);
+    ``lr``: the step's learning rate."""
     batch = trainer.target_batch
     if not batch or trainer.target_grad is None:
         return {}
@@ -275,10 +280,9 @@ def _calibrate(trainer: OnlineTrainer, probe: _Probe, before: dict[str, torch.Te
         delta = (before[n] - after_params[n]).float()
         pred += float((trainer.target_grad[n].float() * delta).sum())
         quad += 0.5 * float((delta * delta / state.preconditioner[n].float()).sum())
-    group = trainer.optimizer.param_groups[0]
-    beta1 = group["betas"][0]
+    beta1 = trainer.optimizer.param_groups[0]["betas"][0]
     t = max(int(trainer.state.step), 1)
-    eta_t = group["lr"] * (1 - beta1) / (1 - beta1**t)
+    eta_t = lr * (1 - beta1) / (1 - beta1**t)
     out = {"realized": loss_before - loss_after, "pred": pred, "quad": quad}
     if probe.last:
         out["pred_selection"] = eta_t * probe.last["btw"]
@@ -607,6 +611,35 @@ def plot(results: list[RunResult], summary: dict[str, Any], folder: Path) -> lis
     return paths
 
 
+def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the learning rate (every method the same)")
+    group.add_argument("--lr", type=float, help="AdamW's (peak) learning rate (default: the "
+                       "suite's, 2e-3 in full, 1e-3 in steady)")
+    group.add_argument("--scheduler", choices=("constant", "linear", "cosine"),
+                       help="the schedule over the run's steps, transformers' (default: "
+                       "constant)")
+    group.add_argument("--warmup-steps", type=int, help="linear warmup steps before the "
+                       "schedule (default: 0)")
+
+
+def _with_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   suite: Suite) -> Suite:
+    """``suite`` at ``--lr``, ``--scheduler`` and ``--warmup-steps`` (``suite.json`` keeps
+    them, so runs under another schedule are not mixed)."""
+    if args.lr is not None:
+        if not args.lr > 0:
+            parser.error(f"--lr must be > 0, got {args.lr}")
+        suite = replace(suite, lr=args.lr)
+    if args.scheduler is not None:
+        suite = replace(suite, scheduler=args.scheduler)
+    if args.warmup_steps is not None:
+        if not 0 <= args.warmup_steps < suite.steps:
+            parser.error(f"--warmup-steps must be in [0, {suite.steps}) (the suite's steps), "
+                         f"got {args.warmup_steps}")
+        suite = replace(suite, warmup_steps=args.warmup_steps)
+    return suite
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradsift.bench.quality",
                                      description=__doc__.split("\n\n")[0])
@@ -623,12 +656,13 @@ def main(argv: list[str] | None = None) -> int:
     add_jobs_argument(parser)
     parser.add_argument("--quiet", action="store_true")
     add_own_data_arguments(parser)
+    _add_schedule_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     check_jobs(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     kind = device_kind(parser, args.device)
-    suite = with_own_data(parser, args, SUITES[args.suite])
+    suite = _with_schedule(parser, args, with_own_data(parser, args, SUITES[args.suite]))
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/quality-{args.suite}")

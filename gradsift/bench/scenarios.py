@@ -33,6 +33,7 @@ import torch
 from gradsift.data import DataError, ExampleStream, load_examples, read_examples
 from gradsift.engine import EngineConfig, OnlineTrainer
 from gradsift.jsonio import json_safe, read_jsonl, write_jsonl, write_text_atomic
+from gradsift.recipe import build_scheduler
 from gradsift.select import Selector, get_selector
 
 MAX_GRAD_NORM = 1.0
@@ -98,6 +99,10 @@ class Suite:
     # --target-batch-size keeps the suite's, so its runs read the same files; --target-pool
     # sets it
     n_target: int | None = None
+    # the learning-rate schedule over ``steps`` (transformers' names; --scheduler,
+    # --warmup-steps): constant in every suite
+    scheduler: str = "constant"
+    warmup_steps: int = 0
 
 
 _MIXED = ("code", "verse", "arithmetic")
@@ -302,6 +307,8 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
+    scheduler = None if (suite.scheduler, suite.warmup_steps) == ("constant", 0) else \
+        build_scheduler(optimizer, suite.scheduler, suite.warmup_steps, suite.steps)
     if scenario.stream_file is not None:
         check_user_data(scenario, suite, data, tokenizer)
     stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
@@ -315,7 +322,11 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
     for name in ("selections.jsonl", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
     return OnlineTrainer(model, optimizer, selector, stream, target, config, run_dir,
-                         pad_token_id=tokenizer.pad_token_id, seed=seed)
+                         scheduler=scheduler, pad_token_id=tokenizer.pad_token_id, seed=seed)
+
+
+# sizes added after folders were written: recorded in ``suite.json`` only when not these
+_LATER_SIZES = {"scheduler": "constant", "warmup_steps": 0}
 
 
 def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,
@@ -330,6 +341,9 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
                                if f.name not in per_scenario}}
     if device != "cpu":  # folders written before the option hold CPU runs and no key
         sizes["device"] = device
+    for key, before_the_option in _LATER_SIZES.items():  # the same for those sizes
+        if sizes[key] == before_the_option:
+            del sizes[key]
     kb = {sc.name: {"candidates": sc.candidates, "budget": sc.budget} for sc in suite.scenarios}
     path = out / "suite.json"
     has_runs = next(out.glob(finished), None) is not None

@@ -279,3 +279,36 @@ def test_jobs_share_the_runs_and_match_a_single_process(tmp_path, capsys) -> Non
         with pytest.raises(SystemExit):
             quality.main([*common, "--out", str(tmp_path / "two"), *bad])
         assert says in capsys.readouterr().err
+
+
+def test_a_learning_rate_schedule_moves_every_step_and_keeps_its_folder(tmp_path,
+                                                                         capsys) -> None:
+    """--scheduler linear --warmup-steps 1 --lr 0.02 over the smoke suite's 3 steps: by
+    transformers' formula the steps take lr 0 (warmup from 0), 0.02 and 0.01 (linear decay to 0
+    at step 3), so the first update leaves the model where it was; the folder then refuses
+    the constant schedule, and a constant-schedule folder records no schedule at all."""
+    out = tmp_path / "linear"
+    base = ["--suite", "smoke", "--quiet", "--scenarios", "redundancy", "--methods", "ftw",
+            "--seeds", "0"]
+    assert quality.main([*base, "--out", str(out), "--scheduler", "linear",
+                         "--warmup-steps", "1", "--lr", "0.02"]) == 0
+    run = out / "redundancy" / "ftw" / "seed_0"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # the engine logs the lr after the scheduler's step: the next step's
+    assert [m["lr"] for m in metrics] == pytest.approx([0.02, 0.01, 0.0])
+    result = json.loads((run / "result.json").read_text())
+    first, second = result["calibration"][:2]
+    assert first["realized"] == 0.0 and first["pred"] == 0.0  # lr 0: the weights stayed
+    assert first["pred_selection"] == 0.0 and second["pred_selection"] != 0.0
+    made = json.loads((out / "suite.json").read_text())
+    assert (made["lr"], made["scheduler"], made["warmup_steps"]) == (0.02, "linear", 1)
+    with pytest.raises(SystemExit):
+        quality.main([*base, "--out", str(out)])
+    assert "scheduler 'linear' there, None here" in capsys.readouterr().err
+    constant = tmp_path / "constant"
+    assert quality.main([*base, "--out", str(constant)]) == 0
+    made = json.loads((constant / "suite.json").read_text())
+    assert "scheduler" not in made and "warmup_steps" not in made  # as before the option
+    with pytest.raises(SystemExit):
+        quality.main([*base, "--out", str(tmp_path / "x"), "--warmup-steps", "3"])
+    assert "--warmup-steps must be in [0, 3)" in capsys.readouterr().err

@@ -82,6 +82,14 @@ class AdamMoments:
     step: int
     eps: float
 
+    def next_denominator(self, g: torch.Tensor) -> torch.Tensor:
+        """``√v̂' + ε`` of the next step taken on gradient(s) ``g`` (the parameter's shape, or
+        a batch of them in front), in ``g``'s dtype: ``1/`` it is that step's ``P``."""
+        v = self.beta2 * self.exp_avg_sq.to(g.dtype) + (1.0 - self.beta2) * g * g
+        if self.max_exp_avg_sq is not None:
+            v = torch.maximum(self.max_exp_avg_sq.to(g.dtype), v)
+        return (v / (1.0 - self.beta2 ** (self.step + 1))).sqrt() + self.eps
+
 
 @dataclass(frozen=True)
 class ParamGeometry:

@@ -41,7 +41,7 @@ from gradsift.select.target_noise import (
     target_snr,
 )
 
-GEOMETRIES = ("adam", "sgd")
+GEOMETRIES = ("adam", "adam-next", "sgd")
 # "next-step": the weights that maximize the decrease predicted from Adam's exact next
 # update (gradsift.select.next_step), shrunk towards uniform by the target batch's evidence.
 SELECTOR_WEIGHTINGS = (*WEIGHTINGS, "next-step")
@@ -60,7 +60,11 @@ class FTWConfig(SelectorConfig):
         curvature: ``"adam"`` (``K = ⟨g_i, P g_j⟩``) or ``"identity"`` (``⟨P g_i, P g_j⟩``).
         momentum_correction: target ``ĝ = (g_V − β₁ m)/(1−β₁)`` instead of ``g_V``.
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
-        geometry: ``"adam"`` (``P`` from the optimizer) or ``"sgd"`` (``P = 1``).
+        geometry: ``"adam"`` (``P`` from the optimizer's state), ``"adam-next"`` (the ``P`` of
+            the step about to be taken, ``1/(√v̂' + ε)`` with ``v' = β₂ v + (1−β₂) g_V²``: the
+            target gradient stands in for the update's; where ``v`` is still zero, LoRA's
+            ``A`` before its first nonzero gradient, the state's ``P`` is ``1/ε``; Adam/AdamW
+            only, others fall back to ``adam``) or ``"sgd"`` (``P = 1``).
         subset: ``"greedy"`` (redundancy-aware, on ``ρ`` at the NNLS weights), ``"uniform"``
             (on ``ρ`` at uniform weights: the mean gradient's cosine with ``ĝ``), ``"topk"`` by
             alignment, ``"validated"`` (greedy when it beats the top-``k`` on held-out target
@@ -197,19 +201,24 @@ class FTWSelector(Selector):
         cands, state = ctx.candidates, ctx.optimizer_state
         names = cands.param_names
         precondition = None
-        if cfg.geometry == "adam":
+        assert ctx.target_grad is not None
+        next_p = cfg.geometry == "adam-next" and state.moments is not None
+        if next_p:
+            assert state.moments is not None
+            precondition = {n: 1.0 / state.moments[n].next_denominator(
+                ctx.target_grad[n].float()) for n in names}
+        elif cfg.geometry != "sgd":
             missing = [n for n in names if n not in state.preconditioner]
             if missing:
                 raise ValueError(f"optimizer state has no preconditioner for {missing[:5]}")
             precondition = {n: state.preconditioner[n] for n in names}
-        assert ctx.target_grad is not None
         g_hat = target_direction(
             {n: ctx.target_grad[n] for n in names}, state, cfg.momentum_correction
         )
         # ĝᵀPĝ: the cosines' normalizer (min_cosine filters on them; they are logged)
         tsq = target_sq_norm(g_hat, precondition, names, cfg.curvature)
         weighting = cfg.weighting
-        exact = cfg.geometry == "adam" and state.moments is not None and (
+        exact = cfg.geometry != "sgd" and state.moments is not None and (
             state.momentum is not None)
         dense = 4 * sum(ctx.target_grad[n].numel() for n in names)  # bytes per sample
         fits = {"subset": len(cands) * dense <= cfg.next_step_max_bytes,
@@ -284,7 +293,7 @@ class FTWSelector(Selector):
             "n_filtered": res.n_filtered,
             "n_finite": res.n_finite,
             "n_positive": res.n_positive,
-            "geometry": cfg.geometry,
+            "geometry": cfg.geometry if next_p or cfg.geometry != "adam-next" else "adam",
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
             "cosines": [round(c, 6) if math.isfinite(c) else None

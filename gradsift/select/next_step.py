@@ -65,13 +65,9 @@ class NextStep:
         st = self.state
         for name, g in grads.items():
             mom = st.moments[name]  # type: ignore[index]
-            beta1, beta2, t = st.beta1[name], mom.beta2, mom.step + 1
+            beta1, t = st.beta1[name], mom.step + 1
             m = beta1 * st.momentum[name].double() + (1.0 - beta1) * g  # type: ignore[index]
-            v = beta2 * mom.exp_avg_sq.double() + (1.0 - beta2) * g * g
-            if mom.max_exp_avg_sq is not None:
-                v = torch.maximum(mom.max_exp_avg_sq.double(), v)
-            denom = (v / (1.0 - beta2**t)).sqrt() + mom.eps
-            out[name] = -st.lr[name] * (m / (1.0 - beta1**t)) / denom
+            out[name] = -st.lr[name] * (m / (1.0 - beta1**t)) / mom.next_denominator(g)
         return out
 
     def update(self, w: torch.Tensor) -> dict[str, torch.Tensor]:

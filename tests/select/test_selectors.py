@@ -527,3 +527,59 @@ def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
 def test_ftw_new_option_errors(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         get_selector("ftw", **options)
+
+
+def test_ftw_adam_next_uses_the_preconditioner_of_the_step_about_to_be_taken() -> None:
+    """LoRA starts with ``B = 0``, so ``A``'s first gradient is zero, Adam's ``v`` stays zero
+    there and the state's ``P = 1/(√v̂ + ε)`` is ``1/ε``. ``adam-next`` scores on
+    ``1/(√v̂' + ε)``, ``v' = β₂ v + (1−β₂) g_V²``: by hand from the optimizer's raw tensors,
+    ``b`` and ``K`` from materialized per-sample gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=1e-3, betas=(0.9, 0.99))
+    reference_losses(model, _batch(4, 99)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    cands = per_sample_grads(model, _batch(B, 1))
+    names = cands.param_names
+    target_loss = reference_losses(model, _batch(4, 2)).mean()
+    target = dict(zip(names, torch.autograd.grad(target_loss, [params[n] for n in names]),
+                      strict=True))
+    state = read_optimizer_state(opt, model, names)
+    a_names = [n for n in names if "lora_A" in n]
+    assert a_names and all(torch.all(state.preconditioner[n] == 1e8) for n in a_names)
+    p_next = {}
+    for n in names:
+        raw = opt.state[params[n]]  # step 1 taken: this is step 2's
+        v = 0.99 * raw["exp_avg_sq"] + 0.01 * target[n] ** 2
+        p_next[n] = 1.0 / ((v / (1 - 0.99**2)).sqrt() + 1e-8)
+    # A's share of ⟨g_i, P ĝ⟩ over all candidates: nearly all of it under the state's P
+    mat = cands.materialize()
+
+    def a_share(p: dict[str, torch.Tensor]) -> float:
+        part = {n: float((mat[n] * p[n] * target[n]).abs().sum()) for n in names}
+        return sum(part[n] for n in a_names) / sum(part.values())
+    assert a_share(state.preconditioner) > 0.9 and a_share(p_next) < 0.1
+    flat = torch.cat([mat[n].flatten(1) for n in names], 1).double()
+    pflat = torch.cat([p_next[n].flatten() for n in names]).double()
+    tflat = torch.cat([target[n].flatten() for n in names]).double()
+    b = flat @ (pflat * tflat)
+    kmat = (flat * pflat) @ flat.T
+    idx, w = filter_then_weight(b, kmat, 3, weighting="shrink", fill=True)
+    ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0))
+    sel = get_selector("ftw", geometry="adam-next").select(ctx)
+    torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-8)
+    assert torch.equal(sel.indices, idx)
+    torch.testing.assert_close(sel.weights.double(), w.double(), rtol=1e-4, atol=1e-6)
+    assert sel.diagnostics["geometry"] == "adam-next"
+    # under the state's P the same candidates are scored on A's gradients alone (P = 1e8)
+    old = get_selector("ftw").select(ctx)
+    assert not torch.allclose(old.scores.double(), b, rtol=1e-2)
+    # an optimizer without Adam's moments: the state's P, and the log says so
+    sgd_state = read_optimizer_state(torch.optim.SGD(params.values(), lr=1e-3), model, names)
+    fallback = get_selector("ftw", geometry="adam-next").select(
+        SelectionContext(cands, target, sgd_state, 3, torch.Generator().manual_seed(0)))
+    assert fallback.diagnostics["geometry"] == "adam"

@@ -307,8 +307,7 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
             task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
-    scheduler = None if (suite.scheduler, suite.warmup_steps) == ("constant", 0) else \
-        build_scheduler(optimizer, suite.scheduler, suite.warmup_steps, suite.steps)
+    scheduler = build_scheduler(optimizer, suite.scheduler, suite.warmup_steps, suite.steps)
     if scenario.stream_file is not None:
         check_user_data(scenario, suite, data, tokenizer)
     stream = ExampleStream(seeded_stream(data, seed), tokenizer, suite.max_length)
@@ -325,8 +324,9 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
                          scheduler=scheduler, pad_token_id=tokenizer.pad_token_id, seed=seed)
 
 
-# sizes added after folders were written: recorded in ``suite.json`` only when not these
-_LATER_SIZES = {"scheduler": "constant", "warmup_steps": 0}
+# sizes added after folders were written (which hold CPU runs at a constant lr and no such
+# key): recorded in ``suite.json`` only when not these
+_LATER_SIZES = {"device": "cpu", "scheduler": "constant", "warmup_steps": 0}
 
 
 def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,
@@ -339,9 +339,8 @@ def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suit
     per_scenario = ("scenarios", "seeds", "candidates", "budget")  # k and B: in ``kb``
     sizes = {"suite": name, **{f.name: getattr(suite, f.name) for f in fields(Suite)
                                if f.name not in per_scenario}}
-    if device != "cpu":  # folders written before the option hold CPU runs and no key
-        sizes["device"] = device
-    for key, before_the_option in _LATER_SIZES.items():  # the same for those sizes
+    sizes["device"] = device
+    for key, before_the_option in _LATER_SIZES.items():
         if sizes[key] == before_the_option:
             del sizes[key]
     kb = {sc.name: {"candidates": sc.candidates, "budget": sc.budget} for sc in suite.scenarios}

@@ -4,7 +4,7 @@ Framework-free, plain PyTorch. Every step ``B`` candidates arrive from the strea
 ``gradsift.step.SelectionStep`` captures their per-sample factors, selects at most ``k`` with
 weights and puts ``Σ_i w_i g_i`` into ``.grad`` (from the factors: no second forward; a
 selector that reads only indices or losses skips the capture and trains on its k with one
-forward+backward over them, ``SelectionStep.run_without_grads``); this
+forward+backward over them, ``gradsift.step.no_grads``); this
 loop clips, steps the optimizer and the scheduler, counts, evaluates the held-out target loss,
 logs through ``gradsift.runlog`` and checkpoints through ``state_dict()``.
 

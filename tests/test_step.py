@@ -209,11 +209,11 @@ def test_the_target_rides_in_the_candidates_pass(monkeypatch, second_pass):
     """``target_with_candidates``: one capture per step (B + n rows) instead of two; g_V is
     still the mean gradient of the target batch by a plain ``.backward()``, the candidates'
     losses their own, and selection and update those of the separate target pass."""
-    import gradsift.step
+    import gradsift.step.selection_step
 
     calls = []
-    real_capture = gradsift.step.capture
-    monkeypatch.setattr(gradsift.step, "capture",
+    real_capture = gradsift.step.selection_step.capture
+    monkeypatch.setattr(gradsift.step.selection_step, "capture",
                         lambda *a, **k: calls.append(a[1]["input_ids"].shape) or
                         real_capture(*a, **k))
     targets = make_examples(10, seed=5)

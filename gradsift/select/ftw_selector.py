@@ -110,7 +110,7 @@ class FTWConfig(SelectorConfig):
     curvature: str = "adam"
     momentum_correction: bool = False
     min_cosine: float = 0.0
-    geometry: str = "adam"
+    geometry: str = "adam-next"
     subset: str = "greedy"
     weighting: str = "shrink"
     alignment: str = "mean"

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gradsift.factors import FactorizedGrads
 from gradsift.objective import (
     CURVATURES,
     alignment_and_interaction,
     target_direction,
     target_sq_norm,
 )
-from gradsift.optim_state import AdamMoments
 from gradsift.select.base import (
     Selection,
     SelectionContext,
@@ -52,27 +50,6 @@ SELECTOR_WEIGHTINGS = (*WEIGHTINGS, "next-step")
 SELECTOR_SUBSETS = (*SUBSETS, "next-step", "snr")
 # the subsets that read the per-target-example alignments B_ti
 READS_TARGET_ROWS = (*PER_TARGET_SUBSETS, "snr")
-
-
-def next_preconditioner(cands: FactorizedGrads, target_grad: dict[str, torch.Tensor],
-                        moments: dict[str, AdamMoments]) -> dict[str, torch.Tensor]:
-    """``P' = 1/(√v̂' + ε)``, ``v' = β₂ v + (1−β₂) s²``: the next Adam step's ``P`` with ``s``
-    standing in for the update's gradient. ``s = ĝ``, except where ``ĝ = 0`` and ``v = 0``
-    (nothing says what the update's square will be: before the first step, the embedding rows
-    of tokens the target batch lacks), where ``s`` is the candidates' mean gradient ``ḡ``;
-    there ``ĝ²`` would give ``P' = 1/ε``."""
-    names = cands.param_names
-    mean = None
-    out = {}
-    for n in names:
-        g = target_grad[n].float()
-        silent = (g == 0) & (moments[n].exp_avg_sq == 0)
-        if bool(silent.any()):
-            if mean is None:
-                mean = cands.weighted_sum(torch.full((len(cands),), 1.0 / len(cands)))
-            g = torch.where(silent, mean[n].float().to(g.device), g)
-        out[n] = 1.0 / moments[n].next_denominator(g)
-    return out
 
 
 @dataclass
@@ -228,7 +205,8 @@ class FTWSelector(Selector):
         next_p = cfg.geometry == "adam-next" and state.moments is not None
         if next_p:
             assert state.moments is not None
-            precondition = next_preconditioner(cands, ctx.target_grad, state.moments)
+            precondition = {n: 1.0 / state.moments[n].next_denominator(
+                ctx.target_grad[n].float()) for n in names}
         elif cfg.geometry != "sgd":
             missing = [n for n in names if n not in state.preconditioner]
             if missing:

@@ -60,11 +60,11 @@ class FTWConfig(SelectorConfig):
         curvature: ``"adam"`` (``K = ⟨g_i, P g_j⟩``) or ``"identity"`` (``⟨P g_i, P g_j⟩``).
         momentum_correction: target ``ĝ = (g_V − β₁ m)/(1−β₁)`` instead of ``g_V``.
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
-        geometry: ``"adam"`` (``P`` from the optimizer's state), ``"adam-next"`` (the ``P`` of
-            the step about to be taken, ``1/(√v̂' + ε)`` with ``v' = β₂ v + (1−β₂) g_V²``: the
-            target gradient stands in for the update's; where ``v`` is still zero, LoRA's
-            ``A`` before its first nonzero gradient, the state's ``P`` is ``1/ε``; Adam/AdamW
-            only, others fall back to ``adam``) or ``"sgd"`` (``P = 1``).
+        geometry: ``"adam-next"`` (default: the ``P`` of the step about to be taken,
+            ``1/(√v̂' + ε)`` with ``v' = β₂ v + (1−β₂) g_V²``, the target gradient standing in
+            for the update's; Adam/AdamW only, others fall back to ``adam``), ``"adam"``
+            (``P`` from the optimizer's state: where ``v`` is still zero, LoRA's ``A`` before
+            its first nonzero gradient, it is ``1/ε``) or ``"sgd"`` (``P = 1``).
         subset: ``"greedy"`` (redundancy-aware, on ``ρ`` at the NNLS weights), ``"uniform"``
             (on ``ρ`` at uniform weights: the mean gradient's cosine with ``ĝ``), ``"topk"`` by
             alignment, ``"validated"`` (greedy when it beats the top-``k`` on held-out target
@@ -110,7 +110,7 @@ class FTWConfig(SelectorConfig):
     curvature: str = "adam"
     momentum_correction: bool = False
     min_cosine: float = 0.0
-    geometry: str = "adam"
+    geometry: str = "adam-next"
     subset: str = "greedy"
     weighting: str = "shrink"
     alignment: str = "mean"

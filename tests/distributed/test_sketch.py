@@ -76,7 +76,7 @@ def test_the_sketch_selection_keeps_most_of_the_exact_rho(sketch_dim):
     cands, g_v, state, shapes = _setup()
     p = {n: state.preconditioner[n] for n in cands.param_names}
     b, kmat = alignment(cands, g_v, p), interaction(cands, p, "adam")
-    selector = get_selector("ftw-nnls")
+    selector = get_selector("ftw-nnls", geometry="adam")  # the geometry the sketch keeps
     k = 6
 
     def rho(selection):

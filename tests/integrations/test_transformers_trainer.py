@@ -291,9 +291,11 @@ def test_gradient_accumulation_selects_once_per_optimizer_step(tmp_path):
     trainer.train()
     records = [json.loads(x) for x in (tmp_path / "selections.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all(len(r["candidate_ids"]) == 6 and len(r["selected_ids"]) == 2 for r in records)
+    # at most k = 2 each (ftw takes fewer where fewer candidates are aligned with the target)
+    assert all(len(r["candidate_ids"]) == 6 and 1 <= len(r["selected_ids"]) <= 2
+               for r in records)
     assert len({i for r in records for i in r["candidate_ids"]}) == 12
-    assert trainer.counters["trained_samples"] == 4
+    assert trainer.counters["trained_samples"] == sum(len(r["selected_ids"]) for r in records)
 
 
 def test_what_would_train_wrongly_is_refused(tmp_path):

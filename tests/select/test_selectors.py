@@ -59,6 +59,12 @@ def world():
     return cands, target, state
 
 
+def ftw_in_state_p(**options) -> Selector:
+    """ftw scored in the optimizer state's ``P``, the geometry the hand computations of the
+    tests below use (the default, ``adam-next``, has a test of its own)."""
+    return get_selector("ftw", geometry="adam", **options)
+
+
 def _ctx(world, k: int, seed: int = 0) -> SelectionContext:
     cands, target, state = world
     return SelectionContext(cands, target, state, k, torch.Generator().manual_seed(seed))
@@ -172,7 +178,9 @@ def test_ftw_selector_is_filter_then_weight_on_b_and_k(world) -> None:
         b = alignment(cands, target, pre)
         kmat = interaction(cands, pre)
         idx, w = filter_then_weight(b, kmat, 3, **kwargs)
-        sel = get_selector(name).select(_ctx(world, 3))
+        # in the state's P (the default, adam-next, has its own test below)
+        options = {} if name == "ftw-sgd" else {"geometry": "adam"}
+        sel = get_selector(name, **options).select(_ctx(world, 3))
         assert torch.equal(sel.indices, idx), name
         torch.testing.assert_close(sel.weights, w)
         assert sel.diagnostics["rho"] == pytest.approx(alignment_ratio(b, kmat, idx, w), rel=1e-5)
@@ -187,22 +195,22 @@ def test_ftw_logs_the_cosines_min_cosine_filters_on(world) -> None:
     sq = sum((mat[n] * p[n] * mat[n]).flatten(1).sum(1) for n in mat).double()
     t_sq = sum(float((target[n] * p[n] * target[n]).sum()) for n in mat)
     cos = (dots / (sq * t_sq).sqrt()).numpy()  # in Adam's metric ⟨x, P y⟩
-    sel = get_selector("ftw").select(_ctx(world, 3))
+    sel = ftw_in_state_p().select(_ctx(world, 3))
     np.testing.assert_allclose(sel.diagnostics["cosines"], cos, rtol=1e-4, atol=1e-6)
     positive = cos[cos > 0]
     assert positive.size >= 3
     top = np.sort(positive)[::-1]
     threshold = float(top[1] + top[2]) / 2  # between two cosines: no rounding tie
     passing = set(np.flatnonzero(cos >= threshold).tolist())
-    cut = get_selector("ftw", min_cosine=threshold).select(_ctx(world, 3))
+    cut = ftw_in_state_p(min_cosine=threshold).select(_ctx(world, 3))
     assert cut.diagnostics["n_filtered"] == len(passing)
     assert set(cut.indices.tolist()) <= passing  # fill tops up from the eligible only
     assert json.loads(json.dumps(cut.diagnostics)) == cut.diagnostics
 
 
 def test_ftw_options_reach_the_objective(world) -> None:
-    base = get_selector("ftw").select(_ctx(world, 3))
-    ident = get_selector("ftw", curvature="identity", momentum_correction=True).select(
+    base = ftw_in_state_p().select(_ctx(world, 3))
+    ident = ftw_in_state_p(curvature="identity", momentum_correction=True).select(
         _ctx(world, 3)
     )
     assert ident.diagnostics["curvature"] == "identity"
@@ -237,11 +245,11 @@ def test_options_and_registry_errors() -> None:
     with pytest.raises(ValueError, match="available: .*ftw"):
         get_selector("nope")
     with pytest.raises(ValueError, match="'bogus'"):
-        get_selector("ftw", bogus=1)
+        ftw_in_state_p(bogus=1)
     with pytest.raises(ValueError, match="curvature"):
-        get_selector("ftw", curvature="newton")
+        ftw_in_state_p(curvature="newton")
     with pytest.raises(ValueError, match="min_cosine"):
-        get_selector("ftw", min_cosine=2.0)
+        ftw_in_state_p(min_cosine=2.0)
     with pytest.raises(ValueError, match="geometry"):
         get_selector("ftw-sgd", geometry="adam")
     with pytest.raises(ValueError, match="lr"):
@@ -294,11 +302,11 @@ def test_ftw_shrink_weights_follow_the_per_target_evidence() -> None:
     b = b_t.mean(0)
     kmat = interaction(cands, state.preconditioner).double()
 
-    sel_nnls = get_selector("ftw-nnls").select(SelectionContext(
+    sel_nnls = get_selector("ftw-nnls", geometry="adam").select(SelectionContext(
         cands, target, state, 3, torch.Generator().manual_seed(0)))
     ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
                            target_samples=per_sample_grads(model, t_batch))
-    sel = get_selector("ftw").select(ctx)
+    sel = ftw_in_state_p().select(ctx)
     pos = sel.indices.tolist()
     # the subset is FTW's (the nnls variant's), filled up to k by alignment
     assert len(pos) == 3 and set(sel_nnls.indices.tolist()) <= set(pos)
@@ -330,13 +338,13 @@ def test_ftw_chooses_its_subset_on_the_posterior_alignment() -> None:
     want = mean * tau2 / (tau2 + se2 / n2)
     ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
                            target_samples=per_sample_grads(model, t_batch))
-    sel = get_selector("ftw", alignment="posterior", weighting="uniform").select(ctx)
+    sel = ftw_in_state_p(alignment="posterior", weighting="uniform").select(ctx)
     expected, _ = filter_then_weight(torch.as_tensor(want), kmat, 3, weighting="uniform",
                                      fill=True)
     assert sel.indices.tolist() == expected.tolist()
     torch.testing.assert_close(sel.scores.double(), torch.as_tensor(mean), rtol=1e-4, atol=1e-6)
-    assert get_selector("ftw", alignment="posterior").needs_target_samples
-    plain = get_selector("ftw", weighting="uniform").select(ctx)
+    assert ftw_in_state_p(alignment="posterior").needs_target_samples
+    plain = ftw_in_state_p(weighting="uniform").select(ctx)
     assert plain.indices.tolist() != sel.indices.tolist()
 
 
@@ -414,7 +422,7 @@ def test_ftw_crossfit_chooses_on_one_half_and_weighs_on_the_other() -> None:
     kmat = interaction(cands, state.preconditioner).double()
     ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
                            target_samples=per_sample_grads(model, t_batch))
-    sel = get_selector("ftw", crossfit=True).select(ctx)
+    sel = ftw_in_state_p(crossfit=True).select(ctx)
     half_a, half_b = b_t[0::2], b_t[1::2]
     expected, _ = filter_then_weight(half_a.mean(0), kmat, 3, weighting="uniform", fill=True)
     pos = sel.indices.tolist()
@@ -432,12 +440,12 @@ def test_ftw_crossfit_chooses_on_one_half_and_weighs_on_the_other() -> None:
     s = mean**2 / (mean**2 + se2) if mean > 0 else 0.0
     assert 0.0 < s < 1.0
     torch.testing.assert_close(sel.weights.double(), w_u + s * (w_n - w_u), rtol=1e-3, atol=1e-5)
-    plain = get_selector("ftw").select(ctx)
+    plain = ftw_in_state_p().select(ctx)
     assert (plain.indices.tolist(), plain.weights.tolist()) != (pos, sel.weights.tolist())
     few = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
                            target_samples=per_sample_grads(model, {
                                n: v[:3] for n, v in t_batch.items()}))
-    assert "4 target examples" in get_selector("ftw", crossfit=True).select(few).diagnostics[
+    assert "4 target examples" in ftw_in_state_p(crossfit=True).select(few).diagnostics[
         "note_crossfit"]
 
 
@@ -448,7 +456,7 @@ def test_ftw_validated_subset_reads_the_per_example_alignments() -> None:
     kmat = interaction(cands, state.preconditioner).double()
     ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0),
                            target_samples=per_sample_grads(model, t_batch))
-    sel = get_selector("ftw", subset="validated").select(ctx)
+    sel = ftw_in_state_p(subset="validated").select(ctx)
     expected = ftw_solve(b_t.mean(0), kmat, 3, subset="validated", weighting="shrink",
                          fill=True, target_align=b_t)
     assert sel.diagnostics["validation"] == pytest.approx(expected.validation, rel=1e-3,
@@ -456,7 +464,7 @@ def test_ftw_validated_subset_reads_the_per_example_alignments() -> None:
     assert sel.diagnostics["subset_used"] == ("greedy" if expected.validation > 0 else "topk")
     assert sel.indices.tolist() == expected.indices.tolist()
     with pytest.raises(ValueError, match="crossfit and subset 'validated'"):
-        get_selector("ftw", subset="validated", crossfit=True)
+        ftw_in_state_p(subset="validated", crossfit=True)
 
 
 def test_ftw_snr_subset_switches_on_the_target_batch_noise() -> None:
@@ -476,31 +484,31 @@ def test_ftw_snr_subset_switches_on_the_target_batch_noise() -> None:
         return SelectionContext(cands, direction, state, 2, torch.Generator().manual_seed(0),
                                 target_samples=per_sample_grads(model, samples))
 
-    sel = get_selector("ftw", subset="snr").select(ctx(t_batch, target))
+    sel = ftw_in_state_p(subset="snr").select(ctx(t_batch, target))
     top = ftw_solve(b_t.mean(0), kmat, 2, subset="topk", weighting="shrink", fill=True,
                     target_align=b_t)
-    greedy = get_selector("ftw").select(ctx(t_batch, target))
+    greedy = ftw_in_state_p().select(ctx(t_batch, target))
     assert sel.indices.tolist() == top.indices.tolist() != greedy.indices.tolist()
     assert sel.diagnostics["target_snr"] == pytest.approx(snr, rel=1e-3, abs=1e-6)
     assert sel.diagnostics["subset_used"] == "topk"
     # one target example four times: no noise, the greedy subset (which differs from the top-k)
     one = {n: v[1:2].repeat(4, *([1] * (v.dim() - 1))) for n, v in t_batch.items()}
     direction = {n: g.mean(0) for n, g in per_sample_grads(model, one).materialize().items()}
-    sel = get_selector("ftw", subset="snr").select(ctx(one, direction))
-    plain = get_selector("ftw").select(ctx(one, direction))
-    top = get_selector("ftw", subset="topk").select(ctx(one, direction))
+    sel = ftw_in_state_p(subset="snr").select(ctx(one, direction))
+    plain = ftw_in_state_p().select(ctx(one, direction))
+    top = ftw_in_state_p(subset="topk").select(ctx(one, direction))
     assert sel.indices.tolist() == plain.indices.tolist() != top.indices.tolist()
     assert sel.diagnostics["subset_used"] == "greedy" and sel.diagnostics["target_snr"] is None
     with pytest.raises(ValueError, match="crossfit and subset 'snr'"):
-        get_selector("ftw", subset="snr", crossfit=True)
+        ftw_in_state_p(subset="snr", crossfit=True)
 
 
 def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
     """``temperature`` draws with the context's generator (same seed, same subset; several
     subsets over seeds); ``norm_clip`` counts and scales the clipped candidates by hand."""
-    picks = {seed: tuple(get_selector("ftw", temperature=5.0).select(
+    picks = {seed: tuple(ftw_in_state_p(temperature=5.0).select(
         _ctx(world, 2, seed)).indices.tolist()) for seed in range(12)}
-    again = get_selector("ftw", temperature=5.0).select(_ctx(world, 2, 3)).indices.tolist()
+    again = ftw_in_state_p(temperature=5.0).select(_ctx(world, 2, 3)).indices.tolist()
     assert tuple(again) == picks[3] and len(set(picks.values())) > 1
     cands, target, state = world
     kmat = interaction(cands, state.preconditioner).double()
@@ -508,7 +516,7 @@ def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
     norms = kmat.diagonal().sqrt()
     mid = sorted(norms.tolist())[B // 2 - 1: B // 2 + 1]  # the median of an even count
     f = torch.clamp(0.8 * (mid[0] + mid[1]) / 2 / norms, max=1.0)
-    sel = get_selector("ftw", norm_clip=0.8, weighting="uniform").select(_ctx(world, B))
+    sel = ftw_in_state_p(norm_clip=0.8, weighting="uniform").select(_ctx(world, B))
     assert sel.diagnostics["n_clipped"] == int((f < 1).sum()) >= 1
     idx = sel.indices.tolist()
     assert idx == [i for i in range(B) if b[i] > 0]  # every aligned one: k = B, filled
@@ -526,7 +534,7 @@ def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
 ])
 def test_ftw_new_option_errors(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        get_selector("ftw", **options)
+        ftw_in_state_p(**options)
 
 
 def test_ftw_adam_next_uses_the_preconditioner_of_the_step_about_to_be_taken() -> None:
@@ -570,13 +578,13 @@ def test_ftw_adam_next_uses_the_preconditioner_of_the_step_about_to_be_taken() -
     kmat = (flat * pflat) @ flat.T
     idx, w = filter_then_weight(b, kmat, 3, weighting="shrink", fill=True)
     ctx = SelectionContext(cands, target, state, 3, torch.Generator().manual_seed(0))
-    sel = get_selector("ftw", geometry="adam-next").select(ctx)
+    sel = get_selector("ftw").select(ctx)  # the default geometry
     torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-8)
     assert torch.equal(sel.indices, idx)
     torch.testing.assert_close(sel.weights.double(), w.double(), rtol=1e-4, atol=1e-6)
     assert sel.diagnostics["geometry"] == "adam-next"
     # under the state's P the same candidates are scored on A's gradients alone (P = 1e8)
-    old = get_selector("ftw").select(ctx)
+    old = ftw_in_state_p().select(ctx)
     assert not torch.allclose(old.scores.double(), b, rtol=1e-2)
     # an optimizer without Adam's moments: the state's P, and the log says so
     sgd_state = read_optimizer_state(torch.optim.SGD(params.values(), lr=1e-3), model, names)

@@ -405,15 +405,17 @@ SKETCH_SELECTORS = ("ftw", "ftw-nnls", "ftw-filter-only", "ftw-weight-only", "ra
 
 
 def check_sketch_selector(selector: Any) -> None:
-    """``sketch`` carries Adam's metric ``⟨g_i, P g_j⟩``: only selectors in that geometry
-    (and those that read no gradients) can use it.
+    """``sketch`` carries Adam's metric ``⟨g_i, P g_j⟩`` in the state's ``P``: only selectors
+    in that geometry (and those that read no gradients) can use it. ftw's ``adam-next`` (the
+    next step's ``P'``) needs the dense moments, which the sketch does not carry: it runs in the
+    state's ``P`` there, and its selection log says ``geometry: adam``.
 
     Raises:
         ValueError: naming the selector and the ones that work.
     """
     cfg = getattr(selector, "config", None)
     ok = selector.name in SKETCH_SELECTORS and getattr(cfg, "curvature", "adam") == "adam" and (
-        getattr(cfg, "geometry", "adam") == "adam")
+        getattr(cfg, "geometry", "adam") in ("adam", "adam-next"))
     if not ok:
         raise ValueError(f"distributed.exchange=sketch carries Adam's metric <g_i, P g_j>; "
                          f"selector {selector.name!r} ({cfg}) needs another geometry. Use "

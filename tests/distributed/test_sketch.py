@@ -97,3 +97,16 @@ def test_rank_slices_tile_the_batch_in_order():
             parts = [range(n)[rank_slice(n, r, world)] for r in range(world)]
             assert [i for p in parts for i in p] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_sketch_takes_ftw_in_adams_metric_and_refuses_other_geometries():
+    """The sketch carries ``⟨g_i, P g_j⟩`` in the state's ``P``: ftw's default (``adam-next``,
+    which then runs in that ``P``) and ``geometry: adam`` pass; ``P = 1`` or the identity
+    curvature are refused with the selector named."""
+    from gradsift.distributed import check_sketch_selector
+
+    check_sketch_selector(get_selector("ftw"))
+    check_sketch_selector(get_selector("ftw", geometry="adam"))
+    for selector in (get_selector("ftw-sgd"), get_selector("ftw", curvature="identity")):
+        with pytest.raises(ValueError, match="'ftw"):
+            check_sketch_selector(selector)

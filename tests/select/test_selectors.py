@@ -245,11 +245,11 @@ def test_options_and_registry_errors() -> None:
     with pytest.raises(ValueError, match="available: .*ftw"):
         get_selector("nope")
     with pytest.raises(ValueError, match="'bogus'"):
-        ftw_in_state_p(bogus=1)
+        get_selector("ftw", bogus=1)
     with pytest.raises(ValueError, match="curvature"):
-        ftw_in_state_p(curvature="newton")
+        get_selector("ftw", curvature="newton")
     with pytest.raises(ValueError, match="min_cosine"):
-        ftw_in_state_p(min_cosine=2.0)
+        get_selector("ftw", min_cosine=2.0)
     with pytest.raises(ValueError, match="geometry"):
         get_selector("ftw-sgd", geometry="adam")
     with pytest.raises(ValueError, match="lr"):
@@ -343,7 +343,7 @@ def test_ftw_chooses_its_subset_on_the_posterior_alignment() -> None:
                                      fill=True)
     assert sel.indices.tolist() == expected.tolist()
     torch.testing.assert_close(sel.scores.double(), torch.as_tensor(mean), rtol=1e-4, atol=1e-6)
-    assert ftw_in_state_p(alignment="posterior").needs_target_samples
+    assert get_selector("ftw", alignment="posterior").needs_target_samples
     plain = ftw_in_state_p(weighting="uniform").select(ctx)
     assert plain.indices.tolist() != sel.indices.tolist()
 
@@ -464,7 +464,7 @@ def test_ftw_validated_subset_reads_the_per_example_alignments() -> None:
     assert sel.diagnostics["subset_used"] == ("greedy" if expected.validation > 0 else "topk")
     assert sel.indices.tolist() == expected.indices.tolist()
     with pytest.raises(ValueError, match="crossfit and subset 'validated'"):
-        ftw_in_state_p(subset="validated", crossfit=True)
+        get_selector("ftw", subset="validated", crossfit=True)
 
 
 def test_ftw_snr_subset_switches_on_the_target_batch_noise() -> None:
@@ -500,7 +500,7 @@ def test_ftw_snr_subset_switches_on_the_target_batch_noise() -> None:
     assert sel.indices.tolist() == plain.indices.tolist() != top.indices.tolist()
     assert sel.diagnostics["subset_used"] == "greedy" and sel.diagnostics["target_snr"] is None
     with pytest.raises(ValueError, match="crossfit and subset 'snr'"):
-        ftw_in_state_p(subset="snr", crossfit=True)
+        get_selector("ftw", subset="snr", crossfit=True)
 
 
 def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
@@ -534,7 +534,7 @@ def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
 ])
 def test_ftw_new_option_errors(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ftw_in_state_p(**options)
+        get_selector("ftw", **options)
 
 
 def test_ftw_adam_next_uses_the_preconditioner_of_the_step_about_to_be_taken() -> None:

@@ -82,13 +82,44 @@ class AdamMoments:
     step: int
     eps: float
 
-    def next_denominator(self, g: torch.Tensor) -> torch.Tensor:
-        """``√v̂' + ε`` of the next step taken on gradient(s) ``g`` (the parameter's shape, or
-        a batch of them in front), in ``g``'s dtype: ``1/`` it is that step's ``P``."""
+    def next_v_hat(self, g: torch.Tensor) -> torch.Tensor:
+        """``v̂'`` of the next step taken on gradient(s) ``g`` (the parameter's shape, or a
+        batch of them in front), in ``g``'s dtype."""
         v = self.beta2 * self.exp_avg_sq.to(g.dtype) + (1.0 - self.beta2) * g * g
         if self.max_exp_avg_sq is not None:
             v = torch.maximum(self.max_exp_avg_sq.to(g.dtype), v)
-        return (v / (1.0 - self.beta2 ** (self.step + 1))).sqrt() + self.eps
+        return v / (1.0 - self.beta2 ** (self.step + 1))
+
+    def next_denominator(self, g: torch.Tensor) -> torch.Tensor:
+        """``√v̂' + ε`` of the next step taken on gradient(s) ``g``: ``1/`` it is that step's
+        ``P``."""
+        return self.next_v_hat(g).sqrt() + self.eps
+
+
+def next_step_preconditioner(
+    moments: dict[str, AdamMoments], stand_in: dict[str, torch.Tensor], names: Iterable[str]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``P' = 1/(√v̂' + ε)`` of Adam's next step with ``stand_in`` as its gradient, and the
+    number of *fresh* coordinates, where ``v̂' = 0``.
+
+    A fresh coordinate has had no gradient yet and gets none from the stand-in either: an
+    untied embedding row of a token neither the run nor the target batch has used, an expert
+    no token was routed to. ``1/ε`` there would weigh a candidate's gradient on it by ``10⁸``.
+    A gradient that does reach it gets a sign step, whose size does not depend on that
+    gradient, so its scale is taken from the coordinates Adam knows: the mean ``v̂'`` of the
+    tensor's other coordinates, or, in a tensor fresh throughout, of every tensor's.
+    """
+    v_hat = {n: moments[n].next_v_hat(stand_in[n].float()) for n in names}
+    fresh = {n: v == 0 for n, v in v_hat.items()}
+    n_fresh = sum(int(f.sum()) for f in fresh.values())
+    if n_fresh:
+        known = [(float(v[~fresh[n]].sum()), int((~fresh[n]).sum())) for n, v in v_hat.items()]
+        total = sum(c for _, c in known)
+        overall = sum(s for s, _ in known) / total if total else 0.0
+        for (n, v), (s, c) in zip(v_hat.items(), known, strict=True):
+            if c < v.numel():
+                v_hat[n] = torch.where(fresh[n], s / c if c else overall, v)
+    return {n: 1.0 / (v.sqrt() + moments[n].eps) for n, v in v_hat.items()}, n_fresh
 
 
 @dataclass(frozen=True)

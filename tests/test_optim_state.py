@@ -211,3 +211,45 @@ def test_a_registered_optimizer_kind_is_read(monkeypatch) -> None:
     opt.flipped = True
     with pytest.raises(ValueError, match="'flipped RMSprop'.*negative entries for 'weight'"):
         read_optimizer_state(opt, model, ["weight"])
+
+
+def test_next_step_preconditioner_fills_fresh_coordinates_from_the_known_ones() -> None:
+    """``v̂' = (β₂ v + (1−β₂) s²)/(1−β₂^(t+1))``; where it is 0 (no gradient yet, none in the
+    stand-in ``s``) the tensor's mean ``v̂'`` over its other coordinates, in a tensor fresh
+    throughout the mean over every tensor's known coordinates; ``P' = 1/(√v̂' + ε)``."""
+    from gradsift.optim_state import next_step_preconditioner
+
+    emb, head, expert = nn.Embedding(6, 3), nn.Linear(3, 2), nn.Linear(3, 2, bias=False)
+    model = nn.ModuleDict({"emb": emb, "head": head, "expert": expert})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+    head(emb(torch.tensor([0, 1]))).sum().backward()  # rows 0-1 only, the expert unused
+    opt.step()
+    opt.zero_grad()
+    names = ["emb.weight", "head.weight", "expert.weight"]
+    state = read_optimizer_state(opt, model, names)
+    stand_in = {"emb.weight": torch.zeros(6, 3), "head.weight": torch.randn(2, 3),
+                "expert.weight": torch.zeros(2, 3)}
+    stand_in["emb.weight"][2] = torch.tensor([0.5, -1.0, 2.0])  # the target uses token 2
+    assert state.moments is not None
+    p, n_fresh = next_step_preconditioner(state.moments, stand_in, names)
+    params = dict(model.named_parameters())
+    # the unused expert has no state at all (AdamW skips a parameter without a gradient)
+    raw = {n: opt.state[params[n]].get("exp_avg_sq", torch.zeros_like(params[n])) for n in names}
+    v_hat = {n: (0.99 * raw[n] + 0.01 * stand_in[n] ** 2) / (1 - 0.99**2) for n in names}
+    # tokens 3-5 (rows, 3 coordinates each) and the expert's 6 coordinates are fresh
+    assert n_fresh == 3 * 3 + 6
+    emb_known = v_hat["emb.weight"][:3]
+    assert torch.all(emb_known > 0) and torch.all(v_hat["head.weight"] > 0)
+    emb_fill = emb_known.mean()
+    overall = (emb_known.sum() + v_hat["head.weight"].sum()) / (9 + 6)
+    expected = {"emb.weight": torch.cat([emb_known, emb_fill.expand(3, 3)]),
+                "head.weight": v_hat["head.weight"],
+                "expert.weight": overall.expand(2, 3)}
+    for n in names:
+        torch.testing.assert_close(p[n], 1.0 / (expected[n].sqrt() + 1e-6))
+    # nothing fresh: exactly the next step's denominator
+    stand_in = {n: torch.ones_like(stand_in[n]) for n in names}
+    p, n_fresh = next_step_preconditioner(state.moments, stand_in, names)
+    assert n_fresh == 0
+    for n in names:
+        torch.testing.assert_close(p[n], 1.0 / state.moments[n].next_denominator(stand_in[n]))

@@ -19,6 +19,7 @@ from gradsift.objective import (
     target_direction,
     target_sq_norm,
 )
+from gradsift.optim_state import next_step_preconditioner
 from gradsift.select.base import (
     Selection,
     SelectionContext,
@@ -62,7 +63,9 @@ class FTWConfig(SelectorConfig):
         min_cosine: drop candidates whose cosine with ``ĝ`` in the matching metric is lower.
         geometry: ``"adam-next"`` (default: the ``P`` of the step about to be taken,
             ``1/(√v̂' + ε)`` with ``v' = β₂ v + (1−β₂) g_V²``, the target gradient standing in
-            for the update's; Adam/AdamW only, others fall back to ``adam``), ``"adam"``
+            for the update's; where ``v̂' = 0``, fresh coordinates, the mean ``v̂'`` of the
+            tensor's others: ``optim_state.next_step_preconditioner``; Adam/AdamW only, others
+            fall back to ``adam``), ``"adam"``
             (``P`` from the optimizer's state: where ``v`` is still zero, LoRA's ``A`` before
             its first nonzero gradient, it is ``1/ε``) or ``"sgd"`` (``P = 1``).
         subset: ``"greedy"`` (redundancy-aware, on ``ρ`` at the NNLS weights), ``"uniform"``
@@ -200,13 +203,13 @@ class FTWSelector(Selector):
         cfg: FTWConfig = self.config  # type: ignore[assignment]
         cands, state = ctx.candidates, ctx.optimizer_state
         names = cands.param_names
-        precondition = None
+        precondition, n_fresh = None, 0
         assert ctx.target_grad is not None
         next_p = cfg.geometry == "adam-next" and state.moments is not None
         if next_p:
             assert state.moments is not None
-            precondition = {n: 1.0 / state.moments[n].next_denominator(
-                ctx.target_grad[n].float()) for n in names}
+            precondition, n_fresh = next_step_preconditioner(
+                state.moments, ctx.target_grad, names)
         elif cfg.geometry != "sgd":
             missing = [n for n in names if n not in state.preconditioner]
             if missing:
@@ -296,6 +299,7 @@ class FTWSelector(Selector):
             "geometry": cfg.geometry if next_p or cfg.geometry != "adam-next" else "adam",
             "curvature": cfg.curvature if precondition is not None else "identity",
             "n_uninitialized": len(set(names) & set(state.uninitialized)),
+            "n_fresh": n_fresh,
             "cosines": [round(c, 6) if math.isfinite(c) else None
                         for c in res.cosines.tolist()],
         }

@@ -591,3 +591,63 @@ def test_ftw_adam_next_uses_the_preconditioner_of_the_step_about_to_be_taken() -
     fallback = get_selector("ftw", geometry="adam-next").select(
         SelectionContext(cands, target, sgd_state, 3, torch.Generator().manual_seed(0)))
     assert fallback.diagnostics["geometry"] == "adam"
+
+
+def test_ftw_adam_next_scales_fresh_embedding_rows_like_the_known_ones() -> None:
+    """Full fine-tuning with untied embeddings: the rows of tokens neither the run nor the
+    target batch has used have ``v = 0`` and ``ĝ = 0``, so ``1/(√v̂' + ε)`` would be ``1/ε``
+    there. ``adam-next`` gives them the mean ``v̂'`` of the embedding's other rows: checked by
+    hand from the optimizer's raw tensors and materialized gradients, the count of such
+    coordinates from the token sets alone, and a candidate with one such token against its
+    twin without it."""
+    vocab, hidden = 256, 32
+    model = tiny_llama(tie=False, vocab=vocab).train()
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(params.values(), lr=1e-3, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(3)
+
+    def batch(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    warm, target_ids = (torch.randint(0, 64, (8, 12), generator=gen) for _ in range(2))
+    reference_losses(model, batch(warm)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    cand_ids = torch.randint(0, 64, (6, 12), generator=gen)
+    cand_ids[5] = cand_ids[4]
+    cand_ids[5, 5] = 200  # the twin of candidate 4 with one token never used before
+    cands = per_sample_grads(model, batch(cand_ids))
+    names = cands.param_names
+    target = dict(zip(names, torch.autograd.grad(
+        reference_losses(model, batch(target_ids)).mean(), [params[n] for n in names]),
+        strict=True))
+    state = read_optimizer_state(opt, model, names)
+    sel = get_selector("ftw").select(
+        SelectionContext(cands, target, state, 2, torch.Generator().manual_seed(0)))
+    # an embedding row gets a gradient where its token is an input to a scored position
+    used = set(warm[:, :-1].flatten().tolist()) | set(target_ids[:, :-1].flatten().tolist())
+    assert sel.diagnostics["n_fresh"] == (vocab - len(used)) * hidden
+    p_next, p_eps = {}, {}
+    for n in names:
+        v = (0.99 * opt.state[params[n]]["exp_avg_sq"] + 0.01 * target[n] ** 2) / (1 - 0.99**2)
+        p_eps[n] = 1.0 / (v.sqrt() + 1e-8)
+        if n == "model.embed_tokens.weight":
+            rows = sorted(used)
+            v = v.clone()
+            v[[t for t in range(vocab) if t not in used]] = v[rows].mean()
+        else:
+            assert torch.all(v > 0)
+        p_next[n] = 1.0 / (v.sqrt() + 1e-8)
+    mat = cands.materialize()
+    flat = torch.cat([mat[n].flatten(1) for n in names], 1).double()
+    tflat = torch.cat([target[n].flatten() for n in names]).double()
+
+    def b_and_kdiag(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        pflat = torch.cat([p[n].flatten() for n in names]).double()
+        return flat @ (pflat * tflat), (flat * flat * pflat).sum(1)
+
+    b, kdiag = b_and_kdiag(p_next)
+    torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-8)
+    # the twin's norm in the metric: close to candidate 4's here, ~1e4 times it at 1/ε
+    assert 0.5 < float(kdiag[5] / kdiag[4]) < 2.0
+    assert float(b_and_kdiag(p_eps)[1][5] / b_and_kdiag(p_eps)[1][4]) > 1e3

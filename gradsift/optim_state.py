@@ -110,15 +110,17 @@ def next_step_preconditioner(
     tensor's other coordinates, or, in a tensor fresh throughout, of every tensor's.
     """
     v_hat = {n: moments[n].next_v_hat(stand_in[n].float()) for n in names}
-    fresh = {n: v == 0 for n, v in v_hat.items()}
-    n_fresh = sum(int(f.sum()) for f in fresh.values())
+    # per tensor: the sum of v̂' (fresh coordinates add 0) and how many coordinates are fresh
+    sums = {n: float(v.sum()) for n, v in v_hat.items()}
+    fresh = {n: int((v == 0).sum()) for n, v in v_hat.items()}
+    n_fresh = sum(fresh.values())
     if n_fresh:
-        known = [(float(v[~fresh[n]].sum()), int((~fresh[n]).sum())) for n, v in v_hat.items()]
-        total = sum(c for _, c in known)
-        overall = sum(s for s, _ in known) / total if total else 0.0
-        for (n, v), (s, c) in zip(v_hat.items(), known, strict=True):
-            if c < v.numel():
-                v_hat[n] = torch.where(fresh[n], s / c if c else overall, v)
+        known = sum(v.numel() for v in v_hat.values()) - n_fresh
+        overall = sum(sums.values()) / known if known else 0.0
+        for n, v in v_hat.items():
+            if fresh[n]:
+                own = v.numel() - fresh[n]
+                v_hat[n] = torch.where(v == 0, sums[n] / own if own else overall, v)
     return {n: 1.0 / (v.sqrt() + moments[n].eps) for n, v in v_hat.items()}, n_fresh
 
 

@@ -4,11 +4,11 @@ look like with them at ``1/ε`` (before ``8acd493``) and filled (after).
 
 SmolLM2 ties its embedding to the head, so its embedding gets a dense gradient; untying (the
 head a copy of the embedding, so the model computes the same function) makes it behave like
-most larger open models. Full fine-tuning, AdamW lr 1e-5, two steps on 4 records of the suite's
-`verse` stream each; then 16 stream candidates and 8 target examples (the suite's built data,
+most larger open models. Full fine-tuning, AdamW lr 1e-5, two steps on 4 records each of the
+`verse` scenario's mixed stream; then 16 stream candidates and 8 target examples (the suite's built data,
 seed 0), ftw's defaults at k = 4.
 
-    python docs/benchmarks/s31-2026-12-03/s31_untied.py RUNS/quality-s31/verse/data
+    python docs/benchmarks/s31-2026-12-03/s31_untied.py runs/quality-s30/verse/data   (output: untied.txt)
 """
 import sys
 from pathlib import Path

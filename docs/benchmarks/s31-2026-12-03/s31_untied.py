@@ -1,6 +1,6 @@
 """Session 31, descriptive probe: how many coordinates are fresh (``v̂' = 0``) when SmolLM2-135M
 is fully fine-tuned with its embedding *untied* from the head, and what ftw's default scores
-look like with them at ``1/ε`` (before ``8acd493``) and filled (after).
+look like with them at ``1/ε`` (before ``a8bfbf2``) and filled (after).
 
 SmolLM2 ties its embedding to the head, so its embedding gets a dense gradient; untying (the
 head a copy of the embedding, so the model computes the same function) makes it behave like
@@ -9,6 +9,8 @@ most larger open models. Full fine-tuning, AdamW lr 1e-5, two steps on 4 records
 seed 0), ftw's defaults at k = 4.
 
     python docs/benchmarks/s31-2026-12-03/s31_untied.py runs/quality-s30/verse/data   (output: untied.txt)
+
+(the folder any ``bench.quality --suite steady --scenarios verse`` run builds, seed 0).
 """
 import sys
 from pathlib import Path

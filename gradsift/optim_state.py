@@ -110,11 +110,11 @@ def next_step_preconditioner(
     tensor's other coordinates, or, in a tensor fresh throughout, of every tensor's.
     """
     v_hat = {n: moments[n].next_v_hat(stand_in[n].float()) for n in names}
-    # per tensor: the sum of v̂' (fresh coordinates add 0) and how many coordinates are fresh
-    sums = {n: float(v.sum()) for n, v in v_hat.items()}
     fresh = {n: int((v == 0).sum()) for n, v in v_hat.items()}
     n_fresh = sum(fresh.values())
     if n_fresh:
+        # per tensor the sum of v̂' over its known coordinates (fresh ones add 0)
+        sums = {n: float(v.sum()) for n, v in v_hat.items()}
         known = sum(v.numel() for v in v_hat.values()) - n_fresh
         overall = sum(sums.values()) / known if known else 0.0
         for n, v in v_hat.items():

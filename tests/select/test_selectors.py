@@ -650,4 +650,5 @@ def test_ftw_adam_next_scales_fresh_embedding_rows_like_the_known_ones() -> None
     torch.testing.assert_close(sel.scores.double(), b, rtol=1e-4, atol=1e-8)
     # the twin's norm in the metric: close to candidate 4's here, ~1e4 times it at 1/ε
     assert 0.5 < float(kdiag[5] / kdiag[4]) < 2.0
-    assert float(b_and_kdiag(p_eps)[1][5] / b_and_kdiag(p_eps)[1][4]) > 1e3
+    kdiag_eps = b_and_kdiag(p_eps)[1]
+    assert float(kdiag_eps[5] / kdiag_eps[4]) > 1e3

@@ -193,7 +193,8 @@ def eval_steps(suite: Suite) -> list[int]:
 
 def run_one(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
             method: str, seed: int, data: Path, run_dir: Path) -> RunResult:
-    """Fine-tune a LoRA copy of ``base`` under ``method`` for ``suite.steps`` steps."""
+    """Fine-tune a copy of ``base`` (LoRA, or every parameter: ``suite.finetune``) under
+    ``method`` for ``suite.steps`` steps."""
     selector_name, engine_options, selector_options = parse_method(method)
     selector = _Probe(get_selector(selector_name, **selector_options))
     trainer = make_trainer(base, tokenizer, scenario, suite, selector, seed, data, run_dir,
@@ -620,12 +621,15 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                        "constant)")
     group.add_argument("--warmup-steps", type=int, help="linear warmup steps before the "
                        "schedule (default: 0)")
+    parser.add_argument("--finetune", choices=("lora", "full"), help="what trains: LoRA r 8 on "
+                        "q/k/v/o, or every parameter (default: lora; give a full fine-tuning "
+                        "--lr, e.g. 1e-5)")
 
 
 def _with_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace,
                    suite: Suite) -> Suite:
-    """``suite`` at ``--lr``, ``--scheduler`` and ``--warmup-steps`` (``suite.json`` keeps
-    them, so runs under another schedule are not mixed)."""
+    """``suite`` at ``--lr``, ``--scheduler``, ``--warmup-steps`` and ``--finetune``
+    (``suite.json`` keeps them, so runs under another schedule are not mixed)."""
     if args.lr is not None:
         if not args.lr > 0:
             parser.error(f"--lr must be > 0, got {args.lr}")
@@ -637,6 +641,8 @@ def _with_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(f"--warmup-steps must be in [0, {suite.steps}) (the suite's steps), "
                          f"got {args.warmup_steps}")
         suite = replace(suite, warmup_steps=args.warmup_steps)
+    if args.finetune is not None:
+        suite = replace(suite, finetune=args.finetune)
     return suite
 
 

@@ -5,7 +5,8 @@ label noise, domain shift to code, verse, redundancy, label noise at ``k/B = 1/8
 user's own stream and target (``custom_scenario``, ``--stream``/``--target``). A **suite**
 (``SUITES``) fixes the model, steps, lengths and evaluation sizes. ``build_data`` writes a
 scenario's files once; ``make_trainer`` builds the run both benches start from: a LoRA copy of
-the model initialised by the seed, AdamW, the seed's stream order and the target, in an
+the model initialised by the seed (or, ``finetune="full"``, a copy that trains every
+parameter), AdamW, the seed's stream order and the target, in an
 ``OnlineTrainer``. Both benches also share how a method is named (``parse_method``:
 ``"ftw@min_cosine=0.1"``) and how a finished run's file is written and read (``write_result``,
 atomic, so a stopped run leaves no half file; ``read_result``, which names a damaged one).
@@ -103,6 +104,9 @@ class Suite:
     # --warmup-steps): constant in every suite
     scheduler: str = "constant"
     warmup_steps: int = 0
+    # "lora" (LoRA r ``lora_r`` on q/k/v/o) or "full" (every parameter of the model trains:
+    # embeddings, norms, the tied head): --finetune
+    finetune: str = "lora"
 
 
 _MIXED = ("code", "verse", "arithmetic")
@@ -293,18 +297,22 @@ def seeded_stream(data: Path, seed: int) -> Path:
 def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suite: Suite,
                  selector: Selector, seed: int, data: Path, run_dir: Path,
                  engine_options: dict[str, Any] | None = None) -> OnlineTrainer:
-    """A LoRA copy of ``base`` (initialised by ``seed``), AdamW, the seed's stream and the
-    scenario's target, in an online trainer that logs to ``run_dir``."""
-    from peft import LoraConfig, get_peft_model
-
+    """A LoRA copy of ``base`` (initialised by ``seed``), or with ``suite.finetune == "full"``
+    a copy whose every parameter trains, AdamW, the seed's stream and the scenario's target,
+    in an online trainer that logs to ``run_dir``."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=suite.lora_r, lora_alpha=2 * suite.lora_r, lora_dropout=0.0,
-            task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    if suite.finetune == "full":
+        model = copy.deepcopy(base).requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            model = get_peft_model(copy.deepcopy(base), LoraConfig(
+                r=suite.lora_r, lora_alpha=2 * suite.lora_r, lora_dropout=0.0,
+                task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=suite.lr, weight_decay=0.0)
     scheduler = build_scheduler(optimizer, suite.scheduler, suite.warmup_steps, suite.steps)
@@ -326,7 +334,7 @@ def make_trainer(base: torch.nn.Module, tokenizer: Any, scenario: Scenario, suit
 
 # sizes added after folders were written (which hold CPU runs at a constant lr and no such
 # key): recorded in ``suite.json`` only when not these
-_LATER_SIZES = {"device": "cpu", "scheduler": "constant", "warmup_steps": 0}
+_LATER_SIZES = {"device": "cpu", "scheduler": "constant", "warmup_steps": 0, "finetune": "lora"}
 
 
 def claim_out_folder(parser: argparse.ArgumentParser, out: Path, name: str, suite: Suite,

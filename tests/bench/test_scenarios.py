@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
 from gradsift.bench import quality, scenarios
 from gradsift.models import load_model_and_tokenizer
@@ -251,3 +253,40 @@ def test_a_larger_target_pool_keeps_the_held_out_set(tmp_path, capsys) -> None:
         with pytest.raises(SystemExit):
             scenarios.with_own_data(parser, parser.parse_args(bad), smoke)
         assert says in capsys.readouterr().err
+
+
+def test_full_fine_tuning_trains_every_parameter_and_keeps_its_folder(tmp_path,
+                                                                        capsys) -> None:
+    """`--finetune full`: the run's copy trains every parameter of the model (AdamW holds
+    all of them, counted from the base), one ftw step moves the embedding and a norm while the
+    base stays as loaded, and the folder then refuses LoRA runs."""
+    from gradsift.select import get_selector
+
+    smoke = scenarios.SUITES["smoke"]
+    full = replace(smoke, finetune="full")
+    redundancy = smoke.scenarios[1]
+    data = scenarios.build_data(redundancy, full, tmp_path / "data")
+    base, tokenizer = load_model_and_tokenizer("tiny")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    trainer = scenarios.make_trainer(base, tokenizer, redundancy, full, get_selector("ftw"),
+                                     0, data, tmp_path / "run")
+    held = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    assert held == sum(p.numel() for p in before.values())
+    assert trainer.step() is not None
+    after = dict(trainer.model.named_parameters())
+    norm = next(n for n in before if "norm" in n)
+    for name in ("model.embed_tokens.weight", norm):
+        assert not torch.equal(after[name], before[name]), name
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    lora = scenarios.make_trainer(base, tokenizer, redundancy, smoke, get_selector("random"),
+                                  0, data, tmp_path / "lora")
+    assert all("lora_" in n for n, p in lora.model.named_parameters() if p.requires_grad)
+
+    out = tmp_path / "suite"
+    args = ["--suite", "smoke", "--quiet", "--scenarios", "redundancy", "--methods", "random",
+            "--seeds", "0", "--out", str(out)]
+    assert quality.main([*args, "--finetune", "full", "--lr", "1e-4"]) == 0
+    assert json.loads((out / "suite.json").read_text())["finetune"] == "full"
+    with pytest.raises(SystemExit):
+        quality.main([*args, "--lr", "1e-4"])
+    assert "finetune 'full' there, None here" in capsys.readouterr().err

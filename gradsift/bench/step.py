@@ -270,6 +270,7 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
 
 def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], dict[str, Any]]:
     """Build every configuration in ``tmp``, warm up, time interleaved; results and facts."""
+    from gradsift.bench.scenarios import parse_method
     from gradsift.recipe import setup
 
     n_stream = args.batch_size * (args.warmup + args.repeats) + 64
@@ -298,7 +299,11 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         name = f"gradsift {method}" + (f" (refresh {refresh})" if refresh != 1 else "")
         selector = "ftw" if method in (TWO_PASS, TRUNCATED, RIDING) else method
         layers = args.score_layers if method == TRUNCATED else None
-        extra = ("engine.target_with_candidates=true",) if method == RIDING else ()
+        extra: tuple[str, ...] = ("engine.target_with_candidates=true",) if method == RIDING else ()
+        if "@" in method:  # "ftw@factored_p=true": the quality suite's method variants
+            selector, engine, options = parse_method(method)
+            extra = (*[f"engine.{k}={v}" for k, v in engine.items()],
+                     *[f"method_options.{k}={v}" for k, v in options.items()])
         run = setup(make_config(args, stream, target, selector, refresh, layers, extra),
                     tmp / name.replace(" ", "-").replace("(", "").replace(")", ""))
         run.trainer.selection.second_pass = method == TWO_PASS
@@ -450,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="full fine-tuning (default)")
     group.add_argument("--lora", dest="lora", action="store_true", help="LoRA r 8 on q/k/v/o")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated selectors to time, and {TWO_PASS!r} "
+                        help=f"comma-separated selectors to time (variants as in the quality "
+                             f"suite: ftw@factored_p=true), and {TWO_PASS!r} "
                              f"(default: {DEFAULT_METHODS})")
     parser.add_argument("--score-layers", type=int, default=1,
                         help=f"L of {TRUNCATED!r}: score with the top L blocks (default 1)")

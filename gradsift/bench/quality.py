@@ -148,13 +148,15 @@ class _Probe(Selector):
         if ctx.target_grad is not None and sel.indices.numel() > 0:
             names = ctx.candidates.param_names
             p = {n: ctx.optimizer_state.preconditioner[n] for n in names}
-            b = alignment(ctx.candidates, ctx.target_grad, p).double().cpu()
-            kmat = interaction(ctx.candidates, p).double().cpu()
-            idx, w = sel.indices, sel.weights.double()
-            self.last = {"btw": float(b[idx] @ w),
-                         "wkw": float(w @ kmat[idx][:, idx] @ w)}
+            # b and K of the k chosen only (k × k, not B × B: in full fine-tuning the exact K
+            # forms every layer's per-sample gradients)
+            chosen = ctx.candidates.select(sel.indices)
+            b = alignment(chosen, ctx.target_grad, p).double().cpu()
+            kmat = interaction(chosen, p).double().cpu()
+            w = sel.weights.double()
+            self.last = {"btw": float(b @ w), "wkw": float(w @ kmat @ w)}
             if ctx.optimizer_state.moments is not None:  # Adam's exact next step
-                step = NextStep(ctx.candidates.select(idx).materialize(), ctx.optimizer_state,
+                step = NextStep(chosen.materialize(), ctx.optimizer_state,
                                 max_grad_norm=MAX_GRAD_NORM)
                 with torch.no_grad():
                     self.last["next"] = float(step.decrease(w, ctx.target_grad))

@@ -316,3 +316,35 @@ def test_a_learning_rate_schedule_moves_every_step_and_keeps_its_folder(tmp_path
     with pytest.raises(SystemExit):
         quality.main([*base, "--out", str(tmp_path / "x"), "--warmup-steps", "3"])
     assert "--warmup-steps must be in [0, 3)" in capsys.readouterr().err
+
+
+def test_the_calibration_probe_reads_its_choice_in_adams_geometry() -> None:
+    """The probe's ``bᵀw`` and ``wᵀKw`` of the chosen rows, against materialized per-sample
+    gradients in the optimizer state's ``P``: ``Σ w_i ⟨g_i, P ĝ⟩`` and ``‖Σ w_i g_i‖²_P``."""
+    from reference import padded_batch, reference_losses, tiny_llama
+
+    from gradsift.capture import per_sample_grads
+    from gradsift.optim_state import read_optimizer_state
+    from gradsift.select import SelectionContext, get_selector
+
+    model = tiny_llama(tie=False).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    reference_losses(model, padded_batch(4, 9, seed=7)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    cands = per_sample_grads(model, padded_batch(6, 10, seed=1))
+    names = cands.param_names
+    params = dict(model.named_parameters())
+    loss = reference_losses(model, padded_batch(3, 8, seed=2)).mean()
+    target = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True))
+    state = read_optimizer_state(opt, model, names)
+    probe = quality._Probe(get_selector("ftw"))
+    sel = probe.select(SelectionContext(cands, target, state, 3, torch.Generator()))
+    per = cands.materialize()
+    w = sel.weights.double()
+    update = {n: torch.einsum("i,i...->...", w, per[n][sel.indices].double()) for n in names}
+    p = {n: state.preconditioner[n].double() for n in names}
+    btw = sum(float((update[n] * p[n] * target[n].double()).sum()) for n in names)
+    wkw = sum(float((update[n] * p[n] * update[n]).sum()) for n in names)
+    assert probe.last["btw"] == pytest.approx(btw, rel=1e-4)
+    assert probe.last["wkw"] == pytest.approx(wkw, rel=1e-4)

@@ -66,8 +66,19 @@ class Twin(Selector):
         else:
             p = {n: state.preconditioner[n] for n in names}
         g_hat = target_direction({n: ctx.target_grad[n] for n in names}, state, False)
+        t0 = time.perf_counter()
         k_exact = alignment_and_interaction(ctx.candidates, g_hat, p).gram.double()
+        t1 = time.perf_counter()
         k_fact = alignment_and_interaction(ctx.candidates, g_hat, p, factored=True).gram.double()
+        t2 = time.perf_counter()
+        dots = ctx.candidates.dot_dense({n: g_hat[n] * p[n] for n in names})
+        t3 = time.perf_counter()
+        del dots
+        if state.moments is not None:
+            next_step_preconditioner(state.moments, ctx.target_grad, names)
+        t4 = time.perf_counter()
+        row["seconds_products_exact_factored_b_only_p"] = [
+            round(x, 3) for x in (t1 - t0, t2 - t1, t3 - t2, t4 - t3)]
         row["k_rel_frobenius_error"] = float((k_fact - k_exact).norm() / k_exact.norm())
         diag_e, diag_f = k_exact.diagonal(), k_fact.diagonal()
         ratio = (diag_f / diag_e).numpy()

@@ -102,17 +102,14 @@ class FactorizedGrads:
     def products(self, dense: Mapping[str, torch.Tensor],
                  precondition: Mapping[str, torch.Tensor] | None = None,
                  other: FactorizedGrads | None = None,
-                 other_precondition: Mapping[str, torch.Tensor] | None = None,
-                 factored: bool = False) -> Products:
+                 other_precondition: Mapping[str, torch.Tensor] | None = None) -> Products:
         """``K = ⟨g_i, Q ⊙ g_j⟩``, ``b = ⟨g_i, M⟩`` and ``C = ⟨g_i, R ⊙ h_t⟩`` in one pass.
 
         Each large weight's per-sample gradients are formed once, a block of rows at a time,
         for all three (``gradsift.products``). ``Q`` = ``precondition``, ``M`` = ``dense``,
         ``R`` = ``other_precondition`` (None: 1); ``C`` only with ``other`` (another batch).
-        ``factored``: linear weights' ``K`` and ``C`` in a rank-1 fit of ``Q``, ``R``, formed
-        from the factors without per-sample gradients (an approximation; ``b`` exact).
         """
-        return products(self, dense, precondition, other, other_precondition, factored)
+        return products(self, dense, precondition, other, other_precondition)
 
     def _gram(self, other: FactorizedGrads, precondition: Mapping[str, torch.Tensor] | None,
               dense: Mapping[str, torch.Tensor] | None = None,

@@ -19,7 +19,6 @@ import torch
 
 from gradsift.factors import FactorizedGrads
 from gradsift.optim_state import OptimizerState
-from gradsift.products import Products
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +109,13 @@ def alignment_and_interaction(
     precondition: Mapping[str, torch.Tensor] | None,
     curvature: str = "adam",
     target_samples: FactorizedGrads | None = None,
-    factored: bool = False,
-) -> Products:
-    """Alignment ``dots``, interaction ``gram`` and ``cross`` from one pass over the
-    candidates' factors.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(alignment, interaction, cross)`` from one pass over the candidates' factors.
 
     ``cross`` is (B, n_t) ``⟨g_i, P h_t⟩`` against the per-example gradients ``h_t`` of
     ``target_samples`` (None without them). The same numbers as ``alignment``,
     ``interaction`` and ``cands.gram(other=target_samples, precondition=P)``, but each large
     per-sample gradient is formed once for all three (``FactorizedGrads.products``).
-    ``factored``: ``K`` and ``cross`` of linear weights in a rank-1 fit of ``P``, without
-    forming per-sample gradients (``gradsift.products.rank1_log_fit``; ``b`` stays exact).
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -134,9 +129,9 @@ def alignment_and_interaction(
         p = {n: precondition[n].float() for n in names}
         dense = {n: target_dir[n].float() * p[n].to(target_dir[n].device) for n in names}
         gram_p = p if curvature == "adam" else {n: p[n] ** 2 for n in names}
-    return cands.products(dense, gram_p, other=target_samples,
-                          other_precondition=None if precondition is None else p,
-                          factored=factored)
+    out = cands.products(dense, gram_p, other=target_samples,
+                         other_precondition=None if precondition is None else p)
+    return out.dots, out.gram, out.cross
 
 
 def target_sq_norm(

@@ -53,9 +53,6 @@ class Products:
     gram: torch.Tensor
     dots: torch.Tensor
     cross: torch.Tensor | None
-    # with ``factored``: the root-mean-square of ``log(Q̃/Q)`` over the factored weights'
-    # entries (0: Q was rank-1; 0.1: Q̃ off by ~10 % in a typical entry); None otherwise
-    factored_log_rms: float | None = None
 
 
 class _Use:
@@ -286,7 +283,7 @@ def _packed_products(layers: Sequence[LayerFactors], others: Sequence[LayerFacto
 
 def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | None = None,
              other: FactorizedGrads | None = None,
-             other_precondition: Tensors | None = None, factored: bool = False) -> Products:
+             other_precondition: Tensors | None = None) -> Products:
     """``K = ⟨g_i, Q ⊙ g_j⟩``, ``b = ⟨g_i, M⟩`` and ``C = ⟨g_i, R ⊙ h_t⟩`` in one pass.
 
     Args:
@@ -295,11 +292,6 @@ def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | Non
         precondition: parameter name → ``Q`` for ``K`` (None: 1).
         other: another batch over the same parameters (``h``), for ``C``; None: no ``C``.
         other_precondition: parameter name → ``R`` for ``C`` (None: 1).
-        factored: on every untied linear weight, ``K`` and ``C`` in the rank-1 ``Q̃``, ``R̃``
-            closest to ``Q``, ``R`` in log space (``rank1_log_fit``), without forming any
-            per-sample gradient (``D`` scaled by ``√r``, ``A`` by ``√c``, then the factors'
-            own route); ``b`` stays exact (``dot_dense``). An approximation: the result says
-            how far ``Q̃`` is from ``Q`` (``factored_log_rms``).
     """
     dev = grads.losses.device
     out = Products(torch.zeros(len(grads), len(grads), device=dev),
@@ -308,15 +300,10 @@ def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | Non
     pairs = grads._paired_layers(other) if other is not None else None
     shared = {i for group in grads._groups for i in group}
     small: list[int] = []  # weights of at most one block: formed side by side, in packs
-    fit = [0.0, 0] if factored and precondition is not None else None  # Σ log², entries
     for i, layer in enumerate(grads.layers):
         if i in shared:
             continue
         theirs = None if pairs is None else pairs[i][1]
-        if fit is not None and isinstance(layer, LayerFactors):
-            _factored_products(layer, theirs, grads.route, dense, precondition,
-                               other_precondition, out, fit)
-            continue
         if isinstance(layer, LayerFactors) and (
                 precondition is not None or other_precondition is not None
                 or linear_route(layer, layer, grads.route, True) == "materialize"):
@@ -345,44 +332,4 @@ def products(grads: FactorizedGrads, dense: Tensors, precondition: Tensors | Non
         if theirs is not None:
             out.cross += grads._shared_gram(list(zip(uses, theirs, strict=True)),
                                             other_precondition, False, fused=False)
-    if fit is not None and fit[1]:
-        out.factored_log_rms = (fit[0] / fit[1]) ** 0.5
     return out
-
-
-def rank1_log_fit(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The positive rank-1 ``q̃ = r cᵀ`` closest to ``q > 0`` in log space:
-    ``min Σ_ab (log q_ab − log r_a − log c_b)²``, solved by the row and column means of
-    ``log q``. Exact for a rank-1 ``q``; ``q^k`` fits as ``(r^k, c^k)``. Returns ``(r, c,
-    Σ (log q̃ − log q)²)``."""
-    lq = q.clamp_min(torch.finfo(q.dtype).tiny).log()
-    log_r = lq.mean(dim=1)
-    log_c = lq.mean(dim=0) - log_r.mean()
-    residual = lq.sub_(log_r[:, None]).sub_(log_c[None, :])
-    return log_r.exp(), log_c.exp(), float(residual.square().sum())
-
-
-def _factored_products(layer: LayerFactors, theirs: LayerFactors | None, route: str,
-                       dense: Tensors, gram_p: Tensors, cross_p: Tensors | None,
-                       out: Products, fit: list) -> None:
-    """Add one linear weight's ``K``, ``b`` and ``C`` with ``Q``, ``R`` fitted rank-1:
-    ``⟨g_i, r cᵀ ⊙ g_j⟩ = ⟨(√r ⊙ D_i)ᵀ(√c ⊙ A_i), (√r ⊙ D_j)ᵀ(√c ⊙ A_j)⟩``."""
-    def scaled(use: LayerFactors, r: torch.Tensor, c: torch.Tensor) -> LayerFactors:
-        return LayerFactors(use.module_name, use.weight_name, None, use.a() * c.sqrt(),
-                            use.d() * r.sqrt())
-
-    r, c, err = rank1_log_fit(layer.dense(gram_p, "precondition"))
-    fit[0] += err
-    fit[1] += r.numel() * c.numel()
-    mine = scaled(layer, r, c)
-    out.gram += mine.gram(mine, None, route, True)
-    out.dots += layer.dot_dense(dense)
-    if theirs is None:
-        return
-    if cross_p is None:
-        out.cross += layer.gram(theirs, None, route, False)
-        return
-    if cross_p is not gram_p:
-        r, c, _ = rank1_log_fit(layer.dense(cross_p, "precondition"))
-        mine = scaled(layer, r, c)
-    out.cross += mine.gram(scaled(theirs, r, c), None, route, False)

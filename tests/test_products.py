@@ -170,62 +170,8 @@ def test_alignment_and_interaction_match_the_separate_functions(curvature):
     target = gradsift.per_sample_grads(model, padded_batch(3, 6, seed=3))
     p, g_hat, *_ = _dicts(model, grads.param_names, seed=2)
     for precondition in (None, p):
-        out = alignment_and_interaction(grads, g_hat, precondition, curvature, target)
-        b, kmat, cross = out.dots, out.gram, out.cross
+        b, kmat, cross = alignment_and_interaction(grads, g_hat, precondition, curvature, target)
         assert rel_err(b, alignment(grads, g_hat, precondition)) <= 1e-5
         assert rel_err(kmat, interaction(grads, precondition, curvature)) <= 1e-5
         assert rel_err(cross, grads.gram(target, precondition=precondition)) <= 1e-5
-    assert alignment_and_interaction(grads, g_hat, p, curvature).cross is None
-
-
-def _log_lstsq(q: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The rank-1 ``r cᵀ`` closest to ``q`` in log space, by least squares over every entry
-    on a design of one column per row and per column; returns it and its squared residual."""
-    rows, cols = q.shape
-    a, b = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    design = torch.cat([torch.nn.functional.one_hot(a.flatten(), rows),
-                        torch.nn.functional.one_hot(b.flatten(), cols)], dim=1).double()
-    y = q.double().log().flatten()
-    coef = torch.linalg.lstsq(design, y[:, None], driver="gelsd").solution[:, 0]
-    fitted = design @ coef
-    return fitted.exp().reshape(rows, cols).float(), float(((fitted - y) ** 2).sum())
-
-
-@pytest.mark.parametrize("model_kind", ["tied", "untied", "gpt2"])
-def test_factored_products_score_k_in_the_log_closest_rank1_p(model_kind):
-    """``factored``: every untied linear weight's ``K`` and ``C`` in the rank-1 ``P̃`` fitted
-    to its (bias-augmented) ``P`` by least squares on ``log P``, every other parameter (norms,
-    embeddings, a tied head) in ``P`` itself, ``b`` exact: against Grams of single-sample
-    gradients; ``P²`` (identity curvature) fits as ``P̃²``."""
-    model = tiny_gpt2() if model_kind == "gpt2" else tiny_llama(tie=model_kind == "tied")
-    batch, other_batch = padded_batch(5, 11), padded_batch(3, 7, seed=4)
-    grads = gradsift.per_sample_grads(model, batch)
-    other = gradsift.per_sample_grads(model, other_batch)
-    names = grads.param_names
-    ref, ref_o = brute_force_grads(model, batch, names), brute_force_grads(model, other_batch,
-                                                                           names)
-    p, m, p_flat, m_flat = _dicts(model, names)
-    uses = [n for layer in grads.layers for n in layer.param_names]
-    fitted, sq, entries = dict(p), 0.0, 0
-    for layer in grads.layers:
-        if layer.kind != "linear" or uses.count(layer.weight_name) > 1:
-            continue
-        w = p[layer.weight_name].T if layer.weight_transposed else p[layer.weight_name]
-        aug = w if layer.bias_name is None else torch.cat([w, p[layer.bias_name][:, None]], 1)
-        tilde, residual = _log_lstsq(aug)
-        sq, entries = sq + residual, entries + aug.numel()
-        w_tilde = tilde[:, : w.shape[1]]
-        fitted[layer.weight_name] = w_tilde.T if layer.weight_transposed else w_tilde
-        if layer.bias_name is not None:
-            fitted[layer.bias_name] = tilde[:, -1]
-    assert entries > 0 and any(fitted[n] is p[n] for n in names)  # some stay exact
-    tilde_flat = torch.cat([fitted[n].flatten() for n in names])
-    out = alignment_and_interaction(grads, m, p, "adam", other, factored=True)
-    assert rel_err(out.gram, (ref * tilde_flat) @ ref.T) <= TOL
-    assert rel_err(out.dots, ref @ (p_flat * m_flat)) <= TOL
-    assert rel_err(out.cross, (ref * tilde_flat) @ ref_o.T) <= TOL
-    assert out.factored_log_rms == pytest.approx((sq / entries) ** 0.5, rel=1e-4)
-    assert rel_err(out.gram, (ref * p_flat) @ ref.T) > 10 * TOL  # P was not rank-1
-    identity = alignment_and_interaction(grads, m, p, "identity", factored=True)
-    assert rel_err(identity.gram, (ref * tilde_flat ** 2) @ ref.T) <= TOL
-    assert alignment_and_interaction(grads, m, p).factored_log_rms is None
+    assert alignment_and_interaction(grads, g_hat, p, curvature)[2] is None

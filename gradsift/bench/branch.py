@@ -223,9 +223,8 @@ def _objective_terms(ctx: SelectionContext) -> dict[str, Any]:
     precondition = {n: ctx.optimizer_state.preconditioner[n] for n in names}
     assert ctx.target_grad is not None
     g_hat = {n: ctx.target_grad[n].float() for n in names}
-    out = alignment_and_interaction(ctx.candidates, g_hat, precondition, "adam",
-                                    ctx.target_samples)
-    b, kmat, cross = out.dots, out.gram, out.cross
+    b, kmat, cross = alignment_and_interaction(ctx.candidates, g_hat, precondition, "adam",
+                                               ctx.target_samples)
     return {"alignment": b.tolist(), "interaction": kmat.tolist(),
             **({"target_cross": cross.tolist()} if cross is not None else {}),
             "target_sq_norm": target_sq_norm(g_hat, precondition, names)}

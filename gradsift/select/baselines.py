@@ -131,8 +131,7 @@ class GreatsSelector(Selector):
         cands = ctx.candidates
         assert ctx.target_grad is not None
         eta = cfg.lr if cfg.lr is not None else ctx.optimizer_state.mean_lr(cands.param_names)
-        out = alignment_and_interaction(cands, ctx.target_grad, None)  # one pass
-        b, kmat = out.dots, out.gram
+        b, kmat, _ = alignment_and_interaction(cands, ctx.target_grad, None)  # one pass
         b, kmat = b.double(), kmat.double()
         n = b.numel()
         bad = ~(torch.isfinite(b) & torch.isfinite(kmat).all(0) & torch.isfinite(kmat).all(1))
@@ -183,8 +182,7 @@ class CosineSelector(Selector):
         assert ctx.target_grad is not None
         p = {n: state.preconditioner[n] for n in names}
         # b = ⟨g_i, P g_V⟩ and ‖P g_i‖² (the diagonal of the identity-curvature K), one pass
-        out = alignment_and_interaction(cands, ctx.target_grad, p, "identity")
-        b, kmat = out.dots, out.gram
+        b, kmat, _ = alignment_and_interaction(cands, ctx.target_grad, p, "identity")
         norms = kmat.diagonal().clamp(min=0).sqrt()
         target_norm = sum(float(ctx.target_grad[n].float().pow(2).sum()) for n in names) ** 0.5
         cos = b / (norms * target_norm)
@@ -235,8 +233,7 @@ class OpusSelector(Selector):
         assert ctx.target_grad is not None
         eta = cfg.lr if cfg.lr is not None else state.mean_lr(names)
         p = {n: state.preconditioner[n] for n in names}
-        out = alignment_and_interaction(cands, ctx.target_grad, p, "identity")
-        u0, kmat = out.dots, out.gram
+        u0, kmat, _ = alignment_and_interaction(cands, ctx.target_grad, p, "identity")
         u0, kmat = u0.double().cpu(), kmat.double().cpu()
         idx, n_ok = boltzmann_draws(u0, kmat, ctx.k, eta, cfg.temperature, ctx.generator)
         diag = {"n_filtered": n_ok, "temperature": cfg.temperature, "lr": eta}

@@ -105,11 +105,6 @@ class FTWConfig(SelectorConfig):
         ridge: relative ridge of the NNLS Cholesky factor.
         tol: relative gain in ``ρ²`` below which no further candidate is added.
         swap_evals: NNLS fits spent on 1-swap polishing (None: automatic, small problems).
-        factored_p: score ``K`` (and the target cross Gram) of every untied linear weight in
-            the rank-1 ``P̃ = r cᵀ`` closest to ``P`` in log space, from the factors alone
-            (``gradsift.products.rank1_log_fit``): no per-sample gradient is formed, which is
-            most of ftw's cost in full fine-tuning; ``b`` stays exact. An approximation: the
-            selection log gives its size, ``factored_log_rms`` (RMS of ``log(P̃/P)``).
         next_step_max_bytes: the dense per-sample gradients the ``next-step`` options may hold
             (float32; ``B`` × trainable parameters for the subset, ``k`` × for the weights);
             above it they fall back to ``greedy`` / ``shrink``, with a note.
@@ -130,7 +125,6 @@ class FTWConfig(SelectorConfig):
     crossfit: bool = False
     temperature: float = 0.0
     norm_clip: float = 0.0
-    factored_p: bool = False
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -163,8 +157,6 @@ class FTWConfig(SelectorConfig):
             raise ValueError(f"swap_evals must be >= 0 or None, got {self.swap_evals}")
         if not isinstance(self.crossfit, bool):
             raise ValueError(f"crossfit must be a bool, got {self.crossfit!r}")
-        if not isinstance(self.factored_p, bool):
-            raise ValueError(f"factored_p must be a bool, got {self.factored_p!r}")
         if self.crossfit and self.subset in READS_TARGET_ROWS:
             raise ValueError(f"crossfit and subset {self.subset!r} both use the target batch's "
                              "examples to correct for its noise: use one of them")
@@ -250,10 +242,9 @@ class FTWSelector(Selector):
         # b, K and (for shrink, or a denoised b) the cross Gram with the target examples
         per_example = (weighting == "shrink" or cfg.alignment != "mean" or cfg.crossfit
                        or subset in READS_TARGET_ROWS)
-        products = alignment_and_interaction(
+        b, kmat, cross = alignment_and_interaction(
             cands, g_hat, precondition, cfg.curvature,
-            ctx.target_samples if per_example else None, factored=cfg.factored_p)
-        b, kmat, cross = products.dots, products.gram, products.cross
+            ctx.target_samples if per_example else None)
         per_target = None
         if per_example and ctx.target_samples is not None:
             # B_ti = ⟨g_i, P g_t⟩ per target example t; their mean is (up to the momentum
@@ -331,8 +322,6 @@ class FTWSelector(Selector):
             diagnostics["note_next_step"] = diagnostics_note
         elif "next-step" in (cfg.weighting, cfg.subset) and not exact:
             diagnostics["note_next_step"] = "next-step needs Adam's moments: used greedy/shrink"
-        if products.factored_log_rms is not None:
-            diagnostics["factored_log_rms"] = round(products.factored_log_rms, 6)
         if res.shrink is not None:
             diagnostics["shrink"] = res.shrink
         if snr is not None:

@@ -531,7 +531,6 @@ def test_ftw_temperature_and_norm_clip_on_a_real_context(world) -> None:
     ({"temperature": -1.0}, "temperature"),
     ({"norm_clip": -2.0}, "norm_clip"),
     ({"norm_clip": 2.0, "weighting": "next-step"}, "norm_clip"),
-    ({"factored_p": "yes"}, "factored_p"),
 ])
 def test_ftw_new_option_errors(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -653,27 +652,3 @@ def test_ftw_adam_next_scales_fresh_embedding_rows_like_the_known_ones() -> None
     assert 0.5 < float(kdiag[5] / kdiag[4]) < 2.0
     kdiag_eps = b_and_kdiag(p_eps)[1]
     assert float(kdiag_eps[5] / kdiag_eps[4]) > 1e3
-
-
-def test_ftw_factored_p_keeps_b_exact_and_is_exact_where_p_is_rank1(world) -> None:
-    """``factored_p``: the scores are the exact ``b`` in the state's ``P``; where every weight
-    matrix's ``P`` is itself rank-1 (``u vᵀ``) the subset and weights are exact ftw's, and the
-    logged fit error is zero; Adam's real ``P`` is not rank-1, and the log says by how much."""
-    import dataclasses
-
-    cands, target, state = world
-    real = ftw_in_state_p(factored_p=True).select(_ctx(world, 3))
-    torch.testing.assert_close(real.scores, alignment(cands, target, state.preconditioner).float())
-    assert real.diagnostics["factored_log_rms"] > 0.1
-    gen = torch.Generator().manual_seed(5)
-    state1 = dataclasses.replace(state, preconditioner={
-        n: (torch.rand(p.shape[0], 1, generator=gen) + 0.1)
-        * (torch.rand(1, p.shape[1], generator=gen) + 0.1) if p.dim() == 2 else p
-        for n, p in state.preconditioner.items()})
-    exact, factored = (ftw_in_state_p(factored_p=f).select(
-        SelectionContext(cands, target, state1, 3, torch.Generator().manual_seed(0)))
-        for f in (False, True))
-    assert torch.equal(exact.indices, factored.indices)
-    torch.testing.assert_close(exact.weights, factored.weights, rtol=1e-4, atol=1e-6)
-    assert factored.diagnostics["factored_log_rms"] == pytest.approx(0.0, abs=1e-5)
-    assert "factored_log_rms" not in exact.diagnostics

@@ -300,7 +300,7 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         selector = "ftw" if method in (TWO_PASS, TRUNCATED, RIDING) else method
         layers = args.score_layers if method == TRUNCATED else None
         extra: tuple[str, ...] = ("engine.target_with_candidates=true",) if method == RIDING else ()
-        if "@" in method:  # "ftw@factored_p=true": the quality suite's method variants
+        if "@" in method:  # "ftw@geometry=adam": the quality suite's method variants
             selector, engine, options = parse_method(method)
             extra = (*[f"engine.{k}={v}" for k, v in engine.items()],
                      *[f"method_options.{k}={v}" for k, v in options.items()])
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--lora", dest="lora", action="store_true", help="LoRA r 8 on q/k/v/o")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated selectors to time (variants as in the quality "
-                             f"suite: ftw@factored_p=true), and {TWO_PASS!r} "
+                             f"suite: ftw@geometry=adam), and {TWO_PASS!r} "
                              f"(default: {DEFAULT_METHODS})")
     parser.add_argument("--score-layers", type=int, default=1,
                         help=f"L of {TRUNCATED!r}: score with the top L blocks (default 1)")

@@ -268,9 +268,22 @@ def make_config(args: argparse.Namespace, stream: Path, target: Path, method: st
     return load_config(None, [*overrides, *extra])
 
 
+def method_overrides(method: str) -> tuple[str, tuple[str, ...]]:
+    """The selector a timed configuration runs and its config overrides: the step's own
+    variants (``two-pass``, ``ftw-truncated``, ``ftw-target-rides``) or the quality suite's
+    (``"ftw@geometry=adam@target_ema=0.5"``: engine keys to ``engine.``, the rest to
+    ``method_options.``)."""
+    from gradsift.bench.scenarios import parse_method
+
+    if method in (TWO_PASS, TRUNCATED, RIDING):
+        return "ftw", ("engine.target_with_candidates=true",) if method == RIDING else ()
+    selector, engine, options = parse_method(method)
+    return selector, (*[f"engine.{k}={v}" for k, v in engine.items()],
+                      *[f"method_options.{k}={v}" for k, v in options.items()])
+
+
 def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], dict[str, Any]]:
     """Build every configuration in ``tmp``, warm up, time interleaved; results and facts."""
-    from gradsift.bench.scenarios import parse_method
     from gradsift.recipe import setup
 
     n_stream = args.batch_size * (args.warmup + args.repeats) + 64
@@ -297,13 +310,8 @@ def run_benchmark(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], 
         gradsift_configs.append(("ftw", args.refresh))
     for method, refresh in gradsift_configs:
         name = f"gradsift {method}" + (f" (refresh {refresh})" if refresh != 1 else "")
-        selector = "ftw" if method in (TWO_PASS, TRUNCATED, RIDING) else method
+        selector, extra = method_overrides(method)
         layers = args.score_layers if method == TRUNCATED else None
-        extra: tuple[str, ...] = ("engine.target_with_candidates=true",) if method == RIDING else ()
-        if "@" in method:  # "ftw@geometry=adam": the quality suite's method variants
-            selector, engine, options = parse_method(method)
-            extra = (*[f"engine.{k}={v}" for k, v in engine.items()],
-                     *[f"method_options.{k}={v}" for k, v in options.items()])
         run = setup(make_config(args, stream, target, selector, refresh, layers, extra),
                     tmp / name.replace(" ", "-").replace("(", "").replace(")", ""))
         run.trainer.selection.second_pass = method == TWO_PASS

@@ -31,3 +31,17 @@ def test_the_benchmark_ends_with_one_ratio_line_per_method(capsys) -> None:
 def test_read_ratios_takes_only_ratio_lines() -> None:
     text = "| table | 1 |\nratio ftw 1.250\nratio two-pass 0.500\nsome ratio here\n"
     assert bench_step.read_ratios(text) == {"ftw": 1.25, "two-pass": 0.5}
+
+
+def test_a_method_variant_reaches_the_run_config() -> None:
+    """``ftw@geometry=sgd@target_ema=0.5``: the selector's option lands in the run's
+    ``method_options``, the engine's in ``engine``; the step's own variants run ftw."""
+    from gradsift.config import load_config
+
+    selector, extra = bench_step.method_overrides("ftw@geometry=sgd@target_ema=0.5")
+    cfg = load_config(None, [f"method={selector}", *extra])
+    assert (cfg.method, cfg.method_options) == ("ftw", {"geometry": "sgd"})
+    assert cfg.engine.target_ema == 0.5
+    assert bench_step.method_overrides("ftw-target-rides") == (
+        "ftw", ("engine.target_with_candidates=true",))
+    assert bench_step.method_overrides("greats") == ("greats", ())

@@ -85,10 +85,11 @@ class AdamMoments:
     def next_v_hat(self, g: torch.Tensor) -> torch.Tensor:
         """``v̂'`` of the next step taken on gradient(s) ``g`` (the parameter's shape, or a
         batch of them in front), in ``g``'s dtype."""
-        v = self.beta2 * self.exp_avg_sq.to(g.dtype) + (1.0 - self.beta2) * g * g
+        # β₂ v + ((1−β₂) g) g, rounded as written, in place where the result is new
+        v = torch.mul(g, 1.0 - self.beta2).mul_(g).add_(self.beta2 * self.exp_avg_sq.to(g.dtype))
         if self.max_exp_avg_sq is not None:
-            v = torch.maximum(self.max_exp_avg_sq.to(g.dtype), v)
-        return v / (1.0 - self.beta2 ** (self.step + 1))
+            torch.maximum(self.max_exp_avg_sq.to(g.dtype), v, out=v)
+        return v.div_(1.0 - self.beta2 ** (self.step + 1))
 
     def next_denominator(self, g: torch.Tensor) -> torch.Tensor:
         """``√v̂' + ε`` of the next step taken on gradient(s) ``g``: ``1/`` it is that step's
@@ -110,7 +111,7 @@ def next_step_preconditioner(
     tensor's other coordinates, or, in a tensor fresh throughout, of every tensor's.
     """
     v_hat = {n: moments[n].next_v_hat(stand_in[n].float()) for n in names}
-    fresh = {n: int((v == 0).sum()) for n, v in v_hat.items()}
+    fresh = {n: v.numel() - int(torch.count_nonzero(v)) for n, v in v_hat.items()}
     n_fresh = sum(fresh.values())
     if n_fresh:
         # per tensor the sum of v̂' over its known coordinates (fresh ones add 0)
@@ -121,7 +122,9 @@ def next_step_preconditioner(
             if fresh[n]:
                 own = v.numel() - fresh[n]
                 v_hat[n] = torch.where(v == 0, sums[n] / own if own else overall, v)
-    return {n: 1.0 / (v.sqrt() + moments[n].eps) for n, v in v_hat.items()}, n_fresh
+    # in place: each v̂' is this call's own tensor (a whole-model P' is ~4 bytes a parameter,
+    # and every temporary of that size costs a pass and page faults)
+    return {n: v.sqrt_().add_(moments[n].eps).reciprocal_() for n, v in v_hat.items()}, n_fresh
 
 
 @dataclass(frozen=True)

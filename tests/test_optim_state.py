@@ -249,7 +249,12 @@ def test_next_step_preconditioner_fills_fresh_coordinates_from_the_known_ones() 
         torch.testing.assert_close(p[n], 1.0 / (expected[n].sqrt() + 1e-6))
     # nothing fresh: exactly the next step's denominator
     stand_in = {n: torch.ones_like(stand_in[n]) for n in names}
+    before = {n: opt.state[params[n]]["exp_avg_sq"].clone() for n in names[:2]}
     p, n_fresh = next_step_preconditioner(state.moments, stand_in, names)
     assert n_fresh == 0
     for n in names:
         torch.testing.assert_close(p[n], 1.0 / state.moments[n].next_denominator(stand_in[n]))
+    # P' is built in place, but never in the optimizer's state or the stand-in
+    for n in names[:2]:
+        assert torch.equal(opt.state[params[n]]["exp_avg_sq"], before[n])
+    assert all(torch.equal(stand_in[n], torch.ones_like(stand_in[n])) for n in names)

@@ -1,10 +1,12 @@
-"""Session 32 (designed in ONE_IN_EIGHT.md): label-noise-1of8 at ftw's default
-``geometry: adam-next``, fresh seeds 76-89; then pooled with session 31's seeds 70-75.
+"""Session 32 (designed in ONE_IN_EIGHT.md and LABEL_NOISE.md): a label-noise setting at
+ftw's default ``geometry: adam-next`` on this session's fresh seeds (1of8: 76-89; label noise:
+90-93), then pooled with session 31's seeds 70-75.
 
-    python docs/benchmarks/s32-2026-12-03/s32_bars.py runs/quality-s32   (or …/raw/quality-s32)
+    python docs/benchmarks/s32-2026-12-03/s32_bars.py runs/quality-s32 [--scenario label-noise]
+    (or …/raw/quality-s32; the scenario's default: label-noise-1of8)
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,11 @@ from gradsift.bench.scenarios import SUITES
 from gradsift.report.paired import crossed_interval, describe, describe_crossed, paired_comparison
 
 STEADY = SUITES["steady"]
-SETTING = "label-noise-1of8"
 S31 = Path(__file__).resolve().parents[1] / "s31-2026-12-03" / "raw" / "quality-s31"
 
 
-def _runs(folder: Path) -> dict:
-    return {(r.method, r.seed): r for r in quality.load_results(folder) if r.scenario == SETTING}
+def _runs(folder: Path, setting: str) -> dict:
+    return {(r.method, r.seed): r for r in quality.load_results(folder) if r.scenario == setting}
 
 
 def _read(runs: dict, title: str) -> None:
@@ -52,11 +53,17 @@ def _read(runs: dict, title: str) -> None:
           f"{all(lower.values()) if lower else None} ({pairs})")
 
 
-def main(folder: Path) -> None:
-    mine = _runs(folder)
-    _read(mine, f"{SETTING}, this session's seeds (76-89; cosine 76-81)")
-    _read({**_runs(S31), **mine}, f"{SETTING} at adam-next, pooled with session 31's seeds 70-75")
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--scenario", default="label-noise-1of8")
+    args = parser.parse_args()
+    setting = args.scenario
+    mine = _runs(args.folder, setting)
+    _read(mine, f"{setting}, this session's seeds")
+    _read({**_runs(S31, setting), **mine},
+          f"{setting} at adam-next, pooled with session 31's seeds 70-75")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

@@ -148,7 +148,9 @@ def target_sq_norm(
     for name in names:
         g = target_dir[name].float()
         if precondition is not None and curvature == "adam":
-            total += float((g * g * precondition[name].to(g.device)).sum())
+            # one product written, not two (g ⊙ g, then ⊙ P): in full fine-tuning a pass
+            # over every parameter
+            total += float((g * precondition[name].to(g.device)).mul_(g).sum())
         else:
             total += float((g * g).sum())
     return total
